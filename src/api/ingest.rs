@@ -1,0 +1,136 @@
+//! `POST /v1/events`: one CloudEvent or a batch, validated whole, published to JetStream,
+//! answered 202 only after JetStream acknowledged every event.
+
+use axum::extract::rejection::BytesRejection;
+use axum::extract::State;
+use axum::http::{header, HeaderMap, StatusCode};
+use axum::Json;
+use bytes::Bytes;
+use serde::Serialize;
+use serde_json::{json, Value};
+
+use super::{ApiError, AppState, Caller};
+use crate::events::{self, Event, EventData};
+
+/// Most events in one batch.
+pub const MAX_BATCH_EVENTS: usize = 1000;
+/// Largest request body.
+pub const MAX_BODY_BYTES: usize = 1024 * 1024;
+
+#[derive(Serialize, utoipa::ToSchema)]
+pub struct IngestResponse {
+    /// Events JetStream acknowledged (duplicates included: they change nothing).
+    pub accepted: usize,
+    pub ids: Vec<String>,
+}
+
+/// Ingest usage or adjustment events.
+#[utoipa::path(post, path = "/v1/events", tag = "ingest",
+    request_body(content = Value, description = "A CloudEvent, or an array of them",
+        content_type = "application/cloudevents+json"),
+    responses((status = 202, body = IngestResponse), (status = 422, description = "invalid events, nothing published"),
+        (status = 413, description = "body too large"), (status = 415, description = "unsupported content type")),
+    security(("bearer" = [])))]
+pub async fn ingest(
+    State(st): State<AppState>,
+    caller: Caller,
+    headers: HeaderMap,
+    body: Result<Bytes, BytesRejection>,
+) -> Result<(StatusCode, Json<IngestResponse>), ApiError> {
+    let body = body.map_err(|e| match e {
+        BytesRejection::FailedToBufferBody(_) => ApiError::new(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            "body_too_large",
+            format!("the body exceeds {MAX_BODY_BYTES} bytes"),
+        ),
+        other => ApiError::bad_request("unreadable_body", other.body_text()),
+    })?;
+    let ctype = headers
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or("")
+        .split(';')
+        .next()
+        .unwrap_or("")
+        .trim()
+        .to_ascii_lowercase();
+    let batch_only = match ctype.as_str() {
+        "application/cloudevents-batch+json" => true,
+        "application/cloudevents+json" | "application/json" => false,
+        _ => {
+            return Err(ApiError::new(
+                StatusCode::UNSUPPORTED_MEDIA_TYPE,
+                "unsupported_media_type",
+                "use application/cloudevents+json, application/cloudevents-batch+json or application/json",
+            ))
+        }
+    };
+    let value: Value = serde_json::from_slice(&body)
+        .map_err(|e| ApiError::bad_request("malformed_json", format!("the body is not valid JSON: {e}")))?;
+    let items = match value {
+        Value::Array(items) => items,
+        _ if batch_only => {
+            return Err(ApiError::bad_request("not_a_batch", "a cloudevents-batch body must be a JSON array"))
+        }
+        single => vec![single],
+    };
+    if items.is_empty() || items.len() > MAX_BATCH_EVENTS {
+        return Err(ApiError::new(
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "batch_size",
+            format!("a batch holds 1 to {MAX_BATCH_EVENTS} events; this one has {}", items.len()),
+        ));
+    }
+    let events = validate_all(&caller, items)?;
+    st.bus.publish_events(|t| st.settings.usage_subject(t), &events).await?;
+    st.metrics.inc("tokenledger_ingest_events_total", events.len() as u64);
+    Ok((
+        StatusCode::ACCEPTED,
+        Json(IngestResponse {
+            accepted: events.len(),
+            ids: events.iter().map(|e| e.id.clone()).collect(),
+        }),
+    ))
+}
+
+/// Validate every event; any failure rejects the whole batch, naming each bad event.
+fn validate_all(caller: &Caller, items: Vec<Value>) -> Result<Vec<Event>, ApiError> {
+    let now = chrono::Utc::now();
+    let mut ok = Vec::with_capacity(items.len());
+    let mut bad = Vec::new();
+    let mut forbidden = Vec::new();
+    for (index, item) in items.into_iter().enumerate() {
+        match events::parse(item, now) {
+            Ok(ev) => {
+                if let Caller::Tenant { tenant_id, .. } = caller {
+                    if matches!(ev.data, EventData::Adjustment(_)) {
+                        forbidden.push(json!({"index": index, "id": ev.id,
+                            "reason": "adjustments are operator-only"}));
+                    } else if ev.tenant_id() != tenant_id {
+                        forbidden.push(json!({"index": index, "id": ev.id,
+                            "reason": "a tenant key may only submit its own tenant's events"}));
+                    }
+                }
+                ok.push(ev);
+            }
+            Err(rej) => bad.push(json!({"index": index, "id": rej.id, "reason": rej.summary(), "errors": rej.errors})),
+        }
+    }
+    if !bad.is_empty() {
+        return Err(ApiError::new(
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "invalid_events",
+            format!("{} of the events are invalid; nothing was published", bad.len()),
+        )
+        .with_errors(Value::Array(bad)));
+    }
+    if !forbidden.is_empty() {
+        return Err(ApiError::new(
+            StatusCode::FORBIDDEN,
+            "forbidden_events",
+            "this key may not submit some of these events; nothing was published",
+        )
+        .with_errors(Value::Array(forbidden)));
+    }
+    Ok(ok)
+}

@@ -1,0 +1,127 @@
+//! The REST billing API (axum): thin handlers over the domain modules.
+
+pub mod admin;
+pub mod auth;
+pub mod error;
+pub mod ingest;
+pub mod reads;
+
+use axum::extract::{DefaultBodyLimit, State};
+use axum::http::{header, StatusCode};
+use axum::response::IntoResponse;
+use axum::routing::{get, post};
+use axum::{Json, Router};
+use sqlx::PgPool;
+use utoipa::OpenApi;
+
+pub use auth::Caller;
+pub use error::ApiError;
+
+use crate::bus::Bus;
+use crate::settings::Settings;
+use crate::telemetry::Metrics;
+
+#[derive(Clone)]
+pub struct AppState {
+    pub pool: PgPool,
+    pub bus: Bus,
+    pub settings: Settings,
+    pub metrics: Metrics,
+    pub admin_token_hash: [u8; 32],
+}
+
+impl AppState {
+    pub fn skew(&self) -> chrono::Duration {
+        chrono::Duration::from_std(self.settings.clock_skew).unwrap_or_default()
+    }
+}
+
+pub fn query_error(e: axum::extract::rejection::QueryRejection) -> ApiError {
+    ApiError::bad_request("invalid_query", e.body_text())
+}
+
+#[derive(OpenApi)]
+#[openapi(
+    info(title = "tokenledger", description = "Billing and usage ledger for LLM API aggregators"),
+    paths(
+        ingest::ingest,
+        reads::get_request, reads::list_requests, reads::usage, reads::balances,
+        admin::create_tenant, admin::list_tenants, admin::create_key, admin::list_keys, admin::revoke_key,
+        admin::add_price, admin::list_prices, admin::add_markup,
+        admin::list_dead, admin::get_dead, admin::redrive,
+    ),
+    components(schemas(crate::catalog::prices::NewPrice)),
+    modifiers(&Security),
+    tags((name = "ingest"), (name = "reads"), (name = "prices"), (name = "admin"))
+)]
+pub struct ApiDoc;
+
+struct Security;
+
+impl utoipa::Modify for Security {
+    fn modify(&self, openapi: &mut utoipa::openapi::OpenApi) {
+        use utoipa::openapi::security::{HttpAuthScheme, HttpBuilder, SecurityScheme};
+        let components = openapi.components.get_or_insert_with(Default::default);
+        components.add_security_scheme(
+            "bearer",
+            SecurityScheme::Http(HttpBuilder::new().scheme(HttpAuthScheme::Bearer).build()),
+        );
+    }
+}
+
+pub fn router(state: AppState) -> Router {
+    Router::new()
+        .route(
+            "/v1/events",
+            post(ingest::ingest).layer(DefaultBodyLimit::max(ingest::MAX_BODY_BYTES)),
+        )
+        .route("/v1/requests", get(reads::list_requests))
+        .route("/v1/requests/{request_id}", get(reads::get_request))
+        .route("/v1/usage", get(reads::usage))
+        .route("/v1/balances", get(reads::balances))
+        .route("/v1/prices", get(admin::list_prices))
+        .route("/v1/admin/tenants", post(admin::create_tenant).get(admin::list_tenants))
+        .route(
+            "/v1/admin/tenants/{tenant_id}/api-keys",
+            post(admin::create_key).get(admin::list_keys),
+        )
+        .route("/v1/admin/api-keys/{key_id}/revoke", post(admin::revoke_key))
+        .route("/v1/admin/prices", post(admin::add_price))
+        .route("/v1/admin/markup-rules", post(admin::add_markup))
+        .route("/v1/admin/dead-letters", get(admin::list_dead))
+        .route("/v1/admin/dead-letters/{id}", get(admin::get_dead))
+        .route("/v1/admin/dead-letters/{id}/redrive", post(admin::redrive))
+        .route("/openapi.json", get(openapi))
+        .route("/healthz", get(|| async { "ok" }))
+        .route("/readyz", get(readyz))
+        .route("/metrics", get(metrics))
+        .fallback(|| async { ApiError::not_found("route") })
+        .method_not_allowed_fallback(|| async {
+            ApiError::new(StatusCode::METHOD_NOT_ALLOWED, "method_not_allowed", "method not allowed on this route")
+        })
+        .layer(DefaultBodyLimit::max(64 * 1024))
+        .with_state(state)
+}
+
+async fn openapi() -> impl IntoResponse {
+    Json(ApiDoc::openapi())
+}
+
+async fn readyz(State(st): State<AppState>) -> Result<&'static str, ApiError> {
+    sqlx::query("select 1").execute(&st.pool).await?;
+    if !st.bus.is_connected() {
+        return Err(ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "bus_unavailable", "not connected to NATS"));
+    }
+    Ok("ready")
+}
+
+async fn metrics(State(st): State<AppState>) -> impl IntoResponse {
+    if let Ok((pending, ack_pending)) = st.bus.consumer_lag().await {
+        st.metrics.set("tokenledger_consumer_pending_messages", pending as f64);
+        st.metrics.set("tokenledger_consumer_ack_pending_messages", ack_pending as f64);
+    }
+    if let Ok(n) = sqlx::query_scalar::<_, i64>("select count(*) from dead_letters").fetch_one(&st.pool).await {
+        st.metrics.set("tokenledger_dead_letters_stored", n as f64);
+    }
+    ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], st.metrics.render())
+}

@@ -1,0 +1,111 @@
+//! Building and running the service: listeners bound in `build`, everything stopped by
+//! one cancellation token.
+
+use std::net::SocketAddr;
+
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+
+use crate::api::{self, auth::token_hash, AppState};
+use crate::bus;
+use crate::ledger::Writer;
+use crate::settings::Settings;
+use crate::telemetry::Metrics;
+
+pub struct App {
+    listener: Option<TcpListener>,
+    pub addr: Option<SocketAddr>,
+    state: AppState,
+    pub cancel: CancellationToken,
+}
+
+impl App {
+    /// Connect to Postgres and NATS, create the stream and consumer, bind the listener.
+    pub async fn build(settings: Settings) -> anyhow::Result<App> {
+        let pool = crate::db::connect(&settings.database_url, settings.db_max_connections).await?;
+        let bus = bus::connect(&settings).await?;
+        bus.ensure_consumer().await?;
+        let (listener, addr) = if settings.has_role("api") {
+            let l = TcpListener::bind(&settings.http_addr).await?;
+            let a = l.local_addr()?;
+            (Some(l), Some(a))
+        } else {
+            (None, None)
+        };
+        let state = AppState {
+            pool,
+            bus,
+            admin_token_hash: token_hash(&settings.admin_token),
+            settings,
+            metrics: Metrics::default(),
+        };
+        Ok(App {
+            listener,
+            addr,
+            state,
+            cancel: CancellationToken::new(),
+        })
+    }
+
+    /// Run every configured role until the token is cancelled; the writer finishes its
+    /// batch in flight, the HTTP server its requests in flight.
+    pub async fn run_until_stopped(self) -> anyhow::Result<()> {
+        let mut tasks = tokio::task::JoinSet::new();
+        if self.state.settings.has_role("writer") {
+            let writer = Writer::new(self.state.pool.clone(), &self.state.settings.subject_prefix);
+            let (bus, s, m, c) = (
+                self.state.bus.clone(),
+                self.state.settings.clone(),
+                self.state.metrics.clone(),
+                self.cancel.clone(),
+            );
+            tasks.spawn(async move { bus::run_writer(bus, writer, s, m, c).await });
+        }
+        if let Some(listener) = self.listener {
+            let router = api::router(self.state.clone());
+            let cancel = self.cancel.clone();
+            tracing::info!(addr = %listener.local_addr()?, "HTTP API listening");
+            tasks.spawn(async move {
+                axum::serve(listener, router)
+                    .with_graceful_shutdown(async move { cancel.cancelled().await })
+                    .await?;
+                Ok(())
+            });
+        }
+        while let Some(r) = tasks.join_next().await {
+            match r {
+                Ok(Ok(())) => {}
+                Ok(Err(e)) => {
+                    self.cancel.cancel();
+                    return Err(e);
+                }
+                Err(e) => {
+                    self.cancel.cancel();
+                    return Err(e.into());
+                }
+            }
+        }
+        self.state.bus.flush().await;
+        Ok(())
+    }
+}
+
+/// Cancel the token on SIGTERM or SIGINT.
+pub fn cancel_on_signals(cancel: CancellationToken) {
+    tokio::spawn(async move {
+        let ctrl_c = tokio::signal::ctrl_c();
+        #[cfg(unix)]
+        {
+            let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+                .expect("SIGTERM handler");
+            tokio::select! {
+                _ = ctrl_c => {},
+                _ = term.recv() => {},
+            }
+        }
+        #[cfg(not(unix))]
+        let _ = ctrl_c.await;
+        tracing::info!("shutdown requested; finishing work in flight");
+        cancel.cancel();
+    });
+}

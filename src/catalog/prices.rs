@@ -1,0 +1,376 @@
+//! Persistence of price versions and markup rules, and the effective-date rule:
+//! a change takes effect no earlier than now plus the accepted clock skew. The first
+//! version of a (provider, model, region, side, currency) may be dated back, since
+//! nothing was ever charged under another price for it (events for it wait in the dead
+//! letters as `unpriced_model`).
+
+use chrono::{DateTime, Utc};
+use rust_decimal::Decimal;
+use serde::{Deserialize, Serialize};
+use sqlx::{PgPool, Postgres, Transaction};
+
+use super::{valid_currency, CatalogError};
+use crate::pricing::{import::ImportedPrice, MarkupRule, PriceBook, PriceVersion, RateSet, Side};
+
+#[derive(sqlx::FromRow)]
+struct Row {
+    id: i64,
+    provider: String,
+    model: String,
+    region: String,
+    side: String,
+    currency: String,
+    effective_from: DateTime<Utc>,
+    input_per_mtok: Decimal,
+    cached_input_per_mtok: Option<Decimal>,
+    cache_write_per_mtok: Option<Decimal>,
+    output_per_mtok: Decimal,
+    reasoning_per_mtok: Option<Decimal>,
+    batch_discount: Decimal,
+    long_context_threshold_tokens: Option<i64>,
+    long_input_per_mtok: Option<Decimal>,
+    long_cached_input_per_mtok: Option<Decimal>,
+    long_cache_write_per_mtok: Option<Decimal>,
+    long_output_per_mtok: Option<Decimal>,
+    long_reasoning_per_mtok: Option<Decimal>,
+}
+
+impl From<Row> for PriceVersion {
+    fn from(r: Row) -> Self {
+        PriceVersion {
+            id: r.id,
+            provider: r.provider,
+            model: r.model,
+            region: r.region,
+            side: if r.side == "price" { Side::Price } else { Side::Cost },
+            currency: r.currency,
+            effective_from: r.effective_from,
+            base: RateSet {
+                input: Some(r.input_per_mtok),
+                cached_input: r.cached_input_per_mtok,
+                cache_write: r.cache_write_per_mtok,
+                output: Some(r.output_per_mtok),
+                reasoning: r.reasoning_per_mtok,
+            },
+            batch_discount: r.batch_discount,
+            long_context_threshold_tokens: r.long_context_threshold_tokens.map(|t| t as u64),
+            long: RateSet {
+                input: r.long_input_per_mtok,
+                cached_input: r.long_cached_input_per_mtok,
+                cache_write: r.long_cache_write_per_mtok,
+                output: r.long_output_per_mtok,
+                reasoning: r.long_reasoning_per_mtok,
+            },
+        }
+    }
+}
+
+const COLUMNS: &str = "id, provider, model, region, side, currency::text as currency, effective_from,
+    input_per_mtok, cached_input_per_mtok, cache_write_per_mtok, output_per_mtok,
+    reasoning_per_mtok, batch_discount, long_context_threshold_tokens, long_input_per_mtok,
+    long_cached_input_per_mtok, long_cache_write_per_mtok, long_output_per_mtok,
+    long_reasoning_per_mtok";
+
+/// The newest ids of price versions and markup rules: the book changes iff these do.
+pub async fn book_stamp<'e, E: sqlx::PgExecutor<'e>>(ex: E) -> Result<(i64, i64), sqlx::Error> {
+    sqlx::query_as(
+        "select coalesce((select max(id) from price_versions), 0),
+                coalesce((select max(id) from markup_rules), 0)",
+    )
+    .fetch_one(ex)
+    .await
+}
+
+pub async fn load_book<'e, E: sqlx::PgExecutor<'e> + Copy>(ex: E) -> Result<PriceBook, sqlx::Error> {
+    let rows: Vec<Row> = sqlx::query_as(&format!("select {COLUMNS} from price_versions"))
+        .fetch_all(ex)
+        .await?;
+    let markups: Vec<(i64, Option<String>, Decimal, DateTime<Utc>)> =
+        sqlx::query_as("select id, tenant_id, percent, effective_from from markup_rules")
+            .fetch_all(ex)
+            .await?;
+    Ok(PriceBook::new(
+        rows.into_iter().map(PriceVersion::from).collect(),
+        markups
+            .into_iter()
+            .map(|(id, tenant_id, percent, effective_from)| MarkupRule {
+                id,
+                tenant_id,
+                percent,
+                effective_from,
+            })
+            .collect(),
+    ))
+}
+
+/// A new price version, as an operator submits it (rates per million tokens).
+#[derive(Clone, Debug, Deserialize, Serialize, utoipa::ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct NewPrice {
+    pub provider: String,
+    pub model: String,
+    #[serde(default)]
+    pub region: String,
+    /// `cost` (what the provider charges) or `price` (explicit customer price).
+    pub side: String,
+    pub currency: String,
+    /// Defaults to now plus the accepted clock skew.
+    pub effective_from: Option<DateTime<Utc>>,
+    #[schema(value_type = String)]
+    pub input_per_mtok: Decimal,
+    #[schema(value_type = Option<String>)]
+    pub cached_input_per_mtok: Option<Decimal>,
+    #[schema(value_type = Option<String>)]
+    pub cache_write_per_mtok: Option<Decimal>,
+    #[schema(value_type = String)]
+    pub output_per_mtok: Decimal,
+    #[schema(value_type = Option<String>)]
+    pub reasoning_per_mtok: Option<Decimal>,
+    #[serde(default)]
+    #[schema(value_type = String)]
+    pub batch_discount: Decimal,
+    pub long_context_threshold_tokens: Option<u64>,
+    #[schema(value_type = Option<String>)]
+    pub long_input_per_mtok: Option<Decimal>,
+    #[schema(value_type = Option<String>)]
+    pub long_cached_input_per_mtok: Option<Decimal>,
+    #[schema(value_type = Option<String>)]
+    pub long_cache_write_per_mtok: Option<Decimal>,
+    #[schema(value_type = Option<String>)]
+    pub long_output_per_mtok: Option<Decimal>,
+    #[schema(value_type = Option<String>)]
+    pub long_reasoning_per_mtok: Option<Decimal>,
+    #[serde(default)]
+    pub source: String,
+}
+
+impl NewPrice {
+    fn check(&self) -> Result<Side, CatalogError> {
+        let bad = |m: &str| Err(CatalogError::InvalidPrice(m.to_string()));
+        if self.provider.is_empty() || self.model.is_empty() {
+            return bad("provider and model are required");
+        }
+        if !valid_currency(&self.currency) {
+            return Err(CatalogError::InvalidCurrency);
+        }
+        let rates = [
+            Some(self.input_per_mtok),
+            self.cached_input_per_mtok,
+            self.cache_write_per_mtok,
+            Some(self.output_per_mtok),
+            self.reasoning_per_mtok,
+            self.long_input_per_mtok,
+            self.long_cached_input_per_mtok,
+            self.long_cache_write_per_mtok,
+            self.long_output_per_mtok,
+            self.long_reasoning_per_mtok,
+        ];
+        if rates.iter().flatten().any(|r| r.is_sign_negative()) {
+            return bad("rates must not be negative");
+        }
+        if self.batch_discount < Decimal::ZERO || self.batch_discount > Decimal::ONE {
+            return bad("batch_discount must be between 0 and 1");
+        }
+        if self.long_context_threshold_tokens == Some(0) {
+            return bad("long_context_threshold_tokens must be positive");
+        }
+        match self.side.as_str() {
+            "cost" => Ok(Side::Cost),
+            "price" => Ok(Side::Price),
+            _ => bad("side must be cost or price"),
+        }
+    }
+}
+
+/// Insert one version, enforcing the effective-date rule.
+pub async fn add_price(
+    tx: &mut Transaction<'_, Postgres>,
+    p: &NewPrice,
+    now: DateTime<Utc>,
+    skew: chrono::Duration,
+) -> Result<PriceVersion, CatalogError> {
+    let side = p.check()?;
+    let earliest = now + skew;
+    let existing: bool = sqlx::query_scalar(
+        "select exists (select 1 from price_versions where provider = $1 and model = $2
+           and region = $3 and side = $4 and currency = $5)",
+    )
+    .bind(&p.provider)
+    .bind(&p.model)
+    .bind(&p.region)
+    .bind(side.as_str())
+    .bind(&p.currency)
+    .fetch_one(&mut **tx)
+    .await?;
+    let effective_from = match p.effective_from {
+        Some(t) if existing && t < earliest => {
+            return Err(CatalogError::EffectiveInPast {
+                earliest: earliest.to_rfc3339(),
+            })
+        }
+        Some(t) => t,
+        None => earliest,
+    };
+    let row: Row = sqlx::query_as(&format!(
+        "insert into price_versions (provider, model, region, side, currency, effective_from,
+           input_per_mtok, cached_input_per_mtok, cache_write_per_mtok, output_per_mtok,
+           reasoning_per_mtok, batch_discount, long_context_threshold_tokens, long_input_per_mtok,
+           long_cached_input_per_mtok, long_cache_write_per_mtok, long_output_per_mtok,
+           long_reasoning_per_mtok, source)
+         values ($1,$2,$3,$4,$5,$6,$7,$8,$9,$10,$11,$12,$13,$14,$15,$16,$17,$18,$19)
+         returning {COLUMNS}"
+    ))
+    .bind(&p.provider)
+    .bind(&p.model)
+    .bind(&p.region)
+    .bind(side.as_str())
+    .bind(&p.currency)
+    .bind(effective_from)
+    .bind(p.input_per_mtok)
+    .bind(p.cached_input_per_mtok)
+    .bind(p.cache_write_per_mtok)
+    .bind(p.output_per_mtok)
+    .bind(p.reasoning_per_mtok)
+    .bind(p.batch_discount)
+    .bind(p.long_context_threshold_tokens.map(|t| t as i64))
+    .bind(p.long_input_per_mtok)
+    .bind(p.long_cached_input_per_mtok)
+    .bind(p.long_cache_write_per_mtok)
+    .bind(p.long_output_per_mtok)
+    .bind(p.long_reasoning_per_mtok)
+    .bind(&p.source)
+    .fetch_one(&mut **tx)
+    .await?;
+    Ok(row.into())
+}
+
+/// Import a LiteLLM map as cost-side versions. Entries identical to the version already
+/// in force are skipped. New models take effect from `first_effective_from`, changed
+/// ones from `effective_from` (which must be no earlier than now plus the skew).
+pub async fn import(
+    pool: &PgPool,
+    prices: &[ImportedPrice],
+    currency: &str,
+    first_effective_from: DateTime<Utc>,
+    effective_from: Option<DateTime<Utc>>,
+    now: DateTime<Utc>,
+    skew: chrono::Duration,
+    source: &str,
+) -> Result<(usize, usize), CatalogError> {
+    let book = load_book(pool).await?;
+    let mut tx = pool.begin().await?;
+    let (mut added, mut unchanged) = (0, 0);
+    for p in prices {
+        let current = book.version_at(&p.provider, &p.model, None, Side::Cost, currency, DateTime::<Utc>::MAX_UTC);
+        if let Some(c) = current {
+            let same = c.base == normalised(&p.base)
+                && c.batch_discount == p.batch_discount
+                && c.long_context_threshold_tokens == p.long_context_threshold_tokens
+                && c.long == p.long;
+            if same {
+                unchanged += 1;
+                continue;
+            }
+        }
+        let new = NewPrice {
+            provider: p.provider.clone(),
+            model: p.model.clone(),
+            region: String::new(),
+            side: "cost".into(),
+            currency: currency.into(),
+            effective_from: Some(if current.is_some() {
+                effective_from.unwrap_or(now + skew)
+            } else {
+                first_effective_from
+            }),
+            input_per_mtok: p.base.input.unwrap_or_default(),
+            cached_input_per_mtok: p.base.cached_input,
+            cache_write_per_mtok: p.base.cache_write,
+            output_per_mtok: p.base.output.unwrap_or_default(),
+            reasoning_per_mtok: p.base.reasoning,
+            batch_discount: p.batch_discount,
+            long_context_threshold_tokens: p.long_context_threshold_tokens,
+            long_input_per_mtok: p.long.input,
+            long_cached_input_per_mtok: p.long.cached_input,
+            long_cache_write_per_mtok: p.long.cache_write,
+            long_output_per_mtok: p.long.output,
+            long_reasoning_per_mtok: p.long.reasoning,
+            source: source.into(),
+        };
+        add_price(&mut tx, &new, now, skew).await?;
+        added += 1;
+    }
+    tx.commit().await?;
+    Ok((added, unchanged))
+}
+
+fn normalised(r: &RateSet) -> RateSet {
+    RateSet {
+        input: Some(r.input.unwrap_or_default()),
+        output: Some(r.output.unwrap_or_default()),
+        ..r.clone()
+    }
+}
+
+/// A new markup rule; `tenant_id` none = global. It takes effect no earlier than now
+/// plus the skew, unless no event it could apply to was ever recorded.
+pub async fn add_markup(
+    pool: &PgPool,
+    tenant_id: Option<&str>,
+    percent: Decimal,
+    effective_from: Option<DateTime<Utc>>,
+    now: DateTime<Utc>,
+    skew: chrono::Duration,
+) -> Result<MarkupRule, CatalogError> {
+    if percent <= Decimal::from(-100) {
+        return Err(CatalogError::InvalidPrice("percent must be above -100".into()));
+    }
+    let earliest = now + skew;
+    // A markup rule may be dated back only while nothing it could apply to was charged.
+    let charged: bool = sqlx::query_scalar(
+        "select exists (select 1 from events where $1::text is null or tenant_id = $1)",
+    )
+    .bind(tenant_id)
+    .fetch_one(pool)
+    .await?;
+    let at = match effective_from {
+        Some(t) if charged && t < earliest => {
+            return Err(CatalogError::EffectiveInPast {
+                earliest: earliest.to_rfc3339(),
+            })
+        }
+        Some(t) => t,
+        None => earliest,
+    };
+    let (id,): (i64,) = sqlx::query_as(
+        "insert into markup_rules (tenant_id, percent, effective_from) values ($1, $2, $3) returning id",
+    )
+    .bind(tenant_id)
+    .bind(percent)
+    .bind(at)
+    .fetch_one(pool)
+    .await
+    .map_err(|e| match e.as_database_error().and_then(|d| d.code()).as_deref() {
+        Some("23503") => CatalogError::TenantNotFound(tenant_id.unwrap_or_default().to_string()),
+        _ => CatalogError::Db(e),
+    })?;
+    Ok(MarkupRule {
+        id,
+        tenant_id: tenant_id.map(str::to_string),
+        percent,
+        effective_from: at,
+    })
+}
+
+/// Price versions, newest first, optionally for one provider and/or model.
+pub async fn list_versions(pool: &PgPool, provider: Option<&str>, model: Option<&str>) -> Result<Vec<PriceVersion>, CatalogError> {
+    let rows: Vec<Row> = sqlx::query_as(&format!(
+        "select {COLUMNS} from price_versions where ($1::text is null or provider = $1)
+           and ($2::text is null or model = $2) order by id desc limit 5000"
+    ))
+    .bind(provider)
+    .bind(model)
+    .fetch_all(pool)
+    .await?;
+    Ok(rows.into_iter().map(PriceVersion::from).collect())
+}

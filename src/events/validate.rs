@@ -1,0 +1,460 @@
+//! Validation of incoming envelopes: every rule of the contract, every error reported.
+
+use std::collections::BTreeMap;
+use std::str::FromStr;
+
+use chrono::{DateTime, Utc};
+use rust_decimal::Decimal;
+use serde::Serialize;
+use serde_json::{Map, Value};
+
+use super::*;
+
+/// One broken rule: which field, a stable code, and a sentence for humans.
+#[derive(Clone, Debug, PartialEq, Serialize)]
+pub struct FieldError {
+    pub field: String,
+    pub code: &'static str,
+    pub message: String,
+}
+
+/// Why an event was refused: every broken rule, and the id when it could be read.
+#[derive(Clone, Debug, PartialEq, Serialize)]
+pub struct Rejection {
+    pub id: Option<String>,
+    pub errors: Vec<FieldError>,
+}
+
+impl Rejection {
+    pub fn summary(&self) -> String {
+        self.errors
+            .iter()
+            .map(|e| format!("{}: {}", e.field, e.message))
+            .collect::<Vec<_>>()
+            .join("; ")
+    }
+}
+
+/// Parse raw bytes (a bus message) into a validated event.
+pub fn parse_bytes(bytes: &[u8], now: DateTime<Utc>) -> Result<Event, Rejection> {
+    match serde_json::from_slice::<Value>(bytes) {
+        Ok(v) => parse(v, now),
+        Err(e) => Err(Rejection {
+            id: None,
+            errors: vec![err("", "malformed_json", format!("not valid JSON: {e}"))],
+        }),
+    }
+}
+
+fn err(field: &str, code: &'static str, message: impl Into<String>) -> FieldError {
+    FieldError {
+        field: field.to_string(),
+        code,
+        message: message.into(),
+    }
+}
+
+/// Reads fields out of a JSON object, collecting errors; what is left over is unknown.
+struct Fields<'a> {
+    prefix: &'static str,
+    map: Map<String, Value>,
+    errors: &'a mut Vec<FieldError>,
+}
+
+impl Fields<'_> {
+    fn name(&self, key: &str) -> String {
+        format!("{}{key}", self.prefix)
+    }
+
+    fn fail(&mut self, key: &str, code: &'static str, message: impl Into<String>) {
+        let field = self.name(key);
+        self.errors.push(err(&field, code, message));
+    }
+
+    /// A string of 1..=max printable characters (no control characters).
+    fn string(&mut self, key: &str, required: bool, max: usize) -> Option<String> {
+        match self.map.remove(key) {
+            None | Some(Value::Null) => {
+                if required {
+                    self.fail(key, "missing", "is required");
+                }
+                None
+            }
+            Some(Value::String(s)) => {
+                if s.is_empty() {
+                    self.fail(key, "empty", "must not be empty");
+                    None
+                } else if s.chars().count() > max {
+                    self.fail(key, "too_long", format!("must be at most {max} characters"));
+                    None
+                } else if s.chars().any(|c| c.is_control()) {
+                    self.fail(key, "not_printable", "must not contain control characters");
+                    None
+                } else {
+                    Some(s)
+                }
+            }
+            Some(_) => {
+                self.fail(key, "not_a_string", "must be a string");
+                None
+            }
+        }
+    }
+
+    fn count(&mut self, key: &str, required: bool, cap: u64) -> u64 {
+        match self.map.remove(key) {
+            None | Some(Value::Null) => {
+                if required {
+                    self.fail(key, "missing", "is required");
+                }
+                0
+            }
+            Some(Value::Number(n)) => {
+                let text = n.to_string();
+                match n.as_u64() {
+                    Some(v) if v <= cap => v,
+                    Some(_) => {
+                        self.fail(key, "too_large", format!("must be at most {cap}"));
+                        0
+                    }
+                    None if text.starts_with('-') => {
+                        self.fail(key, "negative", "must not be negative");
+                        0
+                    }
+                    None if u128::from_str(&text).is_ok() => {
+                        self.fail(key, "too_large", format!("must be at most {cap}"));
+                        0
+                    }
+                    None => {
+                        self.fail(key, "not_a_whole_number", "must be a whole number");
+                        0
+                    }
+                }
+            }
+            Some(_) => {
+                self.fail(key, "not_a_number", "must be a whole number");
+                0
+            }
+        }
+    }
+
+    fn boolean(&mut self, key: &str) -> bool {
+        match self.map.remove(key) {
+            None | Some(Value::Null) => false,
+            Some(Value::Bool(b)) => b,
+            Some(_) => {
+                self.fail(key, "not_a_boolean", "must be true or false");
+                false
+            }
+        }
+    }
+
+    fn string_list(&mut self, key: &str, max_items: usize) -> Vec<String> {
+        match self.map.remove(key) {
+            None | Some(Value::Null) => vec![],
+            Some(Value::Array(items)) if items.len() <= max_items => {
+                let mut out = Vec::with_capacity(items.len());
+                for item in items {
+                    match item {
+                        Value::String(s) if !s.is_empty() && s.len() <= 256 => out.push(s),
+                        _ => {
+                            self.fail(key, "invalid_item", "items must be non-empty strings");
+                            return vec![];
+                        }
+                    }
+                }
+                out
+            }
+            Some(Value::Array(_)) => {
+                self.fail(key, "too_many", format!("at most {max_items} items"));
+                vec![]
+            }
+            Some(_) => {
+                self.fail(key, "not_a_list", "must be a list of strings");
+                vec![]
+            }
+        }
+    }
+
+    fn tags(&mut self, key: &str) -> BTreeMap<String, String> {
+        const MAX_TAGS: usize = 32;
+        match self.map.remove(key) {
+            None | Some(Value::Null) => BTreeMap::new(),
+            Some(Value::Object(m)) if m.len() <= MAX_TAGS => {
+                let mut out = BTreeMap::new();
+                for (k, v) in m {
+                    match v {
+                        Value::String(s) if !k.is_empty() && k.len() <= 64 && s.len() <= 256 => {
+                            out.insert(k, s);
+                        }
+                        _ => {
+                            self.fail(
+                                key,
+                                "invalid_tag",
+                                "tags map non-empty keys (<= 64 bytes) to strings (<= 256 bytes)",
+                            );
+                            return BTreeMap::new();
+                        }
+                    }
+                }
+                out
+            }
+            Some(Value::Object(_)) => {
+                self.fail(key, "too_many", format!("at most {MAX_TAGS} tags"));
+                BTreeMap::new()
+            }
+            Some(_) => {
+                self.fail(key, "not_an_object", "must be an object of strings");
+                BTreeMap::new()
+            }
+        }
+    }
+
+    fn finish(self) {
+        for key in self.map.keys() {
+            self.errors.push(err(
+                &format!("{}{key}", self.prefix),
+                "unknown_field",
+                "is not part of the contract",
+            ));
+        }
+    }
+}
+
+/// Validate a parsed JSON envelope. `now` bounds how far in the future `time` may be.
+pub fn parse(value: Value, now: DateTime<Utc>) -> Result<Event, Rejection> {
+    let mut errors = Vec::new();
+    let Value::Object(map) = value else {
+        return Err(Rejection {
+            id: None,
+            errors: vec![err("", "not_an_object", "an event must be a JSON object")],
+        });
+    };
+    let mut env = Fields {
+        prefix: "",
+        map,
+        errors: &mut errors,
+    };
+    let id = env.string("id", true, 128);
+    let spec = env.string("specversion", true, 8);
+    let source = env.string("source", true, 512);
+    let type_ = env.string("type", true, 64);
+    let time = env.string("time", true, 64);
+    let ctype = env.string("datacontenttype", false, 64);
+    let _subject = env.string("subject", false, 256);
+    let data = env.map.remove("data");
+    env.finish();
+
+    if let Some(s) = &spec {
+        if s != SPEC_VERSION {
+            errors.push(err("specversion", "unsupported", "must be \"1.0\""));
+        }
+    }
+    if let Some(c) = &ctype {
+        if c != "application/json" {
+            errors.push(err("datacontenttype", "unsupported", "must be application/json"));
+        }
+    }
+    let time = time.and_then(|t| match DateTime::parse_from_rfc3339(&t) {
+        Ok(t) => {
+            let t = t.with_timezone(&Utc);
+            if t > now + chrono::Duration::seconds(MAX_FUTURE_SECS) {
+                errors.push(err(
+                    "time",
+                    "in_future",
+                    format!("is more than {MAX_FUTURE_SECS} s in the future"),
+                ));
+                None
+            } else {
+                Some(t)
+            }
+        }
+        Err(_) => {
+            errors.push(err("time", "invalid_time", "must be an RFC 3339 timestamp"));
+            None
+        }
+    });
+    let data = match (type_.as_deref(), data) {
+        (_, None) | (_, Some(Value::Null)) => {
+            errors.push(err("data", "missing", "is required"));
+            None
+        }
+        (_, Some(d)) if !d.is_object() => {
+            errors.push(err("data", "not_an_object", "must be an object"));
+            None
+        }
+        (Some(USAGE_V1), Some(Value::Object(m))) => usage(m, &mut errors).map(EventData::Usage),
+        (Some(ADJUSTMENT_V1), Some(Value::Object(m))) => {
+            adjustment(m, &mut errors).map(EventData::Adjustment)
+        }
+        (Some(other), Some(_)) => {
+            errors.push(err(
+                "type",
+                "unknown_type",
+                format!("{other:?} is not one of {USAGE_V1}, {ADJUSTMENT_V1}"),
+            ));
+            None
+        }
+        (None, Some(_)) => None,
+    };
+    match (id.clone(), source, time, data) {
+        (Some(id), Some(source), Some(time), Some(data)) if errors.is_empty() => {
+            Ok(Event::new(id, source, time, data))
+        }
+        _ => Err(Rejection { id, errors }),
+    }
+}
+
+fn usage(map: Map<String, Value>, errors: &mut Vec<FieldError>) -> Option<UsageData> {
+    let mut f = Fields {
+        prefix: "data.",
+        map,
+        errors,
+    };
+    let tenant_id = tenant(&mut f);
+    let api_key_id = f.string("api_key_id", false, 128);
+    let request_id = f.string("request_id", true, 128);
+    let provider_request_id = f.string("provider_request_id", false, 256);
+    let authorization_id = f.string("authorization_id", false, 128);
+    let model = f.string("model", true, 128);
+    let provider = f.string("provider", true, 64);
+    let region = f.string("region", false, 64);
+    let input_tokens = f.count("input_tokens", true, MAX_TOKENS);
+    let cached_input_tokens = f.count("cached_input_tokens", false, MAX_TOKENS);
+    let cache_write_tokens = f.count("cache_write_tokens", false, MAX_TOKENS);
+    let output_tokens = f.count("output_tokens", true, MAX_TOKENS);
+    let reasoning_tokens = f.count("reasoning_tokens", false, MAX_TOKENS);
+    let batch = f.boolean("batch");
+    let status = match f.string("status", true, 16).as_deref() {
+        Some("ok") => Some(Status::Ok),
+        Some("error") => Some(Status::Error),
+        Some("cancelled") => Some(Status::Cancelled),
+        Some(_) => {
+            f.fail("status", "invalid_status", "must be ok, error or cancelled");
+            None
+        }
+        None => None,
+    };
+    let latency_ms = f.count("latency_ms", false, MAX_LATENCY_MS);
+    let fallback_from = f.string_list("fallback_from", 16);
+    let estimated = f.boolean("estimated");
+    let estimate_method = f.string("estimate_method", false, 64);
+    let tags = f.tags("tags");
+    if cached_input_tokens + cache_write_tokens > input_tokens {
+        f.fail(
+            "cached_input_tokens",
+            "exceeds_input",
+            "cached_input_tokens + cache_write_tokens must not exceed input_tokens",
+        );
+    }
+    if reasoning_tokens > output_tokens {
+        f.fail(
+            "reasoning_tokens",
+            "exceeds_output",
+            "reasoning_tokens must not exceed output_tokens",
+        );
+    }
+    if estimated && estimate_method.is_none() {
+        f.fail("estimate_method", "missing", "is required when estimated is true");
+    }
+    if !estimated && estimate_method.is_some() {
+        f.fail("estimate_method", "unexpected", "only allowed when estimated is true");
+    }
+    f.finish();
+    Some(UsageData {
+        tenant_id: tenant_id?,
+        api_key_id,
+        request_id: request_id?,
+        provider_request_id,
+        authorization_id,
+        model: model?,
+        provider: provider?,
+        region,
+        input_tokens,
+        cached_input_tokens,
+        cache_write_tokens,
+        output_tokens,
+        reasoning_tokens,
+        batch,
+        status: status?,
+        latency_ms,
+        fallback_from,
+        estimated,
+        estimate_method,
+        tags,
+    })
+}
+
+fn tenant(f: &mut Fields<'_>) -> Option<String> {
+    let t = f.string("tenant_id", true, 64)?;
+    if valid_tenant_id(&t) {
+        Some(t)
+    } else {
+        f.fail("tenant_id", "invalid_tenant_id", "must match [a-z0-9][a-z0-9_-]{0,63}");
+        None
+    }
+}
+
+fn adjustment(map: Map<String, Value>, errors: &mut Vec<FieldError>) -> Option<AdjustmentData> {
+    let mut f = Fields {
+        prefix: "data.",
+        map,
+        errors,
+    };
+    let tenant_id = tenant(&mut f);
+    let direction = match f.string("direction", true, 16).as_deref() {
+        Some("credit") => Some(Direction::Credit),
+        Some("debit") => Some(Direction::Debit),
+        Some(_) => {
+            f.fail("direction", "invalid_direction", "must be credit or debit");
+            None
+        }
+        None => None,
+    };
+    let amount = match f.map.remove("amount") {
+        Some(Value::String(s)) => Some(s),
+        Some(Value::Number(n)) => Some(n.to_string()),
+        None | Some(Value::Null) => {
+            f.fail("amount", "missing", "is required");
+            None
+        }
+        Some(_) => {
+            f.fail("amount", "not_a_decimal", "must be a decimal string such as \"12.50\"");
+            None
+        }
+    };
+    let amount = amount.and_then(|s| match Decimal::from_str_exact(&s) {
+        Ok(d) if d > Decimal::ZERO && d <= MAX_ADJUSTMENT => Some(d.normalize()),
+        Ok(_) => {
+            f.fail(
+                "amount",
+                "out_of_range",
+                format!("must be positive and at most {MAX_ADJUSTMENT}"),
+            );
+            None
+        }
+        Err(_) => {
+            f.fail("amount", "not_a_decimal", "must be a decimal string such as \"12.50\"");
+            None
+        }
+    });
+    let currency = f.string("currency", true, 3);
+    if let Some(c) = &currency {
+        if c.len() != 3 || !c.bytes().all(|b| b.is_ascii_uppercase()) {
+            f.fail("currency", "invalid_currency", "must be an ISO 4217 code such as USD");
+        }
+    }
+    let reason = f.string("reason", true, 1024);
+    let request_id = f.string("request_id", false, 128);
+    let corrects_event_id = f.string("corrects_event_id", false, 128);
+    f.finish();
+    Some(AdjustmentData {
+        tenant_id: tenant_id?,
+        direction: direction?,
+        amount: amount?,
+        currency: currency?,
+        reason: reason?,
+        request_id,
+        corrects_event_id,
+    })
+}

@@ -1,0 +1,66 @@
+//! Account names and the transfers each kind of event produces (pure).
+
+use rust_decimal::Decimal;
+
+use crate::events::{AdjustmentData, Direction};
+use crate::pricing::Rating;
+
+/// What the tenant owes us.
+pub const RECEIVABLE: &str = "receivable";
+/// What we earned from the tenant at list price.
+pub const REVENUE: &str = "revenue";
+/// What the tenant's usage cost us.
+pub const COGS: &str = "cogs";
+/// Contra-revenue: operator credits (debit) and debits (credit).
+pub const ADJUSTMENTS: &str = "adjustments";
+
+/// What we owe a provider for this tenant's usage.
+pub fn payable(provider: &str) -> String {
+    format!("payable:{provider}")
+}
+
+#[derive(Clone, Debug, PartialEq)]
+pub struct Leg {
+    pub kind: &'static str,
+    pub debit: String,
+    pub credit: String,
+    pub amount: Decimal,
+}
+
+/// The transfers of a rated usage event: price (receivable -> revenue) and cost
+/// (cogs -> provider payable). Zero amounts move nothing.
+pub fn usage_legs(provider: &str, r: &Rating) -> Vec<Leg> {
+    let mut legs = Vec::with_capacity(2);
+    if r.price > Decimal::ZERO {
+        legs.push(Leg {
+            kind: "usage_price",
+            debit: RECEIVABLE.into(),
+            credit: REVENUE.into(),
+            amount: r.price,
+        });
+    }
+    if r.cost > Decimal::ZERO {
+        legs.push(Leg {
+            kind: "usage_cost",
+            debit: COGS.into(),
+            credit: payable(provider),
+            amount: r.cost,
+        });
+    }
+    legs
+}
+
+/// The transfer of an adjustment: a credit lowers the receivable, a debit raises it.
+pub fn adjustment_leg(a: &AdjustmentData) -> Leg {
+    let (debit, credit) = match a.direction {
+        Direction::Credit => (ADJUSTMENTS, RECEIVABLE),
+        Direction::Debit => (RECEIVABLE, ADJUSTMENTS),
+    };
+    debug_assert!(a.amount > Decimal::ZERO);
+    Leg {
+        kind: "adjustment",
+        debit: debit.into(),
+        credit: credit.into(),
+        amount: a.amount,
+    }
+}

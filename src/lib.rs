@@ -1,0 +1,15 @@
+//! tokenledger: the billing and usage ledger behind an LLM API aggregator.
+
+pub mod api;
+pub mod app;
+pub mod bench;
+pub mod bus;
+pub mod catalog;
+pub mod db;
+pub mod events;
+pub mod ledger;
+pub mod loadgen;
+pub mod pricing;
+pub mod projections;
+pub mod settings;
+pub mod telemetry;

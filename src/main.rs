@@ -1,0 +1,174 @@
+//! The `tokenledger` binary: parse the command line, load settings, run a subcommand.
+
+use std::path::PathBuf;
+
+use anyhow::Context;
+use chrono::{DateTime, Utc};
+use clap::{Parser, Subcommand};
+use tokenledger::{app, bench, bus, catalog, db, loadgen, pricing, projections, settings::Settings, telemetry};
+
+#[derive(Parser)]
+#[command(name = "tokenledger", version, about = "Billing and usage ledger for LLM API aggregators")]
+struct Cli {
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Run the service (roles from --roles or TOKENLEDGER_ROLES: api, writer).
+    Serve {
+        #[arg(long)]
+        roles: Option<String>,
+        /// Migrate first, with TOKENLEDGER_OWNER_DATABASE_URL.
+        #[arg(long)]
+        migrate: bool,
+    },
+    /// Create the database if needed and apply migrations (as the owning role).
+    Migrate,
+    /// Import a LiteLLM model_prices_and_context_window.json price map (cost side).
+    ImportPrices {
+        #[arg(long, default_value = "config/prices/litellm-popular.json")]
+        file: PathBuf,
+        #[arg(long, default_value = "USD")]
+        currency: String,
+        /// When changed prices take effect (default: now plus the clock skew).
+        #[arg(long)]
+        effective_from: Option<DateTime<Utc>>,
+        /// When a model's first price takes effect (default: 2020-01-01T00:00:00Z).
+        #[arg(long, default_value = "2020-01-01T00:00:00Z")]
+        first_effective_from: DateTime<Utc>,
+    },
+    /// Create a tenant and print a new API key for it.
+    CreateTenant {
+        #[arg(long)]
+        id: String,
+        #[arg(long, default_value = "")]
+        name: String,
+        #[arg(long, default_value = "USD")]
+        currency: String,
+    },
+    /// Add a markup rule (global unless --tenant).
+    AddMarkup {
+        #[arg(long)]
+        percent: rust_decimal::Decimal,
+        #[arg(long)]
+        tenant: Option<String>,
+        #[arg(long)]
+        effective_from: Option<DateTime<Utc>>,
+    },
+    /// Rebuild every projection from the record and swap it in (as the owning role).
+    Rebuild,
+    /// Check projections against the record, the balance invariant, and re-rating.
+    Verify,
+    /// Publish synthetic usage.
+    Loadgen {
+        #[arg(long, default_value_t = 10_000)]
+        count: u64,
+        /// Events per second; 0 = as fast as possible.
+        #[arg(long, default_value_t = 0)]
+        rate: u64,
+        #[arg(long, default_value_t = 50)]
+        tenants: usize,
+        #[arg(long, default_value_t = 0.02)]
+        duplicate_share: f64,
+        #[arg(long, default_value_t = 1)]
+        seed: u64,
+        /// Create the load tenants first.
+        #[arg(long)]
+        setup: bool,
+    },
+    /// Measure raw JetStream, raw Postgres, a naive pipeline and the real one.
+    Bench(bench::BenchArgs),
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    telemetry::init_tracing();
+    let cli = Cli::parse();
+    let mut s = Settings::from_env()?;
+    match cli.cmd {
+        Cmd::Serve { roles, migrate } => {
+            if let Some(r) = roles {
+                std::env::set_var("TOKENLEDGER_ROLES", r);
+                s = Settings::from_env()?;
+            }
+            if migrate {
+                db::migrate(&s.owner_database_url).await.context("migrate")?;
+            }
+            let app = app::App::build(s).await?;
+            app::cancel_on_signals(app.cancel.clone());
+            app.run_until_stopped().await
+        }
+        Cmd::Migrate => {
+            db::migrate(&s.owner_database_url).await?;
+            println!("migrated");
+            Ok(())
+        }
+        Cmd::ImportPrices { file, currency, effective_from, first_effective_from } => {
+            let text = std::fs::read_to_string(&file).with_context(|| format!("reading {}", file.display()))?;
+            let prices = pricing::import::parse_litellm(&text)?;
+            let pool = db::connect(&s.database_url, 2).await?;
+            let skew = chrono::Duration::from_std(s.clock_skew)?;
+            let source = file.file_name().map(|f| f.to_string_lossy().into_owned()).unwrap_or_default();
+            let (added, unchanged) = catalog::prices::import(
+                &pool, &prices, &currency, first_effective_from, effective_from, Utc::now(), skew, &source,
+            )
+            .await?;
+            println!("imported {} models: {added} new versions, {unchanged} unchanged", prices.len());
+            Ok(())
+        }
+        Cmd::CreateTenant { id, name, currency } => {
+            let pool = db::connect(&s.database_url, 2).await?;
+            let name = if name.is_empty() { id.clone() } else { name };
+            let t = catalog::tenants::create(&pool, &id, &name, &currency).await?;
+            let (_, secret) = catalog::keys::create(&pool, &t.id, "cli").await?;
+            println!("{secret}");
+            Ok(())
+        }
+        Cmd::AddMarkup { percent, tenant, effective_from } => {
+            let pool = db::connect(&s.database_url, 2).await?;
+            let skew = chrono::Duration::from_std(s.clock_skew)?;
+            let r = catalog::prices::add_markup(&pool, tenant.as_deref(), percent, effective_from, Utc::now(), skew).await?;
+            println!("markup rule {} : {}% from {}", r.id, r.percent, r.effective_from);
+            Ok(())
+        }
+        Cmd::Rebuild => {
+            let pool = db::connect(&s.owner_database_url, 2).await?;
+            projections::rebuild::rebuild(&pool).await?;
+            println!("projections rebuilt");
+            Ok(())
+        }
+        Cmd::Verify => {
+            let pool = db::connect(&s.owner_database_url, 2).await?;
+            let r = projections::rebuild::verify(&pool).await?;
+            if let Some(first) = r.differences.first() {
+                for d in &r.differences {
+                    eprintln!("difference: {d}");
+                }
+                anyhow::bail!("verify failed ({} differences); first: {first}", r.differences.len());
+            }
+            println!("verify ok: projections match the record, balances sum to zero, {} events re-rated without drift", r.events_rerated);
+            Ok(())
+        }
+        Cmd::Loadgen { count, rate, tenants, duplicate_share, seed, setup } => {
+            let b = bus::connect(&s).await?;
+            b.ensure_stream().await?;
+            if setup {
+                let pool = db::connect(&s.database_url, 2).await?;
+                for i in 0..tenants {
+                    match catalog::tenants::create(&pool, &loadgen::tenant_name(i), "load", "USD").await {
+                        Ok(_) | Err(catalog::CatalogError::TenantExists(_)) => {}
+                        Err(e) => return Err(e.into()),
+                    }
+                }
+            }
+            let o = loadgen::LoadOptions { count, rate, tenants, duplicate_share, seed };
+            let run_id = uuid::Uuid::now_v7().to_string();
+            let (n, secs) = loadgen::run(&b, &s, &o, &run_id).await?;
+            println!("published {n} events in {secs:.2} s ({:.0}/s)", n as f64 / secs);
+            Ok(())
+        }
+        Cmd::Bench(args) => bench::run(&s, args).await,
+    }
+}

@@ -1,0 +1,170 @@
+//! The price book: immutable, effective-dated price versions and markup rules.
+
+use std::collections::HashMap;
+
+use chrono::{DateTime, Utc};
+use rust_decimal::Decimal;
+use serde::Serialize;
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Side {
+    /// What the provider charges us.
+    Cost,
+    /// An explicit customer price (otherwise: cost x markup).
+    Price,
+}
+
+impl Side {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Side::Cost => "cost",
+            Side::Price => "price",
+        }
+    }
+}
+
+/// Per-million-token rates for each token class; `None` falls back as documented
+/// (cached input and cache write to input, reasoning to output).
+#[derive(Clone, Debug, Default, PartialEq, Serialize)]
+pub struct RateSet {
+    pub input: Option<Decimal>,
+    pub cached_input: Option<Decimal>,
+    pub cache_write: Option<Decimal>,
+    pub output: Option<Decimal>,
+    pub reasoning: Option<Decimal>,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize)]
+pub struct PriceVersion {
+    pub id: i64,
+    pub provider: String,
+    pub model: String,
+    /// Empty = any region.
+    pub region: String,
+    pub side: Side,
+    pub currency: String,
+    pub effective_from: DateTime<Utc>,
+    pub base: RateSet,
+    pub batch_discount: Decimal,
+    pub long_context_threshold_tokens: Option<u64>,
+    pub long: RateSet,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize)]
+pub struct MarkupRule {
+    pub id: i64,
+    /// `None` = the global rule.
+    pub tenant_id: Option<String>,
+    pub percent: Decimal,
+    pub effective_from: DateTime<Utc>,
+}
+
+type Key = (String, String, String, Side, String);
+
+/// Every price version and markup rule, indexed for "which one is in force at t".
+#[derive(Clone, Debug, Default)]
+pub struct PriceBook {
+    versions: HashMap<Key, Vec<PriceVersion>>,
+    by_id: HashMap<i64, (Key, usize)>,
+    global_markups: Vec<MarkupRule>,
+    tenant_markups: HashMap<String, Vec<MarkupRule>>,
+    markup_by_id: HashMap<i64, MarkupRule>,
+}
+
+/// The last element whose `effective_from` is at or before `at` (slices sorted by it).
+fn in_force<T>(items: &[T], at: DateTime<Utc>, from: impl Fn(&T) -> DateTime<Utc>) -> Option<&T> {
+    let n = items.partition_point(|x| from(x) <= at);
+    n.checked_sub(1).map(|i| &items[i])
+}
+
+impl PriceBook {
+    pub fn new(mut versions: Vec<PriceVersion>, mut markups: Vec<MarkupRule>) -> PriceBook {
+        versions.sort_by_key(|v| (v.effective_from, v.id));
+        markups.sort_by_key(|m| (m.effective_from, m.id));
+        let mut book = PriceBook::default();
+        for v in versions {
+            let key = (
+                v.provider.clone(),
+                v.model.clone(),
+                v.region.clone(),
+                v.side,
+                v.currency.clone(),
+            );
+            let list = book.versions.entry(key.clone()).or_default();
+            book.by_id.insert(v.id, (key, list.len()));
+            list.push(v);
+        }
+        for m in markups {
+            book.markup_by_id.insert(m.id, m.clone());
+            match &m.tenant_id {
+                None => book.global_markups.push(m),
+                Some(t) => book.tenant_markups.entry(t.clone()).or_default().push(m),
+            }
+        }
+        book
+    }
+
+    pub fn len(&self) -> usize {
+        self.by_id.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.by_id.is_empty()
+    }
+
+    /// The version in force at `at` for this key: the region's own if it has one, else
+    /// the any-region version.
+    pub fn version_at(
+        &self,
+        provider: &str,
+        model: &str,
+        region: Option<&str>,
+        side: Side,
+        currency: &str,
+        at: DateTime<Utc>,
+    ) -> Option<&PriceVersion> {
+        let lookup = |region: &str| {
+            let key = (
+                provider.to_string(),
+                model.to_string(),
+                region.to_string(),
+                side,
+                currency.to_string(),
+            );
+            self.versions
+                .get(&key)
+                .and_then(|list| in_force(list, at, |v| v.effective_from))
+        };
+        region
+            .filter(|r| !r.is_empty())
+            .and_then(lookup)
+            .or_else(|| lookup(""))
+    }
+
+    /// The tenant's own markup rule in force at `at`, else the global one.
+    pub fn markup_at(&self, tenant_id: &str, at: DateTime<Utc>) -> Option<&MarkupRule> {
+        self.tenant_markups
+            .get(tenant_id)
+            .and_then(|list| in_force(list, at, |m| m.effective_from))
+            .or_else(|| in_force(&self.global_markups, at, |m| m.effective_from))
+    }
+
+    pub fn version_by_id(&self, id: i64) -> Option<&PriceVersion> {
+        let (key, idx) = self.by_id.get(&id)?;
+        self.versions.get(key).map(|l| &l[*idx])
+    }
+
+    pub fn markup_by_id(&self, id: i64) -> Option<&MarkupRule> {
+        self.markup_by_id.get(&id)
+    }
+
+    /// Whether any version, at any time, exists for (provider, model, side, currency), in
+    /// any region. The first price of a model may be dated back (nothing was charged for
+    /// it before); a change to an existing one only takes effect in the future.
+    pub fn has_any(&self, provider: &str, model: &str, side: Side, currency: &str) -> bool {
+        self.versions
+            .keys()
+            .any(|k| k.0 == provider && k.1 == model && k.3 == side && k.4 == currency)
+    }
+}

@@ -1,0 +1,31 @@
+//! Pricing: the price book and rating. Pure functions: the caller looks up the versions
+//! in force and passes them in; nothing here touches a database or a clock.
+
+mod book;
+pub mod import;
+mod rate;
+
+pub use book::{MarkupRule, PriceBook, PriceVersion, RateSet, Side};
+pub use rate::{rate, CustomerPrice, Line, Rating, Terms, TokenClass};
+
+use rust_decimal::Decimal;
+
+/// Tokens per "million tokens" unit in which rates are quoted.
+pub const MTOK: Decimal = Decimal::from_parts(1_000_000, 0, 0, false, 0);
+
+#[derive(Debug, thiserror::Error, PartialEq)]
+pub enum PricingError {
+    #[error("no {side} price for provider {provider:?} model {model:?} in {currency} at {at}")]
+    Unpriced {
+        side: &'static str,
+        provider: String,
+        model: String,
+        currency: String,
+        at: String,
+    },
+    #[error("arithmetic overflow while rating")]
+    Overflow,
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,187 @@
+//! Rating: tokens x rates, in the order DESIGN.md "Rating" fixes. Exact decimals, no
+//! rounding: rounding happens once, on invoice lines.
+
+use rust_decimal::Decimal;
+use serde::Serialize;
+
+use super::{MarkupRule, PriceVersion, PricingError, RateSet, MTOK};
+use crate::events::UsageData;
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum TokenClass {
+    /// Prompt tokens neither read from nor written to the cache.
+    Input,
+    CachedInput,
+    CacheWrite,
+    /// Completion tokens that are not reasoning.
+    Output,
+    Reasoning,
+}
+
+/// How the customer price is set: an explicit price version, or cost x markup.
+#[derive(Clone, Copy, Debug)]
+pub enum CustomerPrice<'a> {
+    Explicit(&'a PriceVersion),
+    /// `None`: no markup rule in force, the price is the cost.
+    Markup(Option<&'a MarkupRule>),
+}
+
+/// The versions a charge depends on.
+#[derive(Clone, Copy, Debug)]
+pub struct Terms<'a> {
+    pub cost: &'a PriceVersion,
+    pub price: CustomerPrice<'a>,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize)]
+pub struct Line {
+    pub class: TokenClass,
+    pub tokens: u64,
+    pub cost_rate_per_mtok: Decimal,
+    pub price_rate_per_mtok: Decimal,
+    /// Before the batch discount.
+    pub cost_list: Decimal,
+    pub price_list: Decimal,
+    /// After the batch discount.
+    pub cost: Decimal,
+    pub price: Decimal,
+}
+
+/// The full breakdown of one request's charge, stored with its transfers.
+#[derive(Clone, Debug, PartialEq, Serialize)]
+pub struct Rating {
+    pub lines: Vec<Line>,
+    pub long_context: bool,
+    pub batch: bool,
+    pub cost_batch_discount: Decimal,
+    pub price_batch_discount: Decimal,
+    /// Percent applied to cost rates; `None` when the price is explicit.
+    pub markup_percent: Option<Decimal>,
+    pub cost_list: Decimal,
+    pub price_list: Decimal,
+    pub cost: Decimal,
+    pub price: Decimal,
+    pub margin: Decimal,
+    pub currency: String,
+    pub cost_version_id: i64,
+    pub price_version_id: Option<i64>,
+    pub markup_rule_id: Option<i64>,
+}
+
+/// Resolved rates for one side: (input, cached, cache write, output, reasoning).
+fn resolve(v: &PriceVersion, long: bool) -> [Decimal; 5] {
+    let base = &v.base;
+    let input = base.input.unwrap_or_default();
+    let output = base.output.unwrap_or_default();
+    let b = [
+        input,
+        base.cached_input.unwrap_or(input),
+        base.cache_write.unwrap_or(input),
+        output,
+        base.reasoning.unwrap_or(output),
+    ];
+    if !long {
+        return b;
+    }
+    let l: &RateSet = &v.long;
+    let linput = l.input.unwrap_or(b[0]);
+    let loutput = l.output.unwrap_or(b[3]);
+    [
+        linput,
+        l.cached_input.unwrap_or(b[1]),
+        l.cache_write.unwrap_or(b[2]),
+        loutput,
+        l.reasoning.unwrap_or(b[4]),
+    ]
+}
+
+fn is_long(v: &PriceVersion, input_tokens: u64) -> bool {
+    v.long_context_threshold_tokens
+        .is_some_and(|t| input_tokens > t)
+}
+
+const CLASSES: [TokenClass; 5] = [
+    TokenClass::Input,
+    TokenClass::CachedInput,
+    TokenClass::CacheWrite,
+    TokenClass::Output,
+    TokenClass::Reasoning,
+];
+
+/// Rate one usage event under the given versions.
+pub fn rate(u: &UsageData, terms: Terms<'_>) -> Result<Rating, PricingError> {
+    let ov = |x: Option<Decimal>| x.ok_or(PricingError::Overflow);
+    // 1. Split tokens.
+    let tokens = [
+        u.uncached_input_tokens(),
+        u.cached_input_tokens,
+        u.cache_write_tokens,
+        u.plain_output_tokens(),
+        u.reasoning_tokens,
+    ];
+    // 2. Pick rates: long context above the threshold (decided on the cost version's
+    // threshold, so both sides agree), batch discount for batch requests.
+    let long = is_long(terms.cost, u.input_tokens);
+    let cost_rates = resolve(terms.cost, long);
+    let (price_rates, price_discount, markup_percent, price_version_id, markup_rule_id) =
+        match terms.price {
+            CustomerPrice::Explicit(p) => (resolve(p, long), p.batch_discount, None, Some(p.id), None),
+            CustomerPrice::Markup(rule) => {
+                let pct = rule.map(|r| r.percent).unwrap_or_default();
+                let factor = ov(Decimal::ONE.checked_add(ov(pct.checked_div(Decimal::ONE_HUNDRED))?))?;
+                let mut r = cost_rates;
+                for x in r.iter_mut() {
+                    *x = ov(x.checked_mul(factor))?;
+                }
+                (r, terms.cost.batch_discount, Some(pct), None, rule.map(|r| r.id))
+            }
+        };
+    let cost_discount = if u.batch { terms.cost.batch_discount } else { Decimal::ZERO };
+    let price_discount = if u.batch { price_discount } else { Decimal::ZERO };
+    let cost_keep = Decimal::ONE - cost_discount;
+    let price_keep = Decimal::ONE - price_discount;
+
+    // 3 and 4. Cost side and customer list price, per token class.
+    let mut lines = Vec::with_capacity(5);
+    let (mut cost_list, mut price_list, mut cost, mut price) =
+        (Decimal::ZERO, Decimal::ZERO, Decimal::ZERO, Decimal::ZERO);
+    for i in 0..5 {
+        let n = Decimal::from(tokens[i]);
+        let cl = ov(ov(n.checked_mul(cost_rates[i]))?.checked_div(MTOK))?;
+        let pl = ov(ov(n.checked_mul(price_rates[i]))?.checked_div(MTOK))?;
+        let c = ov(cl.checked_mul(cost_keep))?;
+        let p = ov(pl.checked_mul(price_keep))?;
+        cost_list += cl;
+        price_list += pl;
+        cost += c;
+        price += p;
+        lines.push(Line {
+            class: CLASSES[i],
+            tokens: tokens[i],
+            cost_rate_per_mtok: cost_rates[i].normalize(),
+            price_rate_per_mtok: price_rates[i].normalize(),
+            cost_list: cl.normalize(),
+            price_list: pl.normalize(),
+            cost: c.normalize(),
+            price: p.normalize(),
+        });
+    }
+    Ok(Rating {
+        lines,
+        long_context: long,
+        batch: u.batch,
+        cost_batch_discount: cost_discount.normalize(),
+        price_batch_discount: price_discount.normalize(),
+        markup_percent: markup_percent.map(|d| d.normalize()),
+        cost_list: cost_list.normalize(),
+        price_list: price_list.normalize(),
+        cost: cost.normalize(),
+        price: price.normalize(),
+        margin: (price - cost).normalize(),
+        currency: terms.cost.currency.clone(),
+        cost_version_id: terms.cost.id,
+        price_version_id,
+        markup_rule_id,
+    })
+}

@@ -1,0 +1,116 @@
+//! Settings from the environment, with defaults that work on a developer machine.
+
+use std::time::Duration;
+
+/// Everything the service reads from its environment.
+#[derive(Clone, Debug)]
+pub struct Settings {
+    /// Runtime role: `DATABASE_URL`.
+    pub database_url: String,
+    /// Owning role, used only by `migrate`, `rebuild` and `verify`:
+    /// `TOKENLEDGER_OWNER_DATABASE_URL`.
+    pub owner_database_url: String,
+    pub nats_url: String,
+    /// `TOKENLEDGER_HTTP_ADDR`, e.g. `127.0.0.1:8080`; port 0 picks a free port.
+    pub http_addr: String,
+    /// Operator token for `/v1/admin/*` and adjustments: `TOKENLEDGER_ADMIN_TOKEN`.
+    pub admin_token: String,
+    /// Name of the usage stream (`TOKENLEDGER_STREAM`, default `USAGE`).
+    pub stream: String,
+    /// Prefix put before `usage.v1.<tenant>` (`TOKENLEDGER_SUBJECT_PREFIX`, default empty);
+    /// lets tests share one nats-server.
+    pub subject_prefix: String,
+    /// Durable consumer of the ledger writer (`TOKENLEDGER_CONSUMER`, default `ledger-writer`).
+    pub consumer: String,
+    /// Most events the writer applies in one transaction (`TOKENLEDGER_BATCH_MAX`).
+    pub batch_max: usize,
+    /// How long the writer waits to fill a batch (`TOKENLEDGER_BATCH_WAIT_MS`).
+    pub batch_wait: Duration,
+    /// JetStream ack wait of the writer's consumer (`TOKENLEDGER_ACK_WAIT_MS`).
+    pub ack_wait: Duration,
+    /// Accepted clock skew: new prices take effect no earlier than now plus this
+    /// (`TOKENLEDGER_CLOCK_SKEW_SECS`, default 300).
+    pub clock_skew: Duration,
+    /// Roles `serve` runs: `api`, `writer` (`TOKENLEDGER_ROLES`, default both).
+    pub roles: Vec<String>,
+    /// Test-only fault injection: abort the process right after the N-th batch commits,
+    /// before acknowledging it (`TOKENLEDGER_FAULT_ABORT_AFTER_COMMIT`).
+    pub fault_abort_after_commit: Option<u64>,
+    pub db_max_connections: u32,
+}
+
+fn var(name: &str, default: &str) -> String {
+    std::env::var(name).unwrap_or_else(|_| default.to_string())
+}
+
+fn parse<T: std::str::FromStr>(name: &str, default: T) -> anyhow::Result<T> {
+    match std::env::var(name) {
+        Ok(v) => v
+            .parse()
+            .map_err(|_| anyhow::anyhow!("{name}={v:?} is not a valid value")),
+        Err(_) => Ok(default),
+    }
+}
+
+pub const DEFAULT_DATABASE_URL: &str = "postgres://tokenledger_app@127.0.0.1:5432/tokenledger";
+pub const DEFAULT_OWNER_DATABASE_URL: &str = "postgres://postgres@127.0.0.1:5432/tokenledger";
+pub const DEFAULT_NATS_URL: &str = "nats://127.0.0.1:4222";
+pub const DEFAULT_ADMIN_TOKEN: &str = "tl_admin_dev_only";
+
+impl Settings {
+    pub fn from_env() -> anyhow::Result<Self> {
+        let roles = var("TOKENLEDGER_ROLES", "api,writer")
+            .split(',')
+            .map(|s| s.trim().to_string())
+            .filter(|s| !s.is_empty())
+            .collect::<Vec<_>>();
+        for r in &roles {
+            anyhow::ensure!(
+                r == "api" || r == "writer",
+                "unknown role {r:?} in TOKENLEDGER_ROLES (known: api, writer)"
+            );
+        }
+        let fault = match std::env::var("TOKENLEDGER_FAULT_ABORT_AFTER_COMMIT") {
+            Ok(v) => Some(v.parse()?),
+            Err(_) => None,
+        };
+        Ok(Settings {
+            database_url: var("DATABASE_URL", DEFAULT_DATABASE_URL),
+            owner_database_url: var("TOKENLEDGER_OWNER_DATABASE_URL", DEFAULT_OWNER_DATABASE_URL),
+            nats_url: var("NATS_URL", DEFAULT_NATS_URL),
+            http_addr: var("TOKENLEDGER_HTTP_ADDR", "127.0.0.1:8080"),
+            admin_token: var("TOKENLEDGER_ADMIN_TOKEN", DEFAULT_ADMIN_TOKEN),
+            stream: var("TOKENLEDGER_STREAM", "USAGE"),
+            subject_prefix: var("TOKENLEDGER_SUBJECT_PREFIX", ""),
+            consumer: var("TOKENLEDGER_CONSUMER", "ledger-writer"),
+            batch_max: parse("TOKENLEDGER_BATCH_MAX", 1000usize)?.clamp(1, 5000),
+            batch_wait: Duration::from_millis(parse("TOKENLEDGER_BATCH_WAIT_MS", 5u64)?),
+            ack_wait: Duration::from_millis(parse("TOKENLEDGER_ACK_WAIT_MS", 30_000u64)?),
+            clock_skew: Duration::from_secs(parse("TOKENLEDGER_CLOCK_SKEW_SECS", 300u64)?),
+            roles,
+            fault_abort_after_commit: fault,
+            db_max_connections: parse("TOKENLEDGER_DB_MAX_CONNECTIONS", 8u32)?,
+        })
+    }
+
+    pub fn has_role(&self, role: &str) -> bool {
+        self.roles.iter().any(|r| r == role)
+    }
+
+    /// The subject a tenant's usage is published on.
+    pub fn usage_subject(&self, tenant_id: &str) -> String {
+        format!("{}usage.v1.{tenant_id}", self.subject_prefix_dot())
+    }
+
+    pub fn usage_subjects_wildcard(&self) -> String {
+        format!("{}usage.v1.>", self.subject_prefix_dot())
+    }
+
+    fn subject_prefix_dot(&self) -> String {
+        if self.subject_prefix.is_empty() {
+            String::new()
+        } else {
+            format!("{}.", self.subject_prefix)
+        }
+    }
+}
