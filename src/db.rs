@@ -41,12 +41,15 @@ pub async fn ensure_database(url: &str) -> anyhow::Result<()> {
     );
     let admin = opts.database("postgres");
     let mut conn = sqlx::PgConnection::connect_with(&admin).await?;
-    let exists: bool = sqlx::query_scalar("select exists (select 1 from pg_database where datname = $1)")
-        .bind(&name)
-        .fetch_one(&mut conn)
-        .await?;
+    let exists: bool =
+        sqlx::query_scalar("select exists (select 1 from pg_database where datname = $1)")
+            .bind(&name)
+            .fetch_one(&mut conn)
+            .await?;
     if !exists {
-        let r = conn.execute(format!("create database \"{name}\"").as_str()).await;
+        let r = conn
+            .execute(format!("create database \"{name}\"").as_str())
+            .await;
         if let Err(e) = r {
             // another process may have created it meanwhile
             let dup = e.as_database_error().and_then(|d| d.code()).as_deref() == Some("42P04");

@@ -31,9 +31,19 @@ pub fn tenant_name(i: usize) -> String {
 }
 
 /// A deterministic synthetic usage event: the i-th of a run seeded by `run`.
-pub fn synthetic(rng: &mut StdRng, run: &str, i: u64, tenants: usize, time: DateTime<Utc>) -> Event {
+pub fn synthetic(
+    rng: &mut StdRng,
+    run: &str,
+    i: u64,
+    tenants: usize,
+    time: DateTime<Utc>,
+) -> Event {
     // tenants: a few large ones, a long tail
-    let t = if rng.gen_bool(0.5) { rng.gen_range(0..tenants.min(5)) } else { rng.gen_range(0..tenants) };
+    let t = if rng.gen_bool(0.5) {
+        rng.gen_range(0..tenants.min(5))
+    } else {
+        rng.gen_range(0..tenants)
+    };
     let total: u32 = MODEL_MIX.iter().map(|m| m.2).sum();
     let mut pick = rng.gen_range(0..total);
     let (provider, model, _) = *MODEL_MIX
@@ -48,9 +58,17 @@ pub fn synthetic(rng: &mut StdRng, run: &str, i: u64, tenants: usize, time: Date
         })
         .expect("weights cover the range");
     let input: u64 = rng.gen_range(20..8000);
-    let cached = if rng.gen_bool(0.3) { rng.gen_range(0..=input / 2) } else { 0 };
+    let cached = if rng.gen_bool(0.3) {
+        rng.gen_range(0..=input / 2)
+    } else {
+        0
+    };
     let output: u64 = rng.gen_range(1..2000);
-    let reasoning = if model == "gpt-5" { rng.gen_range(0..=output) } else { 0 };
+    let reasoning = if model == "gpt-5" {
+        rng.gen_range(0..=output)
+    } else {
+        0
+    };
     let status = if rng.gen_bool(0.02) { "error" } else { "ok" };
     let id = format!("{run}-{i}");
     let env = json!({
@@ -78,7 +96,12 @@ pub struct LoadOptions {
 }
 
 /// Publish `count` events; returns (events published incl. duplicates, seconds taken).
-pub async fn run(bus: &Bus, s: &Settings, o: &LoadOptions, run_id: &str) -> anyhow::Result<(u64, f64)> {
+pub async fn run(
+    bus: &Bus,
+    s: &Settings,
+    o: &LoadOptions,
+    run_id: &str,
+) -> anyhow::Result<(u64, f64)> {
     let mut rng = StdRng::seed_from_u64(o.seed);
     let started = Instant::now();
     let mut published = 0u64;
@@ -96,7 +119,11 @@ pub async fn run(bus: &Bus, s: &Settings, o: &LoadOptions, run_id: &str) -> anyh
             _ => synthetic(&mut rng, run_id, i, o.tenants, Utc::now()),
         };
         let ack = bus
-            .publish_with_id(s.usage_subject(ev.tenant_id()), ev.canonical.clone().into(), &ev.msg_id())
+            .publish_with_id(
+                s.usage_subject(ev.tenant_id()),
+                ev.canonical.clone().into(),
+                &ev.msg_id(),
+            )
             .await?;
         pending.push(ack);
         published += 1;

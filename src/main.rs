@@ -5,10 +5,16 @@ use std::path::PathBuf;
 use anyhow::Context;
 use chrono::{DateTime, Utc};
 use clap::{Parser, Subcommand};
-use tokenledger::{app, bench, bus, catalog, db, loadgen, pricing, projections, settings::Settings, telemetry};
+use tokenledger::{
+    app, bench, bus, catalog, db, loadgen, pricing, projections, settings::Settings, telemetry,
+};
 
 #[derive(Parser)]
-#[command(name = "tokenledger", version, about = "Billing and usage ledger for LLM API aggregators")]
+#[command(
+    name = "tokenledger",
+    version,
+    about = "Billing and usage ledger for LLM API aggregators"
+)]
 struct Cli {
     #[command(subcommand)]
     cmd: Cmd,
@@ -94,7 +100,9 @@ async fn main() -> anyhow::Result<()> {
                 s = Settings::from_env()?;
             }
             if migrate {
-                db::migrate(&s.owner_database_url).await.context("migrate")?;
+                db::migrate(&s.owner_database_url)
+                    .await
+                    .context("migrate")?;
             }
             let app = app::App::build(s).await?;
             app::cancel_on_signals(app.cancel.clone());
@@ -105,17 +113,36 @@ async fn main() -> anyhow::Result<()> {
             println!("migrated");
             Ok(())
         }
-        Cmd::ImportPrices { file, currency, effective_from, first_effective_from } => {
-            let text = std::fs::read_to_string(&file).with_context(|| format!("reading {}", file.display()))?;
+        Cmd::ImportPrices {
+            file,
+            currency,
+            effective_from,
+            first_effective_from,
+        } => {
+            let text = std::fs::read_to_string(&file)
+                .with_context(|| format!("reading {}", file.display()))?;
             let prices = pricing::import::parse_litellm(&text)?;
             let pool = db::connect(&s.database_url, 2).await?;
             let skew = chrono::Duration::from_std(s.clock_skew)?;
-            let source = file.file_name().map(|f| f.to_string_lossy().into_owned()).unwrap_or_default();
+            let source = file
+                .file_name()
+                .map(|f| f.to_string_lossy().into_owned())
+                .unwrap_or_default();
             let (added, unchanged) = catalog::prices::import(
-                &pool, &prices, &currency, first_effective_from, effective_from, Utc::now(), skew, &source,
+                &pool,
+                &prices,
+                &currency,
+                first_effective_from,
+                effective_from,
+                Utc::now(),
+                skew,
+                &source,
             )
             .await?;
-            println!("imported {} models: {added} new versions, {unchanged} unchanged", prices.len());
+            println!(
+                "imported {} models: {added} new versions, {unchanged} unchanged",
+                prices.len()
+            );
             Ok(())
         }
         Cmd::CreateTenant { id, name, currency } => {
@@ -126,11 +153,26 @@ async fn main() -> anyhow::Result<()> {
             println!("{secret}");
             Ok(())
         }
-        Cmd::AddMarkup { percent, tenant, effective_from } => {
+        Cmd::AddMarkup {
+            percent,
+            tenant,
+            effective_from,
+        } => {
             let pool = db::connect(&s.database_url, 2).await?;
             let skew = chrono::Duration::from_std(s.clock_skew)?;
-            let r = catalog::prices::add_markup(&pool, tenant.as_deref(), percent, effective_from, Utc::now(), skew).await?;
-            println!("markup rule {} : {}% from {}", r.id, r.percent, r.effective_from);
+            let r = catalog::prices::add_markup(
+                &pool,
+                tenant.as_deref(),
+                percent,
+                effective_from,
+                Utc::now(),
+                skew,
+            )
+            .await?;
+            println!(
+                "markup rule {} : {}% from {}",
+                r.id, r.percent, r.effective_from
+            );
             Ok(())
         }
         Cmd::Rebuild => {
@@ -146,27 +188,48 @@ async fn main() -> anyhow::Result<()> {
                 for d in &r.differences {
                     eprintln!("difference: {d}");
                 }
-                anyhow::bail!("verify failed ({} differences); first: {first}", r.differences.len());
+                anyhow::bail!(
+                    "verify failed ({} differences); first: {first}",
+                    r.differences.len()
+                );
             }
             println!("verify ok: projections match the record, balances sum to zero, {} events re-rated without drift", r.events_rerated);
             Ok(())
         }
-        Cmd::Loadgen { count, rate, tenants, duplicate_share, seed, setup } => {
+        Cmd::Loadgen {
+            count,
+            rate,
+            tenants,
+            duplicate_share,
+            seed,
+            setup,
+        } => {
             let b = bus::connect(&s).await?;
             b.ensure_stream().await?;
             if setup {
                 let pool = db::connect(&s.database_url, 2).await?;
                 for i in 0..tenants {
-                    match catalog::tenants::create(&pool, &loadgen::tenant_name(i), "load", "USD").await {
+                    match catalog::tenants::create(&pool, &loadgen::tenant_name(i), "load", "USD")
+                        .await
+                    {
                         Ok(_) | Err(catalog::CatalogError::TenantExists(_)) => {}
                         Err(e) => return Err(e.into()),
                     }
                 }
             }
-            let o = loadgen::LoadOptions { count, rate, tenants, duplicate_share, seed };
+            let o = loadgen::LoadOptions {
+                count,
+                rate,
+                tenants,
+                duplicate_share,
+                seed,
+            };
             let run_id = uuid::Uuid::now_v7().to_string();
             let (n, secs) = loadgen::run(&b, &s, &o, &run_id).await?;
-            println!("published {n} events in {secs:.2} s ({:.0}/s)", n as f64 / secs);
+            println!(
+                "published {n} events in {secs:.2} s ({:.0}/s)",
+                n as f64 / secs
+            );
             Ok(())
         }
         Cmd::Bench(args) => bench::run(&s, args).await,

@@ -7,7 +7,10 @@ use std::time::Duration;
 pub fn init_tracing() {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info,sqlx=warn,async_nats=warn"));
-    let _ = tracing_subscriber::fmt().with_env_filter(filter).with_target(false).try_init();
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_target(false)
+        .try_init();
 }
 
 /// Upper bounds (seconds) of the batch latency histogram.
@@ -28,7 +31,13 @@ pub struct Metrics(Arc<Mutex<Inner>>);
 
 impl Metrics {
     pub fn inc(&self, name: &'static str, by: u64) {
-        *self.0.lock().expect("metrics lock").counters.entry(name).or_default() += by;
+        *self
+            .0
+            .lock()
+            .expect("metrics lock")
+            .counters
+            .entry(name)
+            .or_default() += by;
     }
 
     pub fn set(&self, name: &'static str, v: f64) {
@@ -36,7 +45,13 @@ impl Metrics {
     }
 
     pub fn counter(&self, name: &'static str) -> u64 {
-        self.0.lock().expect("metrics lock").counters.get(name).copied().unwrap_or(0)
+        self.0
+            .lock()
+            .expect("metrics lock")
+            .counters
+            .get(name)
+            .copied()
+            .unwrap_or(0)
     }
 
     pub fn observe_batch(&self, took: Duration, size: usize) {
@@ -49,7 +64,9 @@ impl Metrics {
         }
         m.batch_count += 1;
         m.batch_sum += s;
-        *m.counters.entry("tokenledger_batch_events_total").or_default() += size as u64;
+        *m.counters
+            .entry("tokenledger_batch_events_total")
+            .or_default() += size as u64;
     }
 
     /// The Prometheus text exposition format.
@@ -63,12 +80,20 @@ impl Metrics {
             out.push_str(&format!("# TYPE {k} gauge\n{k} {v}\n"));
         }
         let h = "tokenledger_batch_seconds";
-        out.push_str(&format!("# HELP {h} Time to apply one batch (one transaction).\n# TYPE {h} histogram\n"));
+        out.push_str(&format!(
+            "# HELP {h} Time to apply one batch (one transaction).\n# TYPE {h} histogram\n"
+        ));
         for (i, b) in BUCKETS.iter().enumerate() {
-            out.push_str(&format!("{h}_bucket{{le=\"{b}\"}} {}\n", m.batch_buckets[i]));
+            out.push_str(&format!(
+                "{h}_bucket{{le=\"{b}\"}} {}\n",
+                m.batch_buckets[i]
+            ));
         }
         out.push_str(&format!("{h}_bucket{{le=\"+Inf\"}} {}\n", m.batch_count));
-        out.push_str(&format!("{h}_sum {}\n{h}_count {}\n", m.batch_sum, m.batch_count));
+        out.push_str(&format!(
+            "{h}_sum {}\n{h}_count {}\n",
+            m.batch_sum, m.batch_count
+        ));
         out
     }
 }

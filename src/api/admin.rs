@@ -31,17 +31,34 @@ pub struct NewTenant {
 /// Create a tenant.
 #[utoipa::path(post, path = "/v1/admin/tenants", tag = "admin", request_body = NewTenant,
     responses((status = 201, body = Tenant), (status = 409, description = "exists")), security(("bearer" = [])))]
-pub async fn create_tenant(State(st): State<AppState>, caller: Caller, body: Bytes) -> Result<(StatusCode, Json<Tenant>), ApiError> {
+pub async fn create_tenant(
+    State(st): State<AppState>,
+    caller: Caller,
+    body: Bytes,
+) -> Result<(StatusCode, Json<Tenant>), ApiError> {
     caller.require_admin()?;
     let t: NewTenant = parse_json(&body)?;
-    let name = if t.name.is_empty() { t.id.clone() } else { t.name };
-    let tenant = tenants::create(&st.pool, &t.id, &name, t.currency.as_deref().unwrap_or("USD")).await?;
+    let name = if t.name.is_empty() {
+        t.id.clone()
+    } else {
+        t.name
+    };
+    let tenant = tenants::create(
+        &st.pool,
+        &t.id,
+        &name,
+        t.currency.as_deref().unwrap_or("USD"),
+    )
+    .await?;
     Ok((StatusCode::CREATED, Json(tenant)))
 }
 
 /// List tenants.
 #[utoipa::path(get, path = "/v1/admin/tenants", tag = "admin", responses((status = 200, body = Vec<Tenant>)), security(("bearer" = [])))]
-pub async fn list_tenants(State(st): State<AppState>, caller: Caller) -> Result<Json<Vec<Tenant>>, ApiError> {
+pub async fn list_tenants(
+    State(st): State<AppState>,
+    caller: Caller,
+) -> Result<Json<Vec<Tenant>>, ApiError> {
     caller.require_admin()?;
     Ok(Json(tenants::list(&st.pool).await?))
 }
@@ -71,7 +88,13 @@ pub async fn create_key(
     body: Bytes,
 ) -> Result<(StatusCode, Json<CreatedKey>), ApiError> {
     caller.require_admin()?;
-    let k: NewKey = if body.is_empty() { NewKey { name: String::new() } } else { parse_json(&body)? };
+    let k: NewKey = if body.is_empty() {
+        NewKey {
+            name: String::new(),
+        }
+    } else {
+        parse_json(&body)?
+    };
     let (key, secret) = keys::create(&st.pool, &tenant_id, &k.name).await?;
     Ok((StatusCode::CREATED, Json(CreatedKey { key, secret })))
 }
@@ -79,7 +102,11 @@ pub async fn create_key(
 /// List a tenant's API keys (never their secrets).
 #[utoipa::path(get, path = "/v1/admin/tenants/{tenant_id}/api-keys", tag = "admin",
     params(("tenant_id" = String, Path)), responses((status = 200, body = Vec<ApiKey>)), security(("bearer" = [])))]
-pub async fn list_keys(State(st): State<AppState>, caller: Caller, Path(tenant_id): Path<String>) -> Result<Json<Vec<ApiKey>>, ApiError> {
+pub async fn list_keys(
+    State(st): State<AppState>,
+    caller: Caller,
+    Path(tenant_id): Path<String>,
+) -> Result<Json<Vec<ApiKey>>, ApiError> {
     caller.require_admin()?;
     Ok(Json(keys::list(&st.pool, &tenant_id).await?))
 }
@@ -87,7 +114,11 @@ pub async fn list_keys(State(st): State<AppState>, caller: Caller, Path(tenant_i
 /// Revoke an API key (idempotent).
 #[utoipa::path(post, path = "/v1/admin/api-keys/{key_id}/revoke", tag = "admin",
     params(("key_id" = String, Path)), responses((status = 200, body = ApiKey)), security(("bearer" = [])))]
-pub async fn revoke_key(State(st): State<AppState>, caller: Caller, Path(key_id): Path<String>) -> Result<Json<ApiKey>, ApiError> {
+pub async fn revoke_key(
+    State(st): State<AppState>,
+    caller: Caller,
+    Path(key_id): Path<String>,
+) -> Result<Json<ApiKey>, ApiError> {
     caller.require_admin()?;
     let id = Uuid::parse_str(&key_id).map_err(|_| ApiError::not_found("API key"))?;
     Ok(Json(keys::revoke(&st.pool, id).await?))
@@ -97,7 +128,11 @@ pub async fn revoke_key(State(st): State<AppState>, caller: Caller, Path(key_id)
 /// first version of a model, which may be dated back).
 #[utoipa::path(post, path = "/v1/admin/prices", tag = "admin", request_body = NewPrice,
     responses((status = 201, body = Object)), security(("bearer" = [])))]
-pub async fn add_price(State(st): State<AppState>, caller: Caller, body: Bytes) -> Result<(StatusCode, Json<PriceVersion>), ApiError> {
+pub async fn add_price(
+    State(st): State<AppState>,
+    caller: Caller,
+    body: Bytes,
+) -> Result<(StatusCode, Json<PriceVersion>), ApiError> {
     caller.require_admin()?;
     let p: NewPrice = parse_json(&body)?;
     let mut tx = st.pool.begin().await?;
@@ -139,10 +174,22 @@ pub struct NewMarkup {
 /// Add a markup rule (customer price = cost x (1 + percent/100)).
 #[utoipa::path(post, path = "/v1/admin/markup-rules", tag = "admin", request_body = NewMarkup,
     responses((status = 201, body = Object)), security(("bearer" = [])))]
-pub async fn add_markup(State(st): State<AppState>, caller: Caller, body: Bytes) -> Result<(StatusCode, Json<MarkupRule>), ApiError> {
+pub async fn add_markup(
+    State(st): State<AppState>,
+    caller: Caller,
+    body: Bytes,
+) -> Result<(StatusCode, Json<MarkupRule>), ApiError> {
     caller.require_admin()?;
     let m: NewMarkup = parse_json(&body)?;
-    let r = prices::add_markup(&st.pool, m.tenant_id.as_deref(), m.percent, m.effective_from, Utc::now(), st.skew()).await?;
+    let r = prices::add_markup(
+        &st.pool,
+        m.tenant_id.as_deref(),
+        m.percent,
+        m.effective_from,
+        Utc::now(),
+        st.skew(),
+    )
+    .await?;
     Ok((StatusCode::CREATED, Json(r)))
 }
 
@@ -169,18 +216,37 @@ pub async fn list_dead(
     caller.require_admin()?;
     let Query(q) = q.map_err(super::query_error)?;
     let limit = q.limit.unwrap_or(100).clamp(1, 1000);
-    let data = dead_letters::list(&st.pool, q.reason.as_deref(), q.tenant_id.as_deref(), q.unresolved, q.cursor.unwrap_or(0), limit).await?;
-    let next = (data.len() as i64 == limit).then(|| data.last().map(|d| d.id)).flatten();
-    Ok(Json(serde_json::json!({ "data": data, "next_cursor": next })))
+    let data = dead_letters::list(
+        &st.pool,
+        q.reason.as_deref(),
+        q.tenant_id.as_deref(),
+        q.unresolved,
+        q.cursor.unwrap_or(0),
+        limit,
+    )
+    .await?;
+    let next = (data.len() as i64 == limit)
+        .then(|| data.last().map(|d| d.id))
+        .flatten();
+    Ok(Json(
+        serde_json::json!({ "data": data, "next_cursor": next }),
+    ))
 }
 
 /// One dead letter, with its payload.
 #[utoipa::path(get, path = "/v1/admin/dead-letters/{id}", tag = "admin", params(("id" = i64, Path)),
     responses((status = 200, body = DeadLetter)), security(("bearer" = [])))]
-pub async fn get_dead(State(st): State<AppState>, caller: Caller, Path(id): Path<String>) -> Result<Json<DeadLetter>, ApiError> {
+pub async fn get_dead(
+    State(st): State<AppState>,
+    caller: Caller,
+    Path(id): Path<String>,
+) -> Result<Json<DeadLetter>, ApiError> {
     caller.require_admin()?;
     let id: i64 = id.parse().map_err(|_| ApiError::not_found("dead letter"))?;
-    dead_letters::get(&st.pool, id).await?.map(Json).ok_or_else(|| ApiError::not_found("dead letter"))
+    dead_letters::get(&st.pool, id)
+        .await?
+        .map(Json)
+        .ok_or_else(|| ApiError::not_found("dead letter"))
 }
 
 #[derive(Serialize, utoipa::ToSchema)]
@@ -193,20 +259,39 @@ pub struct Redriven {
 /// Re-drive a dead letter: republish its payload (same event id) to its tenant's subject.
 #[utoipa::path(post, path = "/v1/admin/dead-letters/{id}/redrive", tag = "admin", params(("id" = i64, Path)),
     responses((status = 202, body = Redriven)), security(("bearer" = [])))]
-pub async fn redrive(State(st): State<AppState>, caller: Caller, Path(id): Path<String>) -> Result<(StatusCode, Json<Redriven>), ApiError> {
+pub async fn redrive(
+    State(st): State<AppState>,
+    caller: Caller,
+    Path(id): Path<String>,
+) -> Result<(StatusCode, Json<Redriven>), ApiError> {
     caller.require_admin()?;
     let id: i64 = id.parse().map_err(|_| ApiError::not_found("dead letter"))?;
-    let (subject, payload) = dead_letters::payload(&st.pool, id).await?.ok_or_else(|| ApiError::not_found("dead letter"))?;
+    let (subject, payload) = dead_letters::payload(&st.pool, id)
+        .await?
+        .ok_or_else(|| ApiError::not_found("dead letter"))?;
     // to the tenant's proper subject when the payload names a valid tenant
-    let subject = match crate::events::parse_bytes(&payload, Utc::now() + chrono::Duration::days(36500)) {
-        Ok(ev) => st.settings.usage_subject(ev.tenant_id()),
-        Err(_) => subject,
-    };
+    let subject =
+        match crate::events::parse_bytes(&payload, Utc::now() + chrono::Duration::days(36500)) {
+            Ok(ev) => st.settings.usage_subject(ev.tenant_id()),
+            Err(_) => subject,
+        };
     let redrive_id = dead_letters::record_redrive(&st.pool, id).await?;
     let ack = st
         .bus
-        .publish_with_id(subject.clone(), Bytes::from(payload), &format!("redrive-{id}-{redrive_id}"))
+        .publish_with_id(
+            subject.clone(),
+            Bytes::from(payload),
+            &format!("redrive-{id}-{redrive_id}"),
+        )
         .await?;
-    ack.await.map_err(|e| crate::bus::PublishError(e.to_string()))?;
-    Ok((StatusCode::ACCEPTED, Json(Redriven { dead_letter_id: id, redrive_id, subject })))
+    ack.await
+        .map_err(|e| crate::bus::PublishError(e.to_string()))?;
+    Ok((
+        StatusCode::ACCEPTED,
+        Json(Redriven {
+            dead_letter_id: id,
+            redrive_id,
+            subject,
+        }),
+    ))
 }

@@ -11,7 +11,10 @@ use crate::catalog::keys;
 #[derive(Clone, Debug)]
 pub enum Caller {
     Admin,
-    Tenant { tenant_id: String, key_id: uuid::Uuid },
+    Tenant {
+        tenant_id: String,
+        key_id: uuid::Uuid,
+    },
 }
 
 impl Caller {

@@ -32,7 +32,11 @@ impl ApiError {
     }
 
     pub fn not_found(what: &str) -> ApiError {
-        ApiError::new(StatusCode::NOT_FOUND, "not_found", format!("{what} not found"))
+        ApiError::new(
+            StatusCode::NOT_FOUND,
+            "not_found",
+            format!("{what} not found"),
+        )
     }
 
     pub fn bad_request(code: &'static str, detail: impl Into<String>) -> ApiError {
@@ -41,7 +45,11 @@ impl ApiError {
 
     pub fn internal(e: impl std::fmt::Display) -> ApiError {
         tracing::error!(error = %e, "internal error");
-        ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "internal", "an internal error occurred")
+        ApiError::new(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            "internal",
+            "an internal error occurred",
+        )
     }
 }
 
@@ -88,12 +96,16 @@ impl From<CatalogError> for ApiError {
     fn from(e: CatalogError) -> Self {
         let (status, code) = match &e {
             CatalogError::TenantExists(_) => (StatusCode::CONFLICT, "tenant_exists"),
-            CatalogError::InvalidTenantId => (StatusCode::UNPROCESSABLE_ENTITY, "invalid_tenant_id"),
+            CatalogError::InvalidTenantId => {
+                (StatusCode::UNPROCESSABLE_ENTITY, "invalid_tenant_id")
+            }
             CatalogError::InvalidCurrency => (StatusCode::UNPROCESSABLE_ENTITY, "invalid_currency"),
             CatalogError::TenantNotFound(_) => (StatusCode::NOT_FOUND, "not_found"),
             CatalogError::KeyNotFound => (StatusCode::NOT_FOUND, "not_found"),
             CatalogError::InvalidPrice(_) => (StatusCode::UNPROCESSABLE_ENTITY, "invalid_price"),
-            CatalogError::EffectiveInPast { .. } => (StatusCode::UNPROCESSABLE_ENTITY, "effective_in_past"),
+            CatalogError::EffectiveInPast { .. } => {
+                (StatusCode::UNPROCESSABLE_ENTITY, "effective_in_past")
+            }
             CatalogError::Db(e) => return ApiError::internal(e),
         };
         ApiError::new(status, code, e.to_string())
@@ -103,6 +115,10 @@ impl From<CatalogError> for ApiError {
 /// Parse a JSON body into `T`, with a problem+json error naming what is wrong.
 pub fn parse_json<T: serde::de::DeserializeOwned>(body: &[u8]) -> Result<T, ApiError> {
     serde_json::from_slice(body).map_err(|e| {
-        ApiError::new(StatusCode::UNPROCESSABLE_ENTITY, "invalid_body", format!("invalid request body: {e}"))
+        ApiError::new(
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "invalid_body",
+            format!("invalid request body: {e}"),
+        )
     })
 }

@@ -65,12 +65,16 @@ pub async fn ingest(
             ))
         }
     };
-    let value: Value = serde_json::from_slice(&body)
-        .map_err(|e| ApiError::bad_request("malformed_json", format!("the body is not valid JSON: {e}")))?;
+    let value: Value = serde_json::from_slice(&body).map_err(|e| {
+        ApiError::bad_request("malformed_json", format!("the body is not valid JSON: {e}"))
+    })?;
     let items = match value {
         Value::Array(items) => items,
         _ if batch_only => {
-            return Err(ApiError::bad_request("not_a_batch", "a cloudevents-batch body must be a JSON array"))
+            return Err(ApiError::bad_request(
+                "not_a_batch",
+                "a cloudevents-batch body must be a JSON array",
+            ))
         }
         single => vec![single],
     };
@@ -78,12 +82,18 @@ pub async fn ingest(
         return Err(ApiError::new(
             StatusCode::UNPROCESSABLE_ENTITY,
             "batch_size",
-            format!("a batch holds 1 to {MAX_BATCH_EVENTS} events; this one has {}", items.len()),
+            format!(
+                "a batch holds 1 to {MAX_BATCH_EVENTS} events; this one has {}",
+                items.len()
+            ),
         ));
     }
     let events = validate_all(&caller, items)?;
-    st.bus.publish_events(|t| st.settings.usage_subject(t), &events).await?;
-    st.metrics.inc("tokenledger_ingest_events_total", events.len() as u64);
+    st.bus
+        .publish_events(|t| st.settings.usage_subject(t), &events)
+        .await?;
+    st.metrics
+        .inc("tokenledger_ingest_events_total", events.len() as u64);
     Ok((
         StatusCode::ACCEPTED,
         Json(IngestResponse {
@@ -120,7 +130,10 @@ fn validate_all(caller: &Caller, items: Vec<Value>) -> Result<Vec<Event>, ApiErr
         return Err(ApiError::new(
             StatusCode::UNPROCESSABLE_ENTITY,
             "invalid_events",
-            format!("{} of the events are invalid; nothing was published", bad.len()),
+            format!(
+                "{} of the events are invalid; nothing was published",
+                bad.len()
+            ),
         )
         .with_errors(Value::Array(bad)));
     }

@@ -80,12 +80,18 @@ pub fn router(state: AppState) -> Router {
         .route("/v1/usage", get(reads::usage))
         .route("/v1/balances", get(reads::balances))
         .route("/v1/prices", get(admin::list_prices))
-        .route("/v1/admin/tenants", post(admin::create_tenant).get(admin::list_tenants))
+        .route(
+            "/v1/admin/tenants",
+            post(admin::create_tenant).get(admin::list_tenants),
+        )
         .route(
             "/v1/admin/tenants/{tenant_id}/api-keys",
             post(admin::create_key).get(admin::list_keys),
         )
-        .route("/v1/admin/api-keys/{key_id}/revoke", post(admin::revoke_key))
+        .route(
+            "/v1/admin/api-keys/{key_id}/revoke",
+            post(admin::revoke_key),
+        )
         .route("/v1/admin/prices", post(admin::add_price))
         .route("/v1/admin/markup-rules", post(admin::add_markup))
         .route("/v1/admin/dead-letters", get(admin::list_dead))
@@ -97,7 +103,11 @@ pub fn router(state: AppState) -> Router {
         .route("/metrics", get(metrics))
         .fallback(|| async { ApiError::not_found("route") })
         .method_not_allowed_fallback(|| async {
-            ApiError::new(StatusCode::METHOD_NOT_ALLOWED, "method_not_allowed", "method not allowed on this route")
+            ApiError::new(
+                StatusCode::METHOD_NOT_ALLOWED,
+                "method_not_allowed",
+                "method not allowed on this route",
+            )
         })
         .layer(DefaultBodyLimit::max(64 * 1024))
         .with_state(state)
@@ -110,18 +120,32 @@ async fn openapi() -> impl IntoResponse {
 async fn readyz(State(st): State<AppState>) -> Result<&'static str, ApiError> {
     sqlx::query("select 1").execute(&st.pool).await?;
     if !st.bus.is_connected() {
-        return Err(ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "bus_unavailable", "not connected to NATS"));
+        return Err(ApiError::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "bus_unavailable",
+            "not connected to NATS",
+        ));
     }
     Ok("ready")
 }
 
 async fn metrics(State(st): State<AppState>) -> impl IntoResponse {
     if let Ok((pending, ack_pending)) = st.bus.consumer_lag().await {
-        st.metrics.set("tokenledger_consumer_pending_messages", pending as f64);
-        st.metrics.set("tokenledger_consumer_ack_pending_messages", ack_pending as f64);
+        st.metrics
+            .set("tokenledger_consumer_pending_messages", pending as f64);
+        st.metrics.set(
+            "tokenledger_consumer_ack_pending_messages",
+            ack_pending as f64,
+        );
     }
-    if let Ok(n) = sqlx::query_scalar::<_, i64>("select count(*) from dead_letters").fetch_one(&st.pool).await {
+    if let Ok(n) = sqlx::query_scalar::<_, i64>("select count(*) from dead_letters")
+        .fetch_one(&st.pool)
+        .await
+    {
         st.metrics.set("tokenledger_dead_letters_stored", n as f64);
     }
-    ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], st.metrics.render())
+    (
+        [(header::CONTENT_TYPE, "text/plain; version=0.0.4")],
+        st.metrics.render(),
+    )
 }

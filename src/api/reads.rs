@@ -7,7 +7,9 @@ use chrono::NaiveDate;
 use serde::{Deserialize, Serialize};
 
 use super::{ApiError, AppState, Caller};
-use crate::projections::queries::{self, Balance, RequestDetail, RequestFilter, RequestView, UsageRow};
+use crate::projections::queries::{
+    self, Balance, RequestDetail, RequestFilter, RequestView, UsageRow,
+};
 
 #[derive(Deserialize, utoipa::IntoParams)]
 #[serde(deny_unknown_fields)]
@@ -54,17 +56,21 @@ pub async fn list_requests(
     let tenant = caller.tenant(f.tenant_id.as_deref())?;
     let limit = f.limit.unwrap_or(100);
     if !(1..=1000).contains(&limit) {
-        return Err(ApiError::bad_request("invalid_limit", "limit must be between 1 and 1000"));
+        return Err(ApiError::bad_request(
+            "invalid_limit",
+            "limit must be between 1 and 1000",
+        ));
     }
     let before = match &f.cursor {
         None => None,
-        Some(c) => Some(
-            c.parse::<i64>()
-                .map_err(|_| ApiError::bad_request("invalid_cursor", "cursor is not one this API returned"))?,
-        ),
+        Some(c) => Some(c.parse::<i64>().map_err(|_| {
+            ApiError::bad_request("invalid_cursor", "cursor is not one this API returned")
+        })?),
     };
     let data = queries::requests(&st.pool, &tenant, &f, before, limit).await?;
-    let next_cursor = (data.len() as i64 == limit).then(|| data.last().map(|r| r.seq.to_string())).flatten();
+    let next_cursor = (data.len() as i64 == limit)
+        .then(|| data.last().map(|r| r.seq.to_string()))
+        .flatten();
     Ok(Json(RequestPage { data, next_cursor }))
 }
 
@@ -96,10 +102,20 @@ pub async fn usage(
     let Query(q) = q.map_err(super::query_error)?;
     let tenant = caller.tenant(q.tenant_id.as_deref())?;
     if q.to <= q.from || (q.to - q.from).num_days() > 366 {
-        return Err(ApiError::bad_request("invalid_range", "need from < to, at most 366 days apart"));
+        return Err(ApiError::bad_request(
+            "invalid_range",
+            "need from < to, at most 366 days apart",
+        ));
     }
     let mut groups = Vec::new();
-    for g in q.group_by.as_deref().unwrap_or("day").split(',').map(str::trim).filter(|g| !g.is_empty()) {
+    for g in q
+        .group_by
+        .as_deref()
+        .unwrap_or("day")
+        .split(',')
+        .map(str::trim)
+        .filter(|g| !g.is_empty())
+    {
         let Some(known) = queries::GROUPS.iter().find(|k| **k == g) else {
             return Err(ApiError::bad_request(
                 "invalid_group_by",

@@ -4,8 +4,8 @@ use std::time::{Duration, Instant};
 
 use async_nats::jetstream::{message::Message, AckKind};
 use futures::StreamExt;
-use tracing::Instrument;
 use tokio_util::sync::CancellationToken;
+use tracing::Instrument;
 
 use super::Bus;
 use crate::ledger::{Inbound, Outcome, Writer};
@@ -64,7 +64,12 @@ pub async fn run_writer(
     Ok(())
 }
 
-async fn apply_and_ack(writer: &mut Writer, batch: &[Message], metrics: &Metrics, cancel: &CancellationToken) -> anyhow::Result<()> {
+async fn apply_and_ack(
+    writer: &mut Writer,
+    batch: &[Message],
+    metrics: &Metrics,
+    cancel: &CancellationToken,
+) -> anyhow::Result<()> {
     let inbound: Vec<Inbound> = batch
         .iter()
         .map(|m| Inbound {
@@ -77,7 +82,11 @@ async fn apply_and_ack(writer: &mut Writer, batch: &[Message], metrics: &Metrics
     let mut backoff = Duration::from_millis(100);
     let outcomes = loop {
         let span = tracing::info_span!("apply_batch", size = inbound.len());
-        match writer.apply(&inbound, chrono::Utc::now()).instrument(span).await {
+        match writer
+            .apply(&inbound, chrono::Utc::now())
+            .instrument(span)
+            .await
+        {
             Ok(o) => break o,
             Err(e) => {
                 metrics.inc("tokenledger_writer_errors_total", 1);

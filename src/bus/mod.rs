@@ -98,11 +98,19 @@ impl Bus {
     }
 
     /// Publish validated events and wait until JetStream acknowledged every one.
-    pub async fn publish_events(&self, subject_of: impl Fn(&str) -> String, events: &[Event]) -> Result<(), PublishError> {
+    pub async fn publish_events(
+        &self,
+        subject_of: impl Fn(&str) -> String,
+        events: &[Event],
+    ) -> Result<(), PublishError> {
         let mut acks = Vec::with_capacity(events.len());
         for ev in events {
             let ack = self
-                .publish_with_id(subject_of(ev.tenant_id()), Bytes::from(ev.canonical.clone()), &ev.msg_id())
+                .publish_with_id(
+                    subject_of(ev.tenant_id()),
+                    Bytes::from(ev.canonical.clone()),
+                    &ev.msg_id(),
+                )
                 .await?;
             acks.push(ack);
         }
@@ -130,8 +138,25 @@ impl Bus {
     /// Lag of the writer's consumer: messages not yet delivered plus not yet acked.
     pub async fn consumer_lag(&self) -> anyhow::Result<(u64, u64)> {
         let stream = self.js.get_stream(&self.stream).await?;
-        let mut c: jetstream::consumer::PullConsumer = stream.get_consumer(&self.consumer).await.map_err(|e| anyhow::anyhow!(e))?;
+        let mut c: jetstream::consumer::PullConsumer = stream
+            .get_consumer(&self.consumer)
+            .await
+            .map_err(|e| anyhow::anyhow!(e))?;
         let info = c.info().await?;
         Ok((info.num_pending, info.num_ack_pending as u64))
+    }
+}
+
+impl Bus {
+    /// Messages stored in the usage stream.
+    pub async fn stream_message_count(&self) -> anyhow::Result<u64> {
+        let mut stream = self.js.get_stream(&self.stream).await?;
+        Ok(stream.info().await?.state.messages)
+    }
+
+    /// Delete the usage stream (tests and benchmarks clean up after themselves).
+    pub async fn delete_stream(&self) -> anyhow::Result<()> {
+        self.js.delete_stream(&self.stream).await?;
+        Ok(())
     }
 }

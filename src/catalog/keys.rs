@@ -26,7 +26,11 @@ pub fn hash_key(key: &str) -> Vec<u8> {
 }
 
 /// Create a key; returns the stored record and the secret, which is never stored.
-pub async fn create(pool: &PgPool, tenant_id: &str, name: &str) -> Result<(ApiKey, String), CatalogError> {
+pub async fn create(
+    pool: &PgPool,
+    tenant_id: &str,
+    name: &str,
+) -> Result<(ApiKey, String), CatalogError> {
     let mut raw = [0u8; 24];
     rand::thread_rng().fill_bytes(&mut raw);
     let secret = format!("{KEY_PREFIX}{}", hex::encode(raw));
@@ -48,7 +52,10 @@ pub async fn create(pool: &PgPool, tenant_id: &str, name: &str) -> Result<(ApiKe
 }
 
 /// The tenant of an active key, if the secret is valid.
-pub async fn authenticate(pool: &PgPool, secret: &str) -> Result<Option<(Uuid, String)>, CatalogError> {
+pub async fn authenticate(
+    pool: &PgPool,
+    secret: &str,
+) -> Result<Option<(Uuid, String)>, CatalogError> {
     if !secret.starts_with(KEY_PREFIX) {
         return Ok(None);
     }

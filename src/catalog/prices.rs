@@ -42,7 +42,11 @@ impl From<Row> for PriceVersion {
             provider: r.provider,
             model: r.model,
             region: r.region,
-            side: if r.side == "price" { Side::Price } else { Side::Cost },
+            side: if r.side == "price" {
+                Side::Price
+            } else {
+                Side::Cost
+            },
             currency: r.currency,
             effective_from: r.effective_from,
             base: RateSet {
@@ -65,7 +69,8 @@ impl From<Row> for PriceVersion {
     }
 }
 
-const COLUMNS: &str = "id, provider, model, region, side, currency::text as currency, effective_from,
+const COLUMNS: &str =
+    "id, provider, model, region, side, currency::text as currency, effective_from,
     input_per_mtok, cached_input_per_mtok, cache_write_per_mtok, output_per_mtok,
     reasoning_per_mtok, batch_discount, long_context_threshold_tokens, long_input_per_mtok,
     long_cached_input_per_mtok, long_cache_write_per_mtok, long_output_per_mtok,
@@ -81,7 +86,9 @@ pub async fn book_stamp<'e, E: sqlx::PgExecutor<'e>>(ex: E) -> Result<(i64, i64)
     .await
 }
 
-pub async fn load_book<'e, E: sqlx::PgExecutor<'e> + Copy>(ex: E) -> Result<PriceBook, sqlx::Error> {
+pub async fn load_book<'e, E: sqlx::PgExecutor<'e> + Copy>(
+    ex: E,
+) -> Result<PriceBook, sqlx::Error> {
     let rows: Vec<Row> = sqlx::query_as(&format!("select {COLUMNS} from price_versions"))
         .fetch_all(ex)
         .await?;
@@ -261,7 +268,14 @@ pub async fn import(
     let mut tx = pool.begin().await?;
     let (mut added, mut unchanged) = (0, 0);
     for p in prices {
-        let current = book.version_at(&p.provider, &p.model, None, Side::Cost, currency, DateTime::<Utc>::MAX_UTC);
+        let current = book.version_at(
+            &p.provider,
+            &p.model,
+            None,
+            Side::Cost,
+            currency,
+            DateTime::<Utc>::MAX_UTC,
+        );
         if let Some(c) = current {
             let same = c.base == normalised(&p.base)
                 && c.batch_discount == p.batch_discount
@@ -323,7 +337,9 @@ pub async fn add_markup(
     skew: chrono::Duration,
 ) -> Result<MarkupRule, CatalogError> {
     if percent <= Decimal::from(-100) {
-        return Err(CatalogError::InvalidPrice("percent must be above -100".into()));
+        return Err(CatalogError::InvalidPrice(
+            "percent must be above -100".into(),
+        ));
     }
     let earliest = now + skew;
     // A markup rule may be dated back only while nothing it could apply to was charged.
@@ -363,7 +379,11 @@ pub async fn add_markup(
 }
 
 /// Price versions, newest first, optionally for one provider and/or model.
-pub async fn list_versions(pool: &PgPool, provider: Option<&str>, model: Option<&str>) -> Result<Vec<PriceVersion>, CatalogError> {
+pub async fn list_versions(
+    pool: &PgPool,
+    provider: Option<&str>,
+    model: Option<&str>,
+) -> Result<Vec<PriceVersion>, CatalogError> {
     let rows: Vec<Row> = sqlx::query_as(&format!(
         "select {COLUMNS} from price_versions where ($1::text is null or provider = $1)
            and ($2::text is null or model = $2) order by id desc limit 5000"

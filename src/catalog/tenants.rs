@@ -15,7 +15,12 @@ pub struct Tenant {
     pub created_at: DateTime<Utc>,
 }
 
-pub async fn create(pool: &PgPool, id: &str, name: &str, currency: &str) -> Result<Tenant, CatalogError> {
+pub async fn create(
+    pool: &PgPool,
+    id: &str,
+    name: &str,
+    currency: &str,
+) -> Result<Tenant, CatalogError> {
     if !valid_tenant_id(id) {
         return Err(CatalogError::InvalidTenantId);
     }

@@ -252,7 +252,11 @@ pub fn parse(value: Value, now: DateTime<Utc>) -> Result<Event, Rejection> {
     }
     if let Some(c) = &ctype {
         if c != "application/json" {
-            errors.push(err("datacontenttype", "unsupported", "must be application/json"));
+            errors.push(err(
+                "datacontenttype",
+                "unsupported",
+                "must be application/json",
+            ));
         }
     }
     let time = time.and_then(|t| match DateTime::parse_from_rfc3339(&t) {
@@ -355,10 +359,18 @@ fn usage(map: Map<String, Value>, errors: &mut Vec<FieldError>) -> Option<UsageD
         );
     }
     if estimated && estimate_method.is_none() {
-        f.fail("estimate_method", "missing", "is required when estimated is true");
+        f.fail(
+            "estimate_method",
+            "missing",
+            "is required when estimated is true",
+        );
     }
     if !estimated && estimate_method.is_some() {
-        f.fail("estimate_method", "unexpected", "only allowed when estimated is true");
+        f.fail(
+            "estimate_method",
+            "unexpected",
+            "only allowed when estimated is true",
+        );
     }
     f.finish();
     Some(UsageData {
@@ -390,7 +402,11 @@ fn tenant(f: &mut Fields<'_>) -> Option<String> {
     if valid_tenant_id(&t) {
         Some(t)
     } else {
-        f.fail("tenant_id", "invalid_tenant_id", "must match [a-z0-9][a-z0-9_-]{0,63}");
+        f.fail(
+            "tenant_id",
+            "invalid_tenant_id",
+            "must match [a-z0-9][a-z0-9_-]{0,63}",
+        );
         None
     }
 }
@@ -419,7 +435,11 @@ fn adjustment(map: Map<String, Value>, errors: &mut Vec<FieldError>) -> Option<A
             None
         }
         Some(_) => {
-            f.fail("amount", "not_a_decimal", "must be a decimal string such as \"12.50\"");
+            f.fail(
+                "amount",
+                "not_a_decimal",
+                "must be a decimal string such as \"12.50\"",
+            );
             None
         }
     };
@@ -434,14 +454,22 @@ fn adjustment(map: Map<String, Value>, errors: &mut Vec<FieldError>) -> Option<A
             None
         }
         Err(_) => {
-            f.fail("amount", "not_a_decimal", "must be a decimal string such as \"12.50\"");
+            f.fail(
+                "amount",
+                "not_a_decimal",
+                "must be a decimal string such as \"12.50\"",
+            );
             None
         }
     });
     let currency = f.string("currency", true, 3);
     if let Some(c) = &currency {
         if c.len() != 3 || !c.bytes().all(|b| b.is_ascii_uppercase()) {
-            f.fail("currency", "invalid_currency", "must be an ISO 4217 code such as USD");
+            f.fail(
+                "currency",
+                "invalid_currency",
+                "must be an ISO 4217 code such as USD",
+            );
         }
     }
     let reason = f.string("reason", true, 1024);

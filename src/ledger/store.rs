@@ -95,7 +95,14 @@ impl Projections {
         self.requests.push(r);
     }
 
-    pub fn add_transfer(&mut self, tenant: &str, debit: &str, credit: &str, amount: Decimal, currency: &str) {
+    pub fn add_transfer(
+        &mut self,
+        tenant: &str,
+        debit: &str,
+        credit: &str,
+        amount: Decimal,
+        currency: &str,
+    ) {
         *self
             .balances
             .entry((tenant.into(), debit.into(), currency.into()))
@@ -162,7 +169,11 @@ pub async fn insert_transfers(c: &mut PgConnection, r: &TransferRows) -> sqlx::R
 
 /// Apply projection deltas. `tables` names the three projection tables, so rebuild can
 /// write shadow tables with the same code.
-pub async fn apply_projections(c: &mut PgConnection, p: &Projections, tables: &ProjectionTables) -> sqlx::Result<()> {
+pub async fn apply_projections(
+    c: &mut PgConnection,
+    p: &Projections,
+    tables: &ProjectionTables,
+) -> sqlx::Result<()> {
     if !p.requests.is_empty() {
         let col = |f: fn(&RequestRow) -> String| p.requests.iter().map(f).collect::<Vec<_>>();
         let tok = |i: usize| p.requests.iter().map(|r| r.tokens[i]).collect::<Vec<_>>();
@@ -212,7 +223,11 @@ pub const LIVE: ProjectionTables = ProjectionTables {
     balances: "account_balances",
 };
 
-async fn upsert_rollups(c: &mut PgConnection, m: &BTreeMap<RollupKey, RollupAgg>, table: &str) -> sqlx::Result<()> {
+async fn upsert_rollups(
+    c: &mut PgConnection,
+    m: &BTreeMap<RollupKey, RollupAgg>,
+    table: &str,
+) -> sqlx::Result<()> {
     if m.is_empty() {
         return Ok(());
     }
@@ -279,7 +294,10 @@ async fn upsert_balances(
 
 /// Lock the heads of these tenants (in id order, so writers never deadlock) and return
 /// (last_seq, currency) for each known tenant.
-pub async fn lock_tenants(c: &mut PgConnection, tenants: &[String]) -> sqlx::Result<HashMap<String, (i64, String)>> {
+pub async fn lock_tenants(
+    c: &mut PgConnection,
+    tenants: &[String],
+) -> sqlx::Result<HashMap<String, (i64, String)>> {
     let rows: Vec<(String, i64, String)> = sqlx::query_as(
         "select h.tenant_id, h.last_seq, t.currency::text from tenant_heads h
          join tenants t on t.id = h.tenant_id

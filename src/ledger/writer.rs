@@ -11,7 +11,9 @@ use chrono::{DateTime, Utc};
 use sqlx::PgPool;
 
 use super::accounts::{adjustment_leg, usage_legs, Leg};
-use super::store::{self, ConflictRows, DeadRows, EventRows, Projections, RequestRow, TransferRows};
+use super::store::{
+    self, ConflictRows, DeadRows, EventRows, Projections, RequestRow, TransferRows,
+};
 use crate::catalog::prices::{book_stamp, load_book};
 use crate::events::{parse_bytes, Event, EventData, UsageData};
 use crate::pricing::{rate, CustomerPrice, PriceBook, PricingError, Rating, Side, Terms};
@@ -42,7 +44,12 @@ pub struct Writer {
 }
 
 /// The terms in force for a usage event, or why there are none.
-pub fn terms_for<'b>(book: &'b PriceBook, u: &UsageData, currency: &str, at: DateTime<Utc>) -> Result<Terms<'b>, PricingError> {
+pub fn terms_for<'b>(
+    book: &'b PriceBook,
+    u: &UsageData,
+    currency: &str,
+    at: DateTime<Utc>,
+) -> Result<Terms<'b>, PricingError> {
     let region = u.region.as_deref();
     let cost = book
         .version_at(&u.provider, &u.model, region, Side::Cost, currency, at)
@@ -89,7 +96,11 @@ impl Writer {
 
     /// Apply a batch; returns one outcome per message, in order. On error nothing was
     /// committed and nothing may be acked.
-    pub async fn apply(&mut self, msgs: &[Inbound], now: DateTime<Utc>) -> sqlx::Result<Vec<Outcome>> {
+    pub async fn apply(
+        &mut self,
+        msgs: &[Inbound],
+        now: DateTime<Utc>,
+    ) -> sqlx::Result<Vec<Outcome>> {
         let mut outcomes = vec![Outcome::Applied; msgs.len()];
         let mut b = Batch {
             events: EventRows::default(),
@@ -104,7 +115,11 @@ impl Writer {
         for (i, m) in msgs.iter().enumerate() {
             match parse_bytes(&m.payload, now) {
                 Ok(ev) if m.subject != self.expected_subject(ev.tenant_id()) => {
-                    let detail = format!("subject {} does not match tenant {}", m.subject, ev.tenant_id());
+                    let detail = format!(
+                        "subject {} does not match tenant {}",
+                        m.subject,
+                        ev.tenant_id()
+                    );
                     dead(&mut b.dead, m, "subject_mismatch", detail, Some(&ev));
                     outcomes[i] = Outcome::DeadLettered("subject_mismatch");
                 }
@@ -129,15 +144,23 @@ impl Writer {
             self.stamp = stamp;
         }
         // 3. Lock tenants; 4. find what already exists.
-        let mut tenants: Vec<String> = parsed.iter().map(|(_, e)| e.tenant_id().to_string()).collect();
+        let mut tenants: Vec<String> = parsed
+            .iter()
+            .map(|(_, e)| e.tenant_id().to_string())
+            .collect();
         tenants.sort();
         tenants.dedup();
         let locked = store::lock_tenants(&mut tx, &tenants).await?;
-        let keys: Vec<(String, String)> =
-            parsed.iter().map(|(_, e)| (e.tenant_id().to_string(), e.id.clone())).collect();
+        let keys: Vec<(String, String)> = parsed
+            .iter()
+            .map(|(_, e)| (e.tenant_id().to_string(), e.id.clone()))
+            .collect();
         let reqs: Vec<(String, String)> = parsed
             .iter()
-            .filter_map(|(_, e)| e.request_id().map(|r| (e.tenant_id().to_string(), r.to_string())))
+            .filter_map(|(_, e)| {
+                e.request_id()
+                    .map(|r| (e.tenant_id().to_string(), r.to_string()))
+            })
             .collect();
         let mut seen: HashMap<(String, String), Vec<u8>> = HashMap::new();
         let mut req_owner: HashMap<(String, String), String> = HashMap::new();
@@ -152,7 +175,13 @@ impl Writer {
             let m = &msgs[i];
             let tenant = ev.tenant_id().to_string();
             let Some((_, currency)) = locked.get(&tenant) else {
-                dead(&mut b.dead, m, "unknown_tenant", format!("tenant {tenant:?} does not exist"), Some(&ev));
+                dead(
+                    &mut b.dead,
+                    m,
+                    "unknown_tenant",
+                    format!("tenant {tenant:?} does not exist"),
+                    Some(&ev),
+                );
                 outcomes[i] = Outcome::DeadLettered("unknown_tenant");
                 continue;
             };
@@ -174,21 +203,26 @@ impl Writer {
                 }
             }
             let (legs, rating): (Vec<Leg>, Option<Rating>) = match &ev.data {
-                EventData::Usage(u) => match terms_for(&self.book, u, currency, ev.time).and_then(|t| rate(u, t)) {
-                    Ok(r) => (usage_legs(&u.provider, &r), Some(r)),
-                    Err(e) => {
-                        let reason = match e {
-                            PricingError::Unpriced { .. } => "unpriced_model",
-                            PricingError::Overflow => "rating_failed",
-                        };
-                        dead(&mut b.dead, m, reason, e.to_string(), Some(&ev));
-                        outcomes[i] = Outcome::DeadLettered(reason);
-                        continue;
+                EventData::Usage(u) => {
+                    match terms_for(&self.book, u, currency, ev.time).and_then(|t| rate(u, t)) {
+                        Ok(r) => (usage_legs(&u.provider, &r), Some(r)),
+                        Err(e) => {
+                            let reason = match e {
+                                PricingError::Unpriced { .. } => "unpriced_model",
+                                PricingError::Overflow => "rating_failed",
+                            };
+                            dead(&mut b.dead, m, reason, e.to_string(), Some(&ev));
+                            outcomes[i] = Outcome::DeadLettered(reason);
+                            continue;
+                        }
                     }
-                },
+                }
                 EventData::Adjustment(a) => {
                     if &a.currency != currency {
-                        let detail = format!("adjustment in {} for a tenant billed in {currency}", a.currency);
+                        let detail = format!(
+                            "adjustment in {} for a tenant billed in {currency}",
+                            a.currency
+                        );
                         dead(&mut b.dead, m, "currency_mismatch", detail, Some(&ev));
                         outcomes[i] = Outcome::DeadLettered("currency_mismatch");
                         continue;
@@ -238,7 +272,8 @@ fn conflict(c: &mut ConflictRows, ev: &Event, kind: &str, existing: &str) {
     c.event_id.push(ev.id.clone());
     c.kind.push(kind.into());
     c.existing.push(existing.into());
-    c.payload.push(String::from_utf8_lossy(&ev.canonical).into_owned());
+    c.payload
+        .push(String::from_utf8_lossy(&ev.canonical).into_owned());
     c.hash.push(ev.payload_hash.to_vec());
 }
 
@@ -279,7 +314,14 @@ fn stage_request(b: &mut Batch, ev: &Event, u: &UsageData, r: &Rating, seq: i64)
     });
 }
 
-fn stage_transfer(b: &mut Batch, ev: &Event, seq: i64, currency: &str, leg: &Leg, rating: Option<&Rating>) {
+fn stage_transfer(
+    b: &mut Batch,
+    ev: &Event,
+    seq: i64,
+    currency: &str,
+    leg: &Leg,
+    rating: Option<&Rating>,
+) {
     let t = &mut b.transfers;
     let tenant = ev.tenant_id();
     t.tenant.push(tenant.into());
@@ -291,13 +333,17 @@ fn stage_transfer(b: &mut Batch, ev: &Event, seq: i64, currency: &str, leg: &Leg
     t.amount.push(leg.amount);
     t.currency.push(currency.into());
     t.cost_version.push(rating.map(|r| r.cost_version_id));
-    t.price_version.push(rating.and_then(|r| r.price_version_id));
+    t.price_version
+        .push(rating.and_then(|r| r.price_version_id));
     t.markup_rule.push(rating.and_then(|r| r.markup_rule_id));
     let breakdown = match (&ev.data, rating) {
         (_, Some(r)) => serde_json::to_string(r).expect("rating serialises"),
-        (EventData::Adjustment(a), None) => serde_json::to_string(a).expect("adjustment serialises"),
+        (EventData::Adjustment(a), None) => {
+            serde_json::to_string(a).expect("adjustment serialises")
+        }
         _ => "{}".into(),
     };
     t.breakdown.push(breakdown);
-    b.proj.add_transfer(tenant, &leg.debit, &leg.credit, leg.amount, currency);
+    b.proj
+        .add_transfer(tenant, &leg.debit, &leg.credit, leg.amount, currency);
 }

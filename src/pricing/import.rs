@@ -52,7 +52,11 @@ pub fn exact_decimal(text: &str) -> Option<Decimal> {
     }
 }
 
-fn per_mtok(entry: &Map<String, Value>, model: &str, field: &str) -> Result<Option<Decimal>, ImportError> {
+fn per_mtok(
+    entry: &Map<String, Value>,
+    model: &str,
+    field: &str,
+) -> Result<Option<Decimal>, ImportError> {
     match entry.get(field) {
         None | Some(Value::Null) => Ok(None),
         Some(Value::Number(n)) => {
@@ -92,10 +96,22 @@ fn long_context_suffix(entry: &Map<String, Value>) -> Option<(String, u64)> {
 fn rates(entry: &Map<String, Value>, model: &str, suffix: &str) -> Result<RateSet, ImportError> {
     Ok(RateSet {
         input: per_mtok(entry, model, &format!("input_cost_per_token{suffix}"))?,
-        cached_input: per_mtok(entry, model, &format!("cache_read_input_token_cost{suffix}"))?,
-        cache_write: per_mtok(entry, model, &format!("cache_creation_input_token_cost{suffix}"))?,
+        cached_input: per_mtok(
+            entry,
+            model,
+            &format!("cache_read_input_token_cost{suffix}"),
+        )?,
+        cache_write: per_mtok(
+            entry,
+            model,
+            &format!("cache_creation_input_token_cost{suffix}"),
+        )?,
         output: per_mtok(entry, model, &format!("output_cost_per_token{suffix}"))?,
-        reasoning: per_mtok(entry, model, &format!("output_cost_per_reasoning_token{suffix}"))?,
+        reasoning: per_mtok(
+            entry,
+            model,
+            &format!("output_cost_per_reasoning_token{suffix}"),
+        )?,
     })
 }
 
@@ -106,7 +122,9 @@ pub fn parse_litellm(text: &str) -> Result<Vec<ImportedPrice>, ImportError> {
     };
     let mut out = Vec::new();
     for (key, entry) in map {
-        let Value::Object(entry) = entry else { continue };
+        let Value::Object(entry) = entry else {
+            continue;
+        };
         let mode = entry.get("mode").and_then(Value::as_str).unwrap_or("chat");
         if !matches!(mode, "chat" | "completion" | "embedding" | "responses") {
             continue;

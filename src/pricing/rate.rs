@@ -126,19 +126,36 @@ pub fn rate(u: &UsageData, terms: Terms<'_>) -> Result<Rating, PricingError> {
     let cost_rates = resolve(terms.cost, long);
     let (price_rates, price_discount, markup_percent, price_version_id, markup_rule_id) =
         match terms.price {
-            CustomerPrice::Explicit(p) => (resolve(p, long), p.batch_discount, None, Some(p.id), None),
+            CustomerPrice::Explicit(p) => {
+                (resolve(p, long), p.batch_discount, None, Some(p.id), None)
+            }
             CustomerPrice::Markup(rule) => {
                 let pct = rule.map(|r| r.percent).unwrap_or_default();
-                let factor = ov(Decimal::ONE.checked_add(ov(pct.checked_div(Decimal::ONE_HUNDRED))?))?;
+                let factor =
+                    ov(Decimal::ONE.checked_add(ov(pct.checked_div(Decimal::ONE_HUNDRED))?))?;
                 let mut r = cost_rates;
                 for x in r.iter_mut() {
                     *x = ov(x.checked_mul(factor))?;
                 }
-                (r, terms.cost.batch_discount, Some(pct), None, rule.map(|r| r.id))
+                (
+                    r,
+                    terms.cost.batch_discount,
+                    Some(pct),
+                    None,
+                    rule.map(|r| r.id),
+                )
             }
         };
-    let cost_discount = if u.batch { terms.cost.batch_discount } else { Decimal::ZERO };
-    let price_discount = if u.batch { price_discount } else { Decimal::ZERO };
+    let cost_discount = if u.batch {
+        terms.cost.batch_discount
+    } else {
+        Decimal::ZERO
+    };
+    let price_discount = if u.batch {
+        price_discount
+    } else {
+        Decimal::ZERO
+    };
     let cost_keep = Decimal::ONE - cost_discount;
     let price_keep = Decimal::ONE - price_discount;
 

@@ -55,11 +55,16 @@ pub struct RequestDetail {
     pub transfers: Vec<TransferView>,
 }
 
-const VIEW_COLUMNS: &str = "request_id, event_id, seq, occurred_at, api_key_id, provider, model, status,
+const VIEW_COLUMNS: &str =
+    "request_id, event_id, seq, occurred_at, api_key_id, provider, model, status,
     batch, input_tokens, cached_input_tokens, cache_write_tokens, output_tokens, reasoning_tokens,
     price_amount, cost_amount, currency::text as currency";
 
-pub async fn request(pool: &PgPool, tenant: &str, request_id: &str) -> sqlx::Result<Option<RequestDetail>> {
+pub async fn request(
+    pool: &PgPool,
+    tenant: &str,
+    request_id: &str,
+) -> sqlx::Result<Option<RequestDetail>> {
     let view: Option<RequestView> = sqlx::query_as(&format!(
         "select {VIEW_COLUMNS} from request_views where tenant_id = $1 and request_id = $2"
     ))
@@ -111,7 +116,13 @@ pub struct RequestFilter {
 }
 
 /// Newest first in ledger order; the cursor is the last `seq` seen.
-pub async fn requests(pool: &PgPool, tenant: &str, f: &RequestFilter, before_seq: Option<i64>, limit: i64) -> sqlx::Result<Vec<RequestView>> {
+pub async fn requests(
+    pool: &PgPool,
+    tenant: &str,
+    f: &RequestFilter,
+    before_seq: Option<i64>,
+    limit: i64,
+) -> sqlx::Result<Vec<RequestView>> {
     sqlx::query_as(&format!(
         "select {VIEW_COLUMNS} from request_views
          where tenant_id = $1
@@ -160,7 +171,13 @@ pub const GROUPS: [&str; 4] = ["day", "model", "provider", "api_key_id"];
 
 /// Usage between two UTC days (inclusive from, exclusive to), grouped by a subset of
 /// `GROUPS` (validated by the caller: only those names reach the SQL).
-pub async fn usage(pool: &PgPool, tenant: &str, from: NaiveDate, to: NaiveDate, group_by: &[&str]) -> sqlx::Result<Vec<UsageRow>> {
+pub async fn usage(
+    pool: &PgPool,
+    tenant: &str,
+    from: NaiveDate,
+    to: NaiveDate,
+    group_by: &[&str],
+) -> sqlx::Result<Vec<UsageRow>> {
     let col = |g: &str, ty: &str| {
         if group_by.contains(&g) {
             format!("{g}")

@@ -44,8 +44,11 @@ async fn populate(c: &mut PgConnection, prefix: &str, delta: bool) -> sqlx::Resu
     } else {
         ("", "")
     };
-    c.execute(format!("insert into {prefix}request_views select * from ({REQUEST_SELECT}{filter}) r").as_str())
-        .await?;
+    c.execute(
+        format!("insert into {prefix}request_views select * from ({REQUEST_SELECT}{filter}) r")
+            .as_str(),
+    )
+    .await?;
     c.execute(
         format!(
             "insert into {prefix}usage_rollups as u
@@ -102,7 +105,8 @@ pub async fn rebuild(owner: &PgPool) -> anyhow::Result<()> {
     c.execute("commit").await?;
 
     c.execute("begin").await?;
-    c.execute("lock table tenant_heads in exclusive mode").await?;
+    c.execute("lock table tenant_heads in exclusive mode")
+        .await?;
     populate(&mut c, "rebuild_", true).await?;
     for t in TABLES {
         c.execute(
@@ -133,12 +137,18 @@ pub async fn verify(owner: &PgPool) -> anyhow::Result<VerifyReport> {
     let mut c = owner.acquire().await?;
     c.execute("begin isolation level repeatable read").await?;
     for t in TABLES {
-        c.execute(format!("create temp table scratch_{t} (like {t} including all) on commit drop").as_str())
-            .await?;
+        c.execute(
+            format!("create temp table scratch_{t} (like {t} including all) on commit drop")
+                .as_str(),
+        )
+        .await?;
     }
     populate(&mut c, "scratch_", false).await?;
     for t in TABLES {
-        for (a, b, side) in [(t.to_string(), format!("scratch_{t}"), "live only"), (format!("scratch_{t}"), t.to_string(), "rebuilt only")] {
+        for (a, b, side) in [
+            (t.to_string(), format!("scratch_{t}"), "live only"),
+            (format!("scratch_{t}"), t.to_string(), "rebuilt only"),
+        ] {
             let rows: Vec<(String,)> = sqlx::query_as(&format!(
                 "select row_to_json(x)::text from (select * from {a} except select * from {b}) x limit 5"
             ))
@@ -155,7 +165,9 @@ pub async fn verify(owner: &PgPool) -> anyhow::Result<VerifyReport> {
     .fetch_all(&mut *c)
     .await?;
     for (cur, sum) in unbalanced {
-        report.differences.push(format!("balances in {cur} sum to {sum}, not zero"));
+        report
+            .differences
+            .push(format!("balances in {cur} sum to {sum}, not zero"));
     }
     let book = load_book(owner).await?;
     rerate(&mut c, &book, &mut report).await?;
@@ -163,9 +175,26 @@ pub async fn verify(owner: &PgPool) -> anyhow::Result<VerifyReport> {
     Ok(report)
 }
 
-type RecordRow = (String, String, String, chrono::DateTime<chrono::Utc>, serde_json::Value, String, Option<i64>, Option<i64>, Option<i64>, Decimal, Decimal, i64);
+type RecordRow = (
+    String,
+    String,
+    String,
+    chrono::DateTime<chrono::Utc>,
+    serde_json::Value,
+    String,
+    Option<i64>,
+    Option<i64>,
+    Option<i64>,
+    Decimal,
+    Decimal,
+    i64,
+);
 
-async fn rerate(c: &mut PgConnection, book: &PriceBook, report: &mut VerifyReport) -> anyhow::Result<()> {
+async fn rerate(
+    c: &mut PgConnection,
+    book: &PriceBook,
+    report: &mut VerifyReport,
+) -> anyhow::Result<()> {
     let mut rows = sqlx::query_as::<_, RecordRow>(
         "select e.tenant_id, e.id, e.source, e.occurred_at, e.data, t.currency::text,
            max(x.cost_version_id), max(x.price_version_id), max(x.markup_rule_id),
@@ -200,9 +229,16 @@ fn rerate_one(book: &PriceBook, row: RecordRow) -> Option<String> {
     let far = chrono::DateTime::<chrono::Utc>::MAX_UTC - chrono::Duration::days(1);
     let ev = match events::parse(env, far) {
         Ok(ev) => ev,
-        Err(r) => return Some(format!("event {tenant}/{id}: stored data no longer validates: {}", r.summary())),
+        Err(r) => {
+            return Some(format!(
+                "event {tenant}/{id}: stored data no longer validates: {}",
+                r.summary()
+            ))
+        }
     };
-    let EventData::Usage(u) = &ev.data else { return None };
+    let EventData::Usage(u) = &ev.data else {
+        return None;
+    };
     let in_force = terms_for(book, u, &currency, at);
     let terms = if n == 0 {
         match in_force {
@@ -211,25 +247,38 @@ fn rerate_one(book: &PriceBook, row: RecordRow) -> Option<String> {
         }
     } else {
         let Some(cost_version) = cost_v.and_then(|v| book.version_by_id(v)) else {
-            return Some(format!("event {tenant}/{id}: recorded cost version {cost_v:?} not found"));
+            return Some(format!(
+                "event {tenant}/{id}: recorded cost version {cost_v:?} not found"
+            ));
         };
         let price = match (price_v, markup_id) {
             (Some(p), _) => match book.version_by_id(p) {
                 Some(v) => CustomerPrice::Explicit(v),
-                None => return Some(format!("event {tenant}/{id}: recorded price version {p} not found")),
+                None => {
+                    return Some(format!(
+                        "event {tenant}/{id}: recorded price version {p} not found"
+                    ))
+                }
             },
             (None, m) => CustomerPrice::Markup(m.and_then(|m| book.markup_by_id(m))),
         };
-        let recorded = Terms { cost: cost_version, price };
+        let recorded = Terms {
+            cost: cost_version,
+            price,
+        };
         if let Ok(now) = in_force {
             let same = now.cost.id == recorded.cost.id
                 && match (now.price, recorded.price) {
                     (CustomerPrice::Explicit(a), CustomerPrice::Explicit(b)) => a.id == b.id,
-                    (CustomerPrice::Markup(a), CustomerPrice::Markup(b)) => a.map(|r| r.id) == b.map(|r| r.id),
+                    (CustomerPrice::Markup(a), CustomerPrice::Markup(b)) => {
+                        a.map(|r| r.id) == b.map(|r| r.id)
+                    }
                     _ => false,
                 };
             if !same {
-                return Some(format!("event {tenant}/{id}: recorded versions are not the ones in force at {at}"));
+                return Some(format!(
+                    "event {tenant}/{id}: recorded versions are not the ones in force at {at}"
+                ));
             }
         }
         recorded

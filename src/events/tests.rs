@@ -1,0 +1,126 @@
+use chrono::{TimeZone, Utc};
+use serde_json::{json, Value};
+
+use super::*;
+
+fn now() -> DateTime<Utc> {
+    Utc.with_ymd_and_hms(2026, 11, 24, 12, 0, 0).unwrap()
+}
+
+fn good() -> Value {
+    json!({"specversion": "1.0", "id": "01J", "source": "router", "type": USAGE_V1,
+        "time": "2026-11-24T11:59:00Z",
+        "data": {"tenant_id": "acme", "request_id": "r1", "model": "gpt-4o", "provider": "openai",
+                 "input_tokens": 100, "cached_input_tokens": 40, "cache_write_tokens": 10,
+                 "output_tokens": 50, "reasoning_tokens": 20, "status": "cancelled", "latency_ms": 9}})
+}
+
+fn codes(v: Value) -> Vec<&'static str> {
+    parse(v, now())
+        .unwrap_err()
+        .errors
+        .into_iter()
+        .map(|e| e.code)
+        .collect()
+}
+
+#[test]
+fn a_valid_event_parses_and_splits_tokens() {
+    let ev = parse(good(), now()).unwrap();
+    let EventData::Usage(u) = &ev.data else {
+        panic!()
+    };
+    assert_eq!(u.uncached_input_tokens(), 50);
+    assert_eq!(u.plain_output_tokens(), 30);
+    assert_eq!(u.status, Status::Cancelled);
+}
+
+#[test]
+fn canonical_form_ignores_key_order_and_defaults() {
+    let a = parse(good(), now()).unwrap();
+    let mut b = good();
+    b["data"]["batch"] = json!(false);
+    b["data"]["tags"] = json!({});
+    let b = parse(b, now()).unwrap();
+    assert_eq!(a.canonical, b.canonical);
+    assert_eq!(a.msg_id(), b.msg_id());
+}
+
+#[test]
+fn msg_id_differs_by_tenant_and_by_payload() {
+    let a = parse(good(), now()).unwrap();
+    let mut other = good();
+    other["data"]["tenant_id"] = json!("beta");
+    assert_ne!(a.msg_id(), parse(other, now()).unwrap().msg_id());
+    let mut changed = good();
+    changed["data"]["output_tokens"] = json!(51);
+    assert_ne!(a.msg_id(), parse(changed, now()).unwrap().msg_id());
+}
+
+#[test]
+fn every_rule_is_enforced() {
+    let cases: Vec<(&str, Value, &str)> = vec![
+        ("data.x", json!(1), "unknown_field"),
+        ("data.input_tokens", json!(-1), "negative"),
+        ("data.input_tokens", json!(2.5), "not_a_whole_number"),
+        ("data.input_tokens", json!("100"), "not_a_number"),
+        ("data.output_tokens", json!(MAX_TOKENS + 1), "too_large"),
+        ("data.output_tokens", json!(1e30), "not_a_whole_number"),
+        ("data.cached_input_tokens", json!(95), "exceeds_input"),
+        ("data.reasoning_tokens", json!(51), "exceeds_output"),
+        ("time", json!("2026-11-24T12:06:00Z"), "in_future"),
+        ("time", json!("yesterday"), "invalid_time"),
+        ("id", json!(""), "empty"),
+        ("id", json!("a\u{0007}"), "not_printable"),
+        ("specversion", json!("0.3"), "unsupported"),
+        ("data.tenant_id", json!("-bad"), "invalid_tenant_id"),
+        ("data.status", json!("done"), "invalid_status"),
+        ("data.estimated", json!(true), "missing"),
+        ("data.estimate_method", json!("chars/4"), "unexpected"),
+        ("data.tags", json!({"k": 1}), "invalid_tag"),
+        ("data.fallback_from", json!("gpt-4"), "not_a_list"),
+    ];
+    for (path, value, code) in cases {
+        let mut v = good();
+        let mut cur = &mut v;
+        let parts: Vec<&str> = path.split('.').collect();
+        for p in &parts[..parts.len() - 1] {
+            cur = &mut cur[*p];
+        }
+        cur[parts[parts.len() - 1]] = value;
+        let got = codes(v);
+        assert!(got.contains(&code), "{path}: expected {code}, got {got:?}");
+    }
+}
+
+#[test]
+fn five_minutes_ahead_is_still_accepted() {
+    let mut v = good();
+    v["time"] = json!("2026-11-24T12:05:00Z");
+    assert!(parse(v, now()).is_ok());
+}
+
+#[test]
+fn adjustments_parse_with_exact_amounts() {
+    let v = json!({"specversion": "1.0", "id": "a1", "source": "ops", "type": ADJUSTMENT_V1,
+        "time": "2026-11-24T11:00:00Z",
+        "data": {"tenant_id": "acme", "direction": "credit", "amount": "12.50", "currency": "USD",
+                 "reason": "outage"}});
+    let ev = parse(v.clone(), now()).unwrap();
+    let EventData::Adjustment(a) = &ev.data else {
+        panic!()
+    };
+    assert_eq!(a.amount.to_string(), "12.5");
+    let mut neg = v.clone();
+    neg["data"]["amount"] = json!("-1");
+    assert!(codes(neg).contains(&"out_of_range"));
+    let mut bad = v;
+    bad["data"]["currency"] = json!("usd");
+    assert!(codes(bad).contains(&"invalid_currency"));
+}
+
+#[test]
+fn malformed_json_is_rejected() {
+    let e = parse_bytes(b"{nope", now()).unwrap_err();
+    assert_eq!(e.errors[0].code, "malformed_json");
+}

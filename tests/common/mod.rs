@@ -1,0 +1,235 @@
+//! Test harness: a fresh database and a unique stream/subject prefix per test, the real
+//! app on port 0, against the real Postgres and NATS on this machine.
+#![allow(dead_code)]
+
+use std::time::Duration;
+
+use serde_json::{json, Value};
+use sqlx::PgPool;
+use tokenledger::app::App;
+use tokenledger::settings::Settings;
+use tokio_util::sync::CancellationToken;
+
+pub const ADMIN: &str = "test-admin-token";
+
+pub fn pg_base() -> String {
+    std::env::var("TOKENLEDGER_TEST_PG")
+        .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432".into())
+}
+
+pub fn nats_url() -> String {
+    std::env::var("NATS_URL").unwrap_or_else(|_| "nats://127.0.0.1:4222".into())
+}
+
+pub struct TestApp {
+    pub base: String,
+    pub settings: Settings,
+    pub owner: PgPool,
+    pub pool: PgPool,
+    pub http: reqwest::Client,
+    pub cancel: CancellationToken,
+    pub task: Option<tokio::task::JoinHandle<anyhow::Result<()>>>,
+    pub db: String,
+}
+
+/// Settings for a fresh database and stream (the database is created and migrated).
+pub async fn fresh_settings() -> Settings {
+    let id = uuid::Uuid::new_v4().simple().to_string();
+    let db = format!("tl_test_{}", &id[..16]);
+    let base = pg_base();
+    let host = base
+        .split('@')
+        .nth(1)
+        .unwrap_or("127.0.0.1:5432")
+        .to_string();
+    let mut s = Settings::from_env().expect("settings");
+    s.owner_database_url = format!("{base}/{db}");
+    s.database_url = format!("postgres://tokenledger_app@{host}/{db}");
+    s.nats_url = nats_url();
+    s.http_addr = "127.0.0.1:0".into();
+    s.admin_token = ADMIN.into();
+    s.stream = format!("T{}", &id[..16]).to_uppercase();
+    s.subject_prefix = format!("t{}", &id[..16]);
+    s.consumer = "ledger-writer".into();
+    s.roles = vec!["api".into(), "writer".into()];
+    s.ack_wait = Duration::from_secs(2);
+    s.fault_abort_after_commit = None;
+    s.db_max_connections = 4;
+    tokenledger::db::migrate(&s.owner_database_url)
+        .await
+        .expect("migrate");
+    s
+}
+
+impl TestApp {
+    pub async fn spawn() -> TestApp {
+        let s = fresh_settings().await;
+        let app = TestApp::start(s).await;
+        app.seed_prices().await;
+        app
+    }
+
+    /// Start the app on existing settings (database already migrated).
+    pub async fn start(s: Settings) -> TestApp {
+        let owner = tokenledger::db::connect(&s.owner_database_url, 2)
+            .await
+            .expect("owner pool");
+        let pool = tokenledger::db::connect(&s.database_url, 2)
+            .await
+            .expect("app pool");
+        let app = App::build(s.clone()).await.expect("build app");
+        let addr = app.addr.expect("api role");
+        let cancel = app.cancel.clone();
+        let task = tokio::spawn(app.run_until_stopped());
+        let db = s.owner_database_url.rsplit('/').next().unwrap().to_string();
+        TestApp {
+            base: format!("http://{addr}"),
+            settings: s,
+            owner,
+            pool,
+            http: reqwest::Client::new(),
+            cancel,
+            task: Some(task),
+            db,
+        }
+    }
+
+    /// Stop the service (the writer finishes its batch in flight).
+    pub async fn stop(&mut self) {
+        self.cancel.cancel();
+        if let Some(t) = self.task.take() {
+            let _ = t.await;
+        }
+    }
+
+    /// The bundled price book (first versions dated back) and a 20% global markup.
+    pub async fn seed_prices(&self) {
+        let text = std::fs::read_to_string("config/prices/litellm-popular.json").unwrap();
+        let prices = tokenledger::pricing::import::parse_litellm(&text).unwrap();
+        let t0 = "2020-01-01T00:00:00Z".parse().unwrap();
+        tokenledger::catalog::prices::import(
+            &self.pool,
+            &prices,
+            "USD",
+            t0,
+            None,
+            chrono::Utc::now(),
+            chrono::Duration::minutes(5),
+            "test",
+        )
+        .await
+        .unwrap();
+        tokenledger::catalog::prices::add_markup(
+            &self.pool,
+            None,
+            "20".parse().unwrap(),
+            Some(t0),
+            chrono::Utc::now(),
+            chrono::Duration::minutes(5),
+        )
+        .await
+        .unwrap();
+    }
+
+    pub fn url(&self, path: &str) -> String {
+        format!("{}{path}", self.base)
+    }
+
+    /// Create a tenant through the API; returns its API key.
+    pub async fn tenant(&self, id: &str) -> String {
+        let r = self
+            .http
+            .post(self.url("/v1/admin/tenants"))
+            .bearer_auth(ADMIN)
+            .json(&json!({"id": id, "name": id}))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 201, "{}", r.text().await.unwrap());
+        let r = self
+            .http
+            .post(self.url(&format!("/v1/admin/tenants/{id}/api-keys")))
+            .bearer_auth(ADMIN)
+            .json(&json!({"name": "test"}))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 201);
+        r.json::<Value>().await.unwrap()["secret"]
+            .as_str()
+            .unwrap()
+            .to_string()
+    }
+
+    pub async fn post_events(&self, token: &str, body: &Value) -> reqwest::Response {
+        self.http
+            .post(self.url("/v1/events"))
+            .bearer_auth(token)
+            .header("content-type", "application/cloudevents+json")
+            .body(body.to_string())
+            .send()
+            .await
+            .unwrap()
+    }
+
+    pub async fn get(&self, token: &str, path: &str) -> reqwest::Response {
+        self.http
+            .get(self.url(path))
+            .bearer_auth(token)
+            .send()
+            .await
+            .unwrap()
+    }
+
+    pub async fn count(&self, sql: &str) -> i64 {
+        sqlx::query_scalar(sql)
+            .fetch_one(&self.owner)
+            .await
+            .unwrap()
+    }
+
+    /// Wait until `sql` (a count) reaches `n`; panics after 20 s.
+    pub async fn wait_count(&self, sql: &str, n: i64) {
+        for _ in 0..400 {
+            if self.count(sql).await >= n {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        panic!(
+            "timed out waiting for {sql} to reach {n} (at {})",
+            self.count(sql).await
+        );
+    }
+
+    /// Wait until the writer's consumer has nothing pending or unacked.
+    pub async fn drain(&self) {
+        let bus = tokenledger::bus::connect(&self.settings).await.unwrap();
+        for _ in 0..400 {
+            if let Ok((p, a)) = bus.consumer_lag().await {
+                if p == 0 && a == 0 {
+                    return;
+                }
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        panic!("consumer did not drain");
+    }
+
+    /// Messages currently in this test's stream.
+    pub async fn stream_messages(&self) -> u64 {
+        let bus = tokenledger::bus::connect(&self.settings).await.unwrap();
+        bus.stream_message_count().await.unwrap()
+    }
+}
+
+/// A valid usage event.
+pub fn usage(id: &str, tenant: &str, model: &str, input: u64, output: u64) -> Value {
+    json!({
+        "specversion": "1.0", "id": id, "source": "test", "type": "tokenledger.usage.v1",
+        "time": chrono::Utc::now().to_rfc3339(),
+        "data": {"tenant_id": tenant, "request_id": format!("req-{id}"), "model": model,
+                 "provider": "openai", "input_tokens": input, "output_tokens": output,
+                 "status": "ok", "latency_ms": 120}
+    })
+}
