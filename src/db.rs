@@ -24,6 +24,12 @@ pub async fn migrate(owner_url: &str) -> anyhow::Result<()> {
     ensure_database(owner_url).await?;
     let pool = connect(owner_url, 2).await?;
     MIGRATOR.run(&pool).await?;
+    // where the server uses password auth, give the runtime role its password
+    if let Ok(pw) = std::env::var("TOKENLEDGER_APP_ROLE_PASSWORD") {
+        let quoted = pw.replace('\'', "''");
+        pool.execute(format!("alter role tokenledger_app password '{quoted}'").as_str())
+            .await?;
+    }
     pool.close().await;
     Ok(())
 }

@@ -1,0 +1,65 @@
+#!/usr/bin/env bash
+# Start everything and run the ledger with demo data: PostgreSQL and NATS (started if
+# needed), migrate, seed the bundled price book and a demo tenant, run `serve`, feed
+# demo traffic, and show per-request breakdowns through the API. Ctrl-C stops it.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+scripts/services.sh
+cargo build --quiet
+bin=target/debug/tokenledger
+
+export TOKENLEDGER_OWNER_DATABASE_URL=${TOKENLEDGER_OWNER_DATABASE_URL:-postgres://postgres@127.0.0.1:5432/tokenledger}
+export DATABASE_URL=${DATABASE_URL:-postgres://tokenledger_app@127.0.0.1:5432/tokenledger}
+export TOKENLEDGER_HTTP_ADDR=${TOKENLEDGER_HTTP_ADDR:-127.0.0.1:8080}
+export TOKENLEDGER_ADMIN_TOKEN=${TOKENLEDGER_ADMIN_TOKEN:-tl_admin_dev_only}
+api=http://$TOKENLEDGER_HTTP_ADDR
+
+$bin migrate
+$bin import-prices
+# a 20% global markup; dated back only while the ledger is still empty
+$bin add-markup --percent 20 --effective-from 2020-01-01T00:00:00Z 2>/dev/null || true
+
+$bin serve &
+serve_pid=$!
+trap 'kill $serve_pid 2>/dev/null; wait $serve_pid 2>/dev/null' EXIT INT TERM
+for _ in $(seq 1 100); do curl -sf "$api/readyz" >/dev/null && break; sleep 0.2; done
+
+admin() { curl -sf -H "authorization: Bearer $TOKENLEDGER_ADMIN_TOKEN" "$@"; }
+admin -X POST "$api/v1/admin/tenants" -H 'content-type: application/json' \
+  -d '{"id":"demo","name":"Demo Inc"}' >/dev/null 2>&1 || true
+key=$(admin -X POST "$api/v1/admin/tenants/demo/api-keys" -H 'content-type: application/json' \
+  -d '{"name":"demo"}' | sed -E 's/.*"secret":"([^"]+)".*/\1/')
+
+run=$(date +%s)
+now=$(date -u +%Y-%m-%dT%H:%M:%SZ)
+events="["
+i=0
+for spec in "openai gpt-4o 12000 3000 800 0 false" "anthropic claude-sonnet-4-5 40000 30000 1200 0 false" \
+            "openai gpt-5 5000 0 4000 2500 false" "deepseek deepseek-chat 8000 2000 900 0 true" \
+            "google gemini-2.5-pro 250000 0 2000 0 false" "mistral mistral-small-latest 3000 0 500 0 false"; do
+  set -- $spec
+  [ $i -gt 0 ] && events+=","
+  events+="{\"specversion\":\"1.0\",\"id\":\"demo-$run-$i\",\"source\":\"demo\",\"type\":\"tokenledger.usage.v1\",\"time\":\"$now\",\"data\":{\"tenant_id\":\"demo\",\"api_key_id\":\"key-1\",\"request_id\":\"demo-$run-$i\",\"provider\":\"$1\",\"model\":\"$2\",\"input_tokens\":$3,\"cached_input_tokens\":$4,\"output_tokens\":$5,\"reasoning_tokens\":$6,\"batch\":$7,\"status\":\"ok\",\"latency_ms\":900}}"
+  i=$((i + 1))
+done
+events+="]"
+echo "== POST /v1/events (6 demo requests)"
+curl -sf -X POST "$api/v1/events" -H "authorization: Bearer $key" \
+  -H 'content-type: application/cloudevents-batch+json' -d "$events"; echo
+
+echo "== synthetic load: 5,000 events over 50 tenants"
+$bin loadgen --setup --count 5000 --tenants 50 --rate 2500
+sleep 2
+
+echo "== GET /v1/requests/demo-$run-0 (per-request breakdown)"
+curl -sf "$api/v1/requests/demo-$run-0" -H "authorization: Bearer $key"; echo
+echo "== GET /v1/usage?group_by=model"
+today=$(date -u +%Y-%m-%d); tomorrow=$(date -u -d tomorrow +%Y-%m-%d)
+curl -sf "$api/v1/usage?from=$today&to=$tomorrow&group_by=model" -H "authorization: Bearer $key"; echo
+echo "== GET /v1/balances"
+curl -sf "$api/v1/balances" -H "authorization: Bearer $key"; echo
+echo "== tokenledger verify"
+$bin verify
+echo
+echo "tokenledger is serving on $api (demo tenant key: $key). Ctrl-C to stop."
+wait $serve_pid
