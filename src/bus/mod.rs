@@ -160,3 +160,51 @@ impl Bus {
         Ok(())
     }
 }
+
+/// Batches off the writer's consumer, for tools that drive their own loop (bench).
+pub struct BatchSource {
+    msgs: jetstream::consumer::pull::Stream,
+    batch_max: usize,
+    wait: Duration,
+}
+
+impl Bus {
+    pub async fn batch_source(&self, batch_max: usize, wait: Duration) -> anyhow::Result<BatchSource> {
+        let c = self.ensure_consumer().await?;
+        let msgs = c.stream().max_messages_per_batch(batch_max * 2).messages().await?;
+        Ok(BatchSource { msgs, batch_max, wait })
+    }
+}
+
+impl BatchSource {
+    /// The next batch: at least one message, then whatever arrives within the wait.
+    /// Returns the messages as `Inbound` and a closure-free acker.
+    pub async fn next(&mut self) -> anyhow::Result<(Vec<crate::ledger::Inbound>, Vec<jetstream::Message>)> {
+        use futures::StreamExt;
+        let first = self.msgs.next().await.ok_or_else(|| anyhow::anyhow!("stream ended"))?;
+        let mut batch = vec![first.map_err(|e| anyhow::anyhow!(e))?];
+        let deadline = tokio::time::Instant::now() + self.wait;
+        while batch.len() < self.batch_max {
+            match tokio::time::timeout_at(deadline, self.msgs.next()).await {
+                Ok(Some(Ok(m))) => batch.push(m),
+                _ => break,
+            }
+        }
+        let inbound = batch
+            .iter()
+            .map(|m| crate::ledger::Inbound {
+                subject: m.subject.to_string(),
+                payload: m.payload.to_vec(),
+                stream_seq: None,
+            })
+            .collect();
+        Ok((inbound, batch))
+    }
+
+    pub async fn ack(batch: &[jetstream::Message]) -> anyhow::Result<()> {
+        for m in batch {
+            m.ack().await.map_err(|e| anyhow::anyhow!(e))?;
+        }
+        Ok(())
+    }
+}
