@@ -8,7 +8,6 @@ use tokio_util::sync::CancellationToken;
 
 use crate::api::{self, auth::token_hash, AppState};
 use crate::bus;
-use crate::ledger::Writer;
 use crate::settings::Settings;
 use crate::telemetry::Metrics;
 
@@ -22,7 +21,9 @@ pub struct App {
 impl App {
     /// Connect to Postgres and NATS, create the stream and consumer, bind the listener.
     pub async fn build(settings: Settings) -> anyhow::Result<App> {
-        let pool = crate::db::connect(&settings.database_url, settings.db_max_connections).await?;
+        // every writer task holds one connection while it applies a batch; the API shares the rest
+        let size = settings.db_max_connections.max(settings.writers as u32 + 4);
+        let pool = crate::db::connect(&settings.database_url, size).await?;
         let bus = bus::connect(&settings).await?;
         bus.ensure_consumer().await?;
         let (listener, addr) = if settings.has_role("api") {
@@ -52,14 +53,14 @@ impl App {
     pub async fn run_until_stopped(self) -> anyhow::Result<()> {
         let mut tasks = tokio::task::JoinSet::new();
         if self.state.settings.has_role("writer") {
-            let writer = Writer::new(self.state.pool.clone(), &self.state.settings.subject_prefix);
+            let pool = self.state.pool.clone();
             let (bus, s, m, c) = (
                 self.state.bus.clone(),
                 self.state.settings.clone(),
                 self.state.metrics.clone(),
                 self.cancel.clone(),
             );
-            tasks.spawn(async move { bus::run_writer(bus, writer, s, m, c).await });
+            tasks.spawn(async move { bus::run_writer(bus, pool, s, m, c, None).await });
         }
         if let Some(listener) = self.listener {
             let router = api::router(self.state.clone());

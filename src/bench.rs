@@ -17,8 +17,8 @@ use sqlx::PgPool;
 use crate::bus::{self, BatchSource, Bus};
 use crate::events::Event;
 use crate::ledger::store::{self, EventRows, Projections, RequestRow, TransferRows};
-use crate::ledger::Writer;
 use crate::settings::Settings;
+use crate::telemetry::Metrics;
 use crate::{catalog, db, loadgen, pricing};
 
 #[derive(clap::Args, Debug, Clone)]
@@ -34,33 +34,72 @@ pub struct BenchArgs {
     pub latency_secs: u64,
     #[arg(long, default_value_t = 50)]
     pub tenants: usize,
+    /// Run only these measurements (comma-separated of a, b, c, d, l); default all.
+    #[arg(long)]
+    pub only: Option<String>,
 }
 
 fn events(n: u64, tenants: usize, run: &str) -> Vec<Event> {
     let mut rng = rand::rngs::StdRng::seed_from_u64(7);
-    (0..n).map(|i| loadgen::synthetic(&mut rng, run, i, tenants, chrono::Utc::now())).collect()
+    (0..n)
+        .map(|i| loadgen::synthetic(&mut rng, run, i, tenants, chrono::Utc::now()))
+        .collect()
 }
 
 /// A fresh database and stream for one measurement.
-async fn fresh(s: &Settings, name: &str, tenants: usize) -> anyhow::Result<(Settings, PgPool, Bus)> {
+async fn fresh(
+    s: &Settings,
+    name: &str,
+    tenants: usize,
+) -> anyhow::Result<(Settings, PgPool, Bus)> {
     let mut s = s.clone();
-    let base = s.owner_database_url.rsplit_once('/').map(|x| x.0).unwrap_or_default().to_string();
-    let app_base = s.database_url.rsplit_once('/').map(|x| x.0).unwrap_or_default().to_string();
+    let base = s
+        .owner_database_url
+        .rsplit_once('/')
+        .map(|x| x.0)
+        .unwrap_or_default()
+        .to_string();
+    let app_base = s
+        .database_url
+        .rsplit_once('/')
+        .map(|x| x.0)
+        .unwrap_or_default()
+        .to_string();
     let db_name = format!("tokenledger_bench_{name}");
     let admin = db::connect(&format!("{base}/postgres"), 1).await?;
-    sqlx::query(&format!("drop database if exists {db_name} with (force)")).execute(&admin).await?;
+    sqlx::query(&format!("drop database if exists {db_name} with (force)"))
+        .execute(&admin)
+        .await?;
     s.owner_database_url = format!("{base}/{db_name}");
     s.database_url = format!("{app_base}/{db_name}");
     s.stream = format!("BENCH_{}", name.to_uppercase());
     s.subject_prefix = format!("bench{name}");
     db::migrate(&s.owner_database_url).await?;
-    let pool = db::connect(&s.database_url, 4).await?;
+    let pool = db::connect(&s.database_url, s.writers as u32 + 2).await?;
     let text = std::fs::read_to_string("config/prices/litellm-popular.json")?;
     let prices = pricing::import::parse_litellm(&text)?;
     let t0 = "2020-01-01T00:00:00Z".parse()?;
     let skew = chrono::Duration::minutes(5);
-    catalog::prices::import(&pool, &prices, "USD", t0, None, chrono::Utc::now(), skew, "bench").await?;
-    catalog::prices::add_markup(&pool, None, "20".parse()?, Some(t0), chrono::Utc::now(), skew).await?;
+    catalog::prices::import(
+        &pool,
+        &prices,
+        "USD",
+        t0,
+        None,
+        chrono::Utc::now(),
+        skew,
+        "bench",
+    )
+    .await?;
+    catalog::prices::add_markup(
+        &pool,
+        None,
+        "20".parse()?,
+        Some(t0),
+        chrono::Utc::now(),
+        skew,
+    )
+    .await?;
     for i in 0..tenants {
         catalog::tenants::create(&pool, &loadgen::tenant_name(i), "bench", "USD").await?;
     }
@@ -70,28 +109,44 @@ async fn fresh(s: &Settings, name: &str, tenants: usize) -> anyhow::Result<(Sett
     Ok((s, pool, b))
 }
 
-/// Publish every event as fast as JetStream acks them (in the background).
-fn publisher(b: Bus, s: Settings, evs: Vec<Event>, rate: u64) -> tokio::task::JoinHandle<anyhow::Result<HashMap<String, Instant>>> {
+/// Publish every event (at `rate`/s, or as fast as JetStream acks them if 0) in the
+/// background; returns each stream sequence's publish instant.
+fn publisher(
+    b: Bus,
+    s: Settings,
+    evs: Vec<Event>,
+    rate: u64,
+) -> tokio::task::JoinHandle<anyhow::Result<HashMap<u64, Instant>>> {
     tokio::spawn(async move {
         let start = Instant::now();
         let mut sent = HashMap::with_capacity(evs.len());
         let mut acks = Vec::with_capacity(4096);
         for (i, ev) in evs.into_iter().enumerate() {
             if rate > 0 {
-                if let Some(w) = Duration::from_secs_f64(i as f64 / rate as f64).checked_sub(start.elapsed()) {
+                if let Some(w) =
+                    Duration::from_secs_f64(i as f64 / rate as f64).checked_sub(start.elapsed())
+                {
                     tokio::time::sleep(w).await;
                 }
             }
-            sent.insert(ev.id.clone(), Instant::now());
-            acks.push(b.publish_with_id(s.usage_subject(ev.tenant_id()), ev.canonical.clone().into(), &ev.msg_id()).await?);
+            let at = Instant::now();
+            acks.push((
+                at,
+                b.publish_with_id(
+                    s.usage_subject(ev.tenant_id()),
+                    ev.canonical.clone().into(),
+                    &ev.msg_id(),
+                )
+                .await?,
+            ));
             if acks.len() >= 4096 {
-                for a in acks.drain(..) {
-                    a.await?;
+                for (at, a) in acks.drain(..) {
+                    sent.insert(a.await?.sequence, at);
                 }
             }
         }
-        for a in acks {
-            a.await?;
+        for (at, a) in acks {
+            sent.insert(a.await?.sequence, at);
         }
         Ok(sent)
     })
@@ -99,9 +154,50 @@ fn publisher(b: Bus, s: Settings, evs: Vec<Event>, rate: u64) -> tokio::task::Jo
 
 pub async fn run(s0: &Settings, a: BenchArgs) -> anyhow::Result<()> {
     let n = a.events;
-    println!("tokenledger bench: {n} events per measurement, batches of up to {}, {} tenants", s0.batch_max, a.tenants);
+    let only = |m: &str| {
+        a.only
+            .as_deref()
+            .is_none_or(|o| o.split(',').any(|x| x.trim() == m))
+    };
+    println!(
+        "tokenledger bench: {n} events per measurement, batches of up to {}, {} writer tasks, {} tenants",
+        s0.batch_max, s0.writers, a.tenants
+    );
+    let rate_a = if only("a") {
+        Some(jetstream_alone(s0, &a).await?)
+    } else {
+        None
+    };
+    let rate_b = if only("b") {
+        Some(plain_postgres(s0, &a).await?)
+    } else {
+        None
+    };
+    let rate_c = if only("c") {
+        Some(naive(s0, &a).await?)
+    } else {
+        None
+    };
+    if only("d") {
+        let rate_d = real_pipeline(s0, &a).await?;
+        for (name, base) in [
+            ("(c) naive", rate_c),
+            ("(b) plain Postgres", rate_b),
+            ("(a) JetStream", rate_a),
+        ] {
+            if let Some(base) = base {
+                println!("    ratio (d) / {name} = {:.2}", rate_d / base);
+            }
+        }
+    }
+    if only("l") {
+        latency(s0, &a).await?;
+    }
+    Ok(())
+}
 
-    // (a) JetStream alone
+async fn jetstream_alone(s0: &Settings, a: &BenchArgs) -> anyhow::Result<f64> {
+    let n = a.events;
     let (s, _pool, b) = fresh(s0, "a", 0).await?;
     let evs = events(n, a.tenants, "a");
     let t = Instant::now();
@@ -114,11 +210,15 @@ pub async fn run(s0: &Settings, a: BenchArgs) -> anyhow::Result<()> {
         done += inb.len() as u64;
     }
     p.await??;
-    let rate_a = n as f64 / t.elapsed().as_secs_f64();
+    let rate = n as f64 / t.elapsed().as_secs_f64();
     b.delete_stream().await?;
-    println!("(a) JetStream publish + consume:        {rate_a:>9.0} events/s");
+    println!("(a) JetStream publish + consume:        {rate:>9.0} events/s");
+    Ok(rate)
+}
 
-    // (b) plain Postgres: the rows of the pipeline, batched, one connection
+/// The rows of the pipeline, batched, on one connection.
+async fn plain_postgres(s0: &Settings, a: &BenchArgs) -> anyhow::Result<f64> {
+    let n = a.events;
     let (s, pool, b) = fresh(s0, "b", a.tenants).await?;
     let evs = events(n, a.tenants, "b");
     let t = Instant::now();
@@ -131,15 +231,24 @@ pub async fn run(s0: &Settings, a: BenchArgs) -> anyhow::Result<()> {
         store::apply_projections(&mut tx, &pr, &store::LIVE).await?;
         tx.commit().await?;
     }
-    let rate_b = n as f64 / t.elapsed().as_secs_f64();
+    let rate = n as f64 / t.elapsed().as_secs_f64();
     drop(conn);
     b.delete_stream().await?;
-    println!("(b) plain Postgres, same rows, batched: {rate_b:>9.0} events/s");
+    println!("(b) plain Postgres, same rows, batched: {rate:>9.0} events/s");
+    Ok(rate)
+}
 
-    // (c) naive pipeline: one plain row per event
+/// NATS -> one plain row per event -> ack.
+async fn naive(s0: &Settings, a: &BenchArgs) -> anyhow::Result<f64> {
+    let n = a.events;
     let (s, pool, b) = fresh(s0, "c", 0).await?;
-    sqlx::query("create table naive (subject text, payload bytea)").execute(&db::connect(&s.owner_database_url, 1).await?).await?;
-    sqlx::query("grant insert on naive to tokenledger_app").execute(&db::connect(&s.owner_database_url, 1).await?).await?;
+    let owner = db::connect(&s.owner_database_url, 1).await?;
+    sqlx::query("create table naive (subject text, payload bytea)")
+        .execute(&owner)
+        .await?;
+    sqlx::query("grant insert on naive to tokenledger_app")
+        .execute(&owner)
+        .await?;
     let evs = events(n, a.tenants, "c");
     let t = Instant::now();
     let p = publisher(b.clone(), s.clone(), evs, 0);
@@ -149,7 +258,7 @@ pub async fn run(s0: &Settings, a: BenchArgs) -> anyhow::Result<()> {
         let (batch, msgs) = src.next().await?;
         done += batch.len() as u64;
         let subj: Vec<String> = batch.iter().map(|m| m.subject.clone()).collect();
-        let pay: Vec<Vec<u8>> = batch.into_iter().map(|m| m.payload).collect();
+        let pay: Vec<Vec<u8>> = batch.into_iter().map(|m| m.payload.to_vec()).collect();
         sqlx::query("insert into naive select * from unnest($1::text[], $2::bytea[])")
             .bind(subj)
             .bind(pay)
@@ -158,86 +267,115 @@ pub async fn run(s0: &Settings, a: BenchArgs) -> anyhow::Result<()> {
         BatchSource::ack(&msgs).await?;
     }
     p.await??;
-    let rate_c = n as f64 / t.elapsed().as_secs_f64();
+    let rate = n as f64 / t.elapsed().as_secs_f64();
     b.delete_stream().await?;
-    println!("(c) naive pipeline (NATS -> 1 row):     {rate_c:>9.0} events/s");
+    println!("(c) naive pipeline (NATS -> 1 row):     {rate:>9.0} events/s");
+    Ok(rate)
+}
 
-    // (d) the real pipeline
+async fn real_pipeline(s0: &Settings, a: &BenchArgs) -> anyhow::Result<f64> {
+    let n = a.events;
     let (s, pool, b) = fresh(s0, "d", a.tenants).await?;
     let evs = events(n, a.tenants, "d");
     let t = Instant::now();
     let p = publisher(b.clone(), s.clone(), evs, 0);
-    let (rate_d, _) = real(&b, &s, &pool, n, None).await?;
+    let commits = real(&b, &s, &pool, n).await?;
     p.await??;
-    let rate_d = rate_d.unwrap_or(n as f64 / t.elapsed().as_secs_f64());
-    let rate_d = rate_d.min(n as f64 / t.elapsed().as_secs_f64());
+    let last = commits
+        .iter()
+        .map(|c| c.1)
+        .max()
+        .unwrap_or_else(Instant::now);
+    let rate = n as f64 / (last - t).as_secs_f64();
     b.delete_stream().await?;
-    println!("(d) real pipeline (rated, double-entry, projections): {rate_d:>9.0} events/s");
-    println!("    ratio (d)/(c) = {:.2}; (d)/(b) = {:.2}; (d)/(a) = {:.2}", rate_d / rate_c, rate_d / rate_b, rate_d / rate_a);
+    println!("(d) real pipeline (rated, double-entry, projections): {rate:>9.0} events/s");
+    Ok(rate)
+}
 
-    // latency of (d) at a fixed rate
+/// Publish->commit latency of the real pipeline at a fixed rate.
+async fn latency(s0: &Settings, a: &BenchArgs) -> anyhow::Result<()> {
     let m = a.latency_rate * a.latency_secs;
     let (s, pool, b) = fresh(s0, "l", a.tenants).await?;
     let evs = events(m, a.tenants, "l");
     let p = publisher(b.clone(), s.clone(), evs, a.latency_rate);
-    let (_, commits) = real(&b, &s, &pool, m, Some(())).await?;
+    let commits = real(&b, &s, &pool, m).await?;
     let sent = p.await??;
     let mut lat: Vec<f64> = commits
         .iter()
-        .filter_map(|(id, at)| sent.get(id).map(|s| at.duration_since(*s).as_secs_f64() * 1000.0))
+        .filter_map(|(q, at)| {
+            sent.get(q)
+                .map(|s| at.duration_since(*s).as_secs_f64() * 1000.0)
+        })
         .collect();
     lat.sort_by(|x, y| x.partial_cmp(y).expect("finite"));
     let q = |p: f64| lat[((lat.len() as f64 - 1.0) * p) as usize];
-    println!("publish->commit latency at {} events/s over {} s: p50 {:.1} ms, p99 {:.1} ms (n = {})", a.latency_rate, a.latency_secs, q(0.5), q(0.99), lat.len());
+    println!(
+        "publish->commit latency at {} events/s over {} s: p50 {:.1} ms, p99 {:.1} ms (n = {})",
+        a.latency_rate,
+        a.latency_secs,
+        q(0.5),
+        q(0.99),
+        lat.len()
+    );
     b.delete_stream().await?;
     Ok(())
 }
 
-/// The real writer over `n` messages; returns its rate and, if asked, each event's
-/// commit instant.
-async fn real(b: &Bus, s: &Settings, pool: &PgPool, n: u64, track: Option<()>) -> anyhow::Result<(Option<f64>, Vec<(String, Instant)>)> {
-    let mut writer = Writer::new(pool.clone(), &s.subject_prefix);
-    let mut commits = Vec::new();
-    let t = Instant::now();
-    let mut src = b.batch_source(s.batch_max, s.batch_wait).await?;
-    let mut done = 0;
-    while done < n {
-        let (batch, msgs) = src.next().await?;
-        writer.apply(&batch, chrono::Utc::now()).await?;
-        if track.is_some() {
-            let now = Instant::now();
-            for m in &batch {
-                if let Ok(ev) = crate::events::parse_bytes(&m.payload, chrono::Utc::now()) {
-                    commits.push((ev.id, now));
-                }
-            }
-        }
-        BatchSource::ack(&msgs).await?;
-        done += batch.len() as u64;
+/// The real writers (as `serve` runs them) until `n` messages are committed; returns
+/// the commit instant of every stream sequence.
+async fn real(b: &Bus, s: &Settings, pool: &PgPool, n: u64) -> anyhow::Result<Vec<(u64, Instant)>> {
+    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
+    let cancel = tokio_util::sync::CancellationToken::new();
+    let task = tokio::spawn(bus::run_writer(
+        b.clone(),
+        pool.clone(),
+        s.clone(),
+        Metrics::default(),
+        cancel.clone(),
+        Some(tx),
+    ));
+    let mut commits = Vec::with_capacity(n as usize);
+    while (commits.len() as u64) < n {
+        let (at, seqs) = rx
+            .recv()
+            .await
+            .ok_or_else(|| anyhow::anyhow!("writer stopped"))?;
+        commits.extend(seqs.into_iter().map(|q| (q, at)));
     }
-    Ok((Some(n as f64 / t.elapsed().as_secs_f64()), commits))
+    cancel.cancel();
+    task.await??;
+    Ok(commits)
 }
+
+/// A breakdown of the real one's size.
+static PLAIN_BREAKDOWN: std::sync::LazyLock<String> = std::sync::LazyLock::new(|| {
+    r#"{"v":1,"tokens":[1234,200,0,800,0],"cost_rates":["2.5","1.25","2.5","10","10"],"price_rates":["3","1.5","3","12","12"],"long_context":false,"batch":false,"cost_batch_discount":"0","price_batch_discount":"0","markup_percent":"20","currency":"USD","cost_version_id":163,"price_version_id":null,"markup_rule_id":1}"#.to_string()
+});
 
 /// The rows the pipeline writes for these events, built without locks or rating.
 fn plain_rows(evs: &[Event], seq0: i64) -> (EventRows, TransferRows, Projections) {
-    let (mut er, mut tr, mut pr) = (EventRows::default(), TransferRows::default(), Projections::default());
+    let (mut er, mut tr, mut pr) = (
+        EventRows::default(),
+        TransferRows::default(),
+        Projections::default(),
+    );
     for (i, ev) in evs.iter().enumerate() {
         let seq = seq0 + i as i64 + 1;
-        let crate::events::EventData::Usage(u) = &ev.data else { continue };
-        er.tenant.push(u.tenant_id.clone());
-        er.id.push(ev.id.clone());
-        er.seq.push(seq);
-        er.type_.push(ev.type_().into());
-        er.request_id.push(Some(u.request_id.clone()));
-        er.source.push(ev.source.clone());
-        er.occurred_at.push(ev.time);
-        er.data.push(ev.data_json().to_string());
-        er.hash.push(ev.payload_hash.to_vec());
+        let crate::events::EventData::Usage(u) = &ev.data else {
+            continue;
+        };
+        crate::ledger::writer::stage_event(&mut er, ev, seq);
         let amount = rust_decimal::Decimal::new(12345, 7);
-        for (kind, d, c) in [("usage_price", "receivable", "revenue"), ("usage_cost", "cogs", "payable:x")] {
+        for (leg, (kind, d, c)) in [
+            ("usage_price", "receivable", "revenue"),
+            ("usage_cost", "cogs", "payable:x"),
+        ]
+        .into_iter()
+        .enumerate()
+        {
             tr.tenant.push(u.tenant_id.clone());
             tr.seq.push(seq);
-            tr.event_id.push(ev.id.clone());
+            tr.leg.push(leg as i16);
             tr.kind.push(kind.into());
             tr.debit.push(d.into());
             tr.credit.push(c.into());
@@ -246,10 +384,11 @@ fn plain_rows(evs: &[Event], seq0: i64) -> (EventRows, TransferRows, Projections
             tr.cost_version.push(None);
             tr.price_version.push(None);
             tr.markup_rule.push(None);
-            tr.breakdown.push(r#"{"lines":[{"class":"input","tokens":1,"cost":"0.1","price":"0.12"}],"cost":"0.1","price":"0.12"}"#.repeat(4));
+            tr.breakdown
+                .push((leg == 0).then(|| PLAIN_BREAKDOWN.clone()));
             pr.add_transfer(&u.tenant_id, d, c, amount, "USD");
         }
-        pr.add_request(RequestRow {
+        pr.add_usage(RequestRow {
             tenant: u.tenant_id.clone(),
             request_id: u.request_id.clone(),
             event_id: ev.id.clone(),

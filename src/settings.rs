@@ -37,6 +37,9 @@ pub struct Settings {
     /// before acknowledging it (`TOKENLEDGER_FAULT_ABORT_AFTER_COMMIT`).
     pub fault_abort_after_commit: Option<u64>,
     pub db_max_connections: u32,
+    /// Writer tasks in one process (`TOKENLEDGER_WRITERS`, default 2); tenants are
+    /// partitioned among them.
+    pub writers: usize,
 }
 
 fn var(name: &str, default: &str) -> String {
@@ -90,6 +93,7 @@ impl Settings {
             roles,
             fault_abort_after_commit: fault,
             db_max_connections: parse("TOKENLEDGER_DB_MAX_CONNECTIONS", 8u32)?,
+            writers: parse("TOKENLEDGER_WRITERS", 2usize)?.clamp(1, 16),
         })
     }
 

@@ -59,19 +59,41 @@ async fn ledger_amounts_match_an_independent_calculation() {
         let cached = rng.gen_range(0..=input / 2);
         let output: u64 = rng.gen_range(0..50_000);
         let model = MODELS[i % 4];
-        let reasoning = if model == "gpt-5" || model == "o3" { rng.gen_range(0..=output) } else { 0 };
+        let reasoning = if model == "gpt-5" || model == "o3" {
+            rng.gen_range(0..=output)
+        } else {
+            0
+        };
         batch.push(json!({"specversion": "1.0", "id": format!("x-{i}"), "source": "test",
             "type": "tokenledger.usage.v1", "time": chrono::Utc::now().to_rfc3339(),
             "data": {"tenant_id": "acme", "request_id": format!("r-{i}"), "model": model, "provider": "openai",
                      "input_tokens": input, "cached_input_tokens": cached, "output_tokens": output,
                      "reasoning_tokens": reasoning, "batch": rng.gen_bool(0.3), "status": "ok"}}));
     }
-    let r = app.http.post(app.url("/v1/events")).bearer_auth(ADMIN).json(&batch).send().await.unwrap();
+    let r = app
+        .http
+        .post(app.url("/v1/events"))
+        .bearer_auth(ADMIN)
+        .json(&batch)
+        .send()
+        .await
+        .unwrap();
     assert_eq!(r.status(), 202);
     app.wait_count("select count(*) from events", 300).await;
 
     // the oracle: rates as text straight from the price table
-    type Rates = (String, Option<String>, Option<String>, String, Option<String>, String, Option<i64>, Option<String>, Option<String>, Option<String>);
+    type Rates = (
+        String,
+        Option<String>,
+        Option<String>,
+        String,
+        Option<String>,
+        String,
+        Option<i64>,
+        Option<String>,
+        Option<String>,
+        Option<String>,
+    );
     let rates = |model: &'static str, side: &'static str| {
         let pool = app.owner.clone();
         async move {
@@ -93,17 +115,41 @@ async fn ledger_amounts_match_an_independent_calculation() {
         let d = &ev["data"];
         let model = MODELS[i % 4];
         let n = |k: &str| d[k].as_u64().unwrap_or(0) as i128;
-        let (input, cached, output, reasoning) = (n("input_tokens"), n("cached_input_tokens"), n("output_tokens"), n("reasoning_tokens"));
+        let (input, cached, output, reasoning) = (
+            n("input_tokens"),
+            n("cached_input_tokens"),
+            n("output_tokens"),
+            n("reasoning_tokens"),
+        );
         let batch_req = d["batch"].as_bool().unwrap();
         let amount = |r: &Rates, markup: Option<Fixed>| {
             let long = r.6.is_some_and(|t| input > t as i128);
-            let pick = |base: &str, long_rate: &Option<String>| fixed(if long { long_rate.as_deref().unwrap_or(base) } else { base });
+            let pick = |base: &str, long_rate: &Option<String>| {
+                fixed(if long {
+                    long_rate.as_deref().unwrap_or(base)
+                } else {
+                    base
+                })
+            };
             let inp = pick(&r.0, &r.7);
-            let cac = if long { r.8.as_deref().or(r.1.as_deref()).map(fixed).unwrap_or(inp) } else { r.1.as_deref().map(fixed).unwrap_or(inp) };
+            let cac = if long {
+                r.8.as_deref().or(r.1.as_deref()).map(fixed).unwrap_or(inp)
+            } else {
+                r.1.as_deref().map(fixed).unwrap_or(inp)
+            };
             let out = pick(&r.3, &r.9);
-            let rea = if long { out } else { r.4.as_deref().map(fixed).unwrap_or(out) };
+            let rea = if long {
+                out
+            } else {
+                r.4.as_deref().map(fixed).unwrap_or(out)
+            };
             let mut sum = Fixed(0, 0);
-            for (t, rate) in [(input - cached, inp), (cached, cac), (output - reasoning, out), (reasoning, rea)] {
+            for (t, rate) in [
+                (input - cached, inp),
+                (cached, cac),
+                (output - reasoning, out),
+                (reasoning, rea),
+            ] {
                 sum = add(sum, mul(Fixed(t, 0), rate));
             }
             if let Some(m) = markup {
@@ -128,8 +174,14 @@ async fn ledger_amounts_match_an_independent_calculation() {
         .fetch_one(&app.owner)
         .await
         .unwrap();
-        assert!(eq(fixed(&cost), expected_cost), "r-{i} {model}: cost {cost} expected {expected_cost:?}");
-        assert!(eq(fixed(&price), expected_price), "r-{i} {model}: price {price} expected {expected_price:?}");
+        assert!(
+            eq(fixed(&cost), expected_cost),
+            "r-{i} {model}: cost {cost} expected {expected_cost:?}"
+        );
+        assert!(
+            eq(fixed(&price), expected_price),
+            "r-{i} {model}: price {price} expected {expected_price:?}"
+        );
         // the transfers hold the same amounts
         let sums: (Option<String>, Option<String>) = sqlx::query_as(
             "select (sum(amount) filter (where kind = 'usage_price'))::text, (sum(amount) filter (where kind = 'usage_cost'))::text

@@ -576,13 +576,17 @@ async fn verify_passes_after_a_mixed_workload_and_fails_after_tampering() {
         .unwrap();
     assert!(report.differences.is_empty(), "{:?}", report.differences);
     // tamper with a projection: verify names it
-    sqlx::query("update request_views set price_amount = price_amount + 0.000001 where request_id = 'req-m-1'")
-        .execute(&app.owner).await.unwrap();
+    sqlx::query(
+        "update usage_rollups set price_amount = price_amount + 0.000001 where tenant_id = 'acme'",
+    )
+    .execute(&app.owner)
+    .await
+    .unwrap();
     let report = tokenledger::projections::rebuild::verify(&app.owner)
         .await
         .unwrap();
     assert!(
-        report.differences[0].contains("request_views"),
+        report.differences[0].contains("usage_rollups"),
         "{:?}",
         report.differences
     );

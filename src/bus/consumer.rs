@@ -1,9 +1,17 @@
-//! The ledger writer's consume loop: continuous pull, batch, apply, then ack.
+//! The ledger writer's consume loop. One fetcher pulls continuously from the durable
+//! consumer and routes each message by tenant (the subject's last token) to one of
+//! `TOKENLEDGER_WRITERS` writer tasks; each batches, applies in one transaction, and
+//! acks after the commit. Routing by tenant keeps one tenant's events in one task, in
+//! order, so writers never wait on each other's tenant locks.
 
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use async_nats::jetstream::{message::Message, AckKind};
 use futures::StreamExt;
+use sqlx::PgPool;
+use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
 
@@ -12,69 +20,128 @@ use crate::ledger::{Inbound, Outcome, Writer};
 use crate::settings::Settings;
 use crate::telemetry::Metrics;
 
-/// Run the writer until `cancel` fires; the batch in flight is finished first.
-pub async fn run_writer(
-    bus: Bus,
-    mut writer: Writer,
+/// Told after every commit: when, and the stream sequences committed (benchmarks).
+pub type CommitObserver = mpsc::UnboundedSender<(Instant, Vec<u64>)>;
+
+struct Shared {
     s: Settings,
     metrics: Metrics,
     cancel: CancellationToken,
+    observer: Option<CommitObserver>,
+    commits: AtomicU64,
+}
+
+/// Run the writers until `cancel` fires; each finishes the batch in flight first.
+pub async fn run_writer(
+    bus: Bus,
+    pool: PgPool,
+    s: Settings,
+    metrics: Metrics,
+    cancel: CancellationToken,
+    observer: Option<CommitObserver>,
 ) -> anyhow::Result<()> {
     let consumer = bus.ensure_consumer().await?;
-    let mut commits: u64 = 0;
+    let k = s.writers.max(1);
+    let shared = Arc::new(Shared {
+        s: s.clone(),
+        metrics,
+        cancel: cancel.clone(),
+        observer,
+        commits: AtomicU64::new(0),
+    });
+    let mut tasks = tokio::task::JoinSet::new();
+    let mut routes = Vec::with_capacity(k);
+    for _ in 0..k {
+        let (tx, rx) = mpsc::channel::<Message>(s.batch_max);
+        routes.push(tx);
+        let writer = Writer::new(pool.clone(), &s.subject_prefix);
+        tasks.spawn(writer_task(rx, writer, shared.clone()));
+    }
     'outer: while !cancel.is_cancelled() {
         let mut msgs = consumer
             .stream()
-            .max_messages_per_batch(s.batch_max.max(100) * 2)
+            .max_messages_per_batch(s.batch_max * k)
             .heartbeat(Duration::from_secs(5))
             .expires(Duration::from_secs(30))
             .messages()
             .await?;
         loop {
-            let first = tokio::select! {
+            let next = tokio::select! {
                 _ = cancel.cancelled() => break 'outer,
                 m = msgs.next() => m,
             };
-            let mut batch: Vec<Message> = Vec::with_capacity(s.batch_max);
-            match first {
+            match next {
                 None => continue 'outer,
-                Some(Err(e)) => {
-                    tracing::warn!(error = %e, "pull stream error");
-                    continue;
+                Some(Err(e)) => tracing::warn!(error = %e, "pull stream error"),
+                Some(Ok(m)) => {
+                    let route = partition(&m.subject, k);
+                    if routes[route].send(m).await.is_err() {
+                        break 'outer; // a writer failed; its error is reported below
+                    }
                 }
-                Some(Ok(m)) => batch.push(m),
-            }
-            let deadline = tokio::time::Instant::now() + s.batch_wait;
-            while batch.len() < s.batch_max {
-                match tokio::time::timeout_at(deadline, msgs.next()).await {
-                    Ok(Some(Ok(m))) => batch.push(m),
-                    Ok(Some(Err(e))) => tracing::warn!(error = %e, "pull stream error"),
-                    Ok(None) | Err(_) => break,
-                }
-            }
-            apply_and_ack(&mut writer, &batch, &metrics, &cancel).await?;
-            commits += 1;
-            if s.fault_abort_after_commit.is_some_and(|n| commits >= n) {
-                tracing::error!("fault injection: aborting after commit, before ack");
-                std::process::abort();
             }
         }
     }
-    tracing::info!("ledger writer stopped");
+    drop(routes);
+    while let Some(r) = tasks.join_next().await {
+        r??;
+    }
+    tracing::info!("ledger writers stopped");
     Ok(())
 }
 
+/// The writer task a subject's tenant belongs to (FNV-1a of the last subject token).
+fn partition(subject: &str, k: usize) -> usize {
+    let tenant = subject.rsplit('.').next().unwrap_or(subject);
+    let mut h: u64 = 0xcbf29ce484222325;
+    for b in tenant.bytes() {
+        h = (h ^ b as u64).wrapping_mul(0x100000001b3);
+    }
+    (h % k as u64) as usize
+}
+
+async fn writer_task(
+    mut rx: mpsc::Receiver<Message>,
+    mut writer: Writer,
+    sh: Arc<Shared>,
+) -> anyhow::Result<()> {
+    let s = &sh.s;
+    while let Some(first) = rx.recv().await {
+        let mut batch: Vec<Message> = Vec::with_capacity(s.batch_max);
+        batch.push(first);
+        let deadline = tokio::time::Instant::now() + s.batch_wait;
+        while batch.len() < s.batch_max {
+            match tokio::time::timeout_at(deadline, rx.recv()).await {
+                Ok(Some(m)) => batch.push(m),
+                Ok(None) | Err(_) => break,
+            }
+        }
+        if !apply_and_ack(&mut writer, &batch, &sh).await? {
+            break;
+        }
+        let n = sh.commits.fetch_add(1, Ordering::SeqCst) + 1;
+        if s.fault_abort_after_commit.is_some_and(|f| n >= f) {
+            tracing::error!("fault injection: aborting after commit, before ack");
+            std::process::abort();
+        }
+        if sh.cancel.is_cancelled() {
+            break; // the rest is unacked and will be redelivered
+        }
+    }
+    Ok(())
+}
+
+/// Apply and ack one batch; false if shutdown interrupted the retries (nothing acked).
 async fn apply_and_ack(
     writer: &mut Writer,
     batch: &[Message],
-    metrics: &Metrics,
-    cancel: &CancellationToken,
-) -> anyhow::Result<()> {
+    sh: &Shared,
+) -> anyhow::Result<bool> {
     let inbound: Vec<Inbound> = batch
         .iter()
         .map(|m| Inbound {
             subject: m.subject.to_string(),
-            payload: m.payload.to_vec(),
+            payload: m.payload.clone(),
             stream_seq: m.info().ok().map(|i| i.stream_sequence),
         })
         .collect();
@@ -89,41 +156,36 @@ async fn apply_and_ack(
         {
             Ok(o) => break o,
             Err(e) => {
-                metrics.inc("tokenledger_writer_errors_total", 1);
+                sh.metrics.inc("tokenledger_writer_errors_total", 1);
                 tracing::error!(error = %e, "batch failed; nothing was committed, retrying");
-                if cancel.is_cancelled() {
-                    // not acked: JetStream redelivers after the ack wait
-                    return Ok(());
+                if sh.cancel.is_cancelled() {
+                    return Ok(false); // not acked: JetStream redelivers after the ack wait
                 }
                 tokio::time::sleep(backoff).await;
                 backoff = (backoff * 2).min(Duration::from_secs(5));
             }
         }
     };
-    metrics.observe_batch(started.elapsed(), batch.len());
+    let committed = Instant::now();
+    sh.metrics.observe_batch(committed - started, batch.len());
+    if let Some(o) = &sh.observer {
+        let _ = o.send((
+            committed,
+            inbound.iter().filter_map(|m| m.stream_seq).collect(),
+        ));
+    }
     for (m, o) in batch.iter().zip(&outcomes) {
-        let kind = match o {
-            Outcome::Applied => {
-                metrics.inc("tokenledger_events_applied_total", 1);
-                AckKind::Ack
-            }
-            Outcome::Duplicate => {
-                metrics.inc("tokenledger_events_duplicate_total", 1);
-                AckKind::Ack
-            }
-            Outcome::Conflict => {
-                metrics.inc("tokenledger_events_conflict_total", 1);
-                AckKind::Ack
-            }
-            Outcome::DeadLettered(_) => {
-                metrics.inc("tokenledger_dead_letters_total", 1);
-                AckKind::Term
-            }
+        let (name, kind) = match o {
+            Outcome::Applied => ("tokenledger_events_applied_total", AckKind::Ack),
+            Outcome::Duplicate => ("tokenledger_events_duplicate_total", AckKind::Ack),
+            Outcome::Conflict => ("tokenledger_events_conflict_total", AckKind::Ack),
+            Outcome::DeadLettered(_) => ("tokenledger_dead_letters_total", AckKind::Term),
         };
+        sh.metrics.inc(name, 1);
         if let Err(e) = m.ack_with(kind).await {
             // harmless: the message is redelivered and is then a duplicate
             tracing::warn!(error = %e, "ack failed");
         }
     }
-    Ok(())
+    Ok(true)
 }

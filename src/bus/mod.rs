@@ -8,7 +8,7 @@ use std::time::Duration;
 use async_nats::jetstream::{self, consumer::pull, stream};
 use bytes::Bytes;
 
-pub use consumer::run_writer;
+pub use consumer::{run_writer, CommitObserver};
 
 use crate::events::Event;
 use crate::settings::Settings;
@@ -169,19 +169,37 @@ pub struct BatchSource {
 }
 
 impl Bus {
-    pub async fn batch_source(&self, batch_max: usize, wait: Duration) -> anyhow::Result<BatchSource> {
+    pub async fn batch_source(
+        &self,
+        batch_max: usize,
+        wait: Duration,
+    ) -> anyhow::Result<BatchSource> {
         let c = self.ensure_consumer().await?;
-        let msgs = c.stream().max_messages_per_batch(batch_max * 2).messages().await?;
-        Ok(BatchSource { msgs, batch_max, wait })
+        let msgs = c
+            .stream()
+            .max_messages_per_batch(batch_max * 2)
+            .messages()
+            .await?;
+        Ok(BatchSource {
+            msgs,
+            batch_max,
+            wait,
+        })
     }
 }
 
 impl BatchSource {
     /// The next batch: at least one message, then whatever arrives within the wait.
     /// Returns the messages as `Inbound` and a closure-free acker.
-    pub async fn next(&mut self) -> anyhow::Result<(Vec<crate::ledger::Inbound>, Vec<jetstream::Message>)> {
+    pub async fn next(
+        &mut self,
+    ) -> anyhow::Result<(Vec<crate::ledger::Inbound>, Vec<jetstream::Message>)> {
         use futures::StreamExt;
-        let first = self.msgs.next().await.ok_or_else(|| anyhow::anyhow!("stream ended"))?;
+        let first = self
+            .msgs
+            .next()
+            .await
+            .ok_or_else(|| anyhow::anyhow!("stream ended"))?;
         let mut batch = vec![first.map_err(|e| anyhow::anyhow!(e))?];
         let deadline = tokio::time::Instant::now() + self.wait;
         while batch.len() < self.batch_max {
@@ -194,7 +212,7 @@ impl BatchSource {
             .iter()
             .map(|m| crate::ledger::Inbound {
                 subject: m.subject.to_string(),
-                payload: m.payload.to_vec(),
+                payload: m.payload.clone(),
                 stream_seq: None,
             })
             .collect();

@@ -86,15 +86,13 @@ pub async fn book_stamp<'e, E: sqlx::PgExecutor<'e>>(ex: E) -> Result<(i64, i64)
     .await
 }
 
-pub async fn load_book<'e, E: sqlx::PgExecutor<'e> + Copy>(
-    ex: E,
-) -> Result<PriceBook, sqlx::Error> {
+pub async fn load_book(c: &mut sqlx::PgConnection) -> Result<PriceBook, sqlx::Error> {
     let rows: Vec<Row> = sqlx::query_as(&format!("select {COLUMNS} from price_versions"))
-        .fetch_all(ex)
+        .fetch_all(&mut *c)
         .await?;
     let markups: Vec<(i64, Option<String>, Decimal, DateTime<Utc>)> =
         sqlx::query_as("select id, tenant_id, percent, effective_from from markup_rules")
-            .fetch_all(ex)
+            .fetch_all(&mut *c)
             .await?;
     Ok(PriceBook::new(
         rows.into_iter().map(PriceVersion::from).collect(),
@@ -264,7 +262,7 @@ pub async fn import(
     skew: chrono::Duration,
     source: &str,
 ) -> Result<(usize, usize), CatalogError> {
-    let book = load_book(pool).await?;
+    let book = load_book(&mut *pool.acquire().await?).await?;
     let mut tx = pool.begin().await?;
     let (mut added, mut unchanged) = (0, 0);
     for p in prices {

@@ -14,18 +14,25 @@ pub struct EventRows {
     pub id: Vec<String>,
     pub seq: Vec<i64>,
     pub type_: Vec<String>,
-    pub request_id: Vec<Option<String>>,
     pub source: Vec<String>,
     pub occurred_at: Vec<DateTime<Utc>>,
-    pub data: Vec<String>,
+    pub envelope: Vec<Vec<u8>>,
     pub hash: Vec<Vec<u8>>,
+    pub request_id: Vec<Option<String>>,
+    pub model: Vec<Option<String>>,
+    pub provider: Vec<Option<String>>,
+    pub api_key_id: Vec<Option<String>>,
+    pub status: Vec<Option<String>>,
+    pub batch: Vec<Option<bool>>,
+    /// input, cached input, cache write, output, reasoning
+    pub tokens: [Vec<Option<i64>>; 5],
 }
 
 #[derive(Default)]
 pub struct TransferRows {
     pub tenant: Vec<String>,
     pub seq: Vec<i64>,
-    pub event_id: Vec<String>,
+    pub leg: Vec<i16>,
     pub kind: Vec<String>,
     pub debit: Vec<String>,
     pub credit: Vec<String>,
@@ -34,10 +41,10 @@ pub struct TransferRows {
     pub cost_version: Vec<Option<i64>>,
     pub price_version: Vec<Option<i64>>,
     pub markup_rule: Vec<Option<i64>>,
-    pub breakdown: Vec<String>,
+    pub breakdown: Vec<Option<String>>,
 }
 
-/// One request view row (also the unit of the usage rollup).
+/// One rated usage event, as it counts in the usage rollup.
 #[derive(Clone, Debug)]
 pub struct RequestRow {
     pub tenant: String,
@@ -70,13 +77,12 @@ pub struct RollupAgg {
 /// Projection deltas accumulated over a batch.
 #[derive(Default)]
 pub struct Projections {
-    pub requests: Vec<RequestRow>,
     pub rollups: BTreeMap<RollupKey, RollupAgg>,
     pub balances: BTreeMap<(String, String, String), Decimal>,
 }
 
 impl Projections {
-    pub fn add_request(&mut self, r: RequestRow) {
+    pub fn add_usage(&mut self, r: RequestRow) {
         let key = (
             r.tenant.clone(),
             r.occurred_at.date_naive(),
@@ -91,8 +97,7 @@ impl Projections {
         }
         agg.price += r.price;
         agg.cost += r.cost;
-        agg.currency = r.currency.clone();
-        self.requests.push(r);
+        agg.currency = r.currency;
     }
 
     pub fn add_transfer(
@@ -119,20 +124,33 @@ pub async fn insert_events(c: &mut PgConnection, r: &EventRows) -> sqlx::Result<
         return Ok(());
     }
     sqlx::query(
-        "insert into events (tenant_id, id, seq, type, request_id, source, occurred_at, data, payload_hash)
-         select t, i, s, ty, rq, so, oc, d::jsonb, h
-         from unnest($1::text[], $2::text[], $3::int8[], $4::text[], $5::text[], $6::text[],
-                     $7::timestamptz[], $8::text[], $9::bytea[]) as x(t, i, s, ty, rq, so, oc, d, h)",
+        "insert into events (tenant_id, id, seq, type, source, occurred_at, envelope, payload_hash,
+           request_id, model, provider, api_key_id, status, batch, input_tokens, cached_input_tokens,
+           cache_write_tokens, output_tokens, reasoning_tokens)
+         select * from unnest($1::text[], $2::text[], $3::int8[], $4::text[], $5::text[],
+           $6::timestamptz[], $7::bytea[], $8::bytea[], $9::text[], $10::text[], $11::text[],
+           $12::text[], $13::text[], $14::bool[], $15::int8[], $16::int8[], $17::int8[], $18::int8[],
+           $19::int8[])",
     )
     .bind(&r.tenant)
     .bind(&r.id)
     .bind(&r.seq)
     .bind(&r.type_)
-    .bind(&r.request_id)
     .bind(&r.source)
     .bind(&r.occurred_at)
-    .bind(&r.data)
+    .bind(&r.envelope)
     .bind(&r.hash)
+    .bind(&r.request_id)
+    .bind(&r.model)
+    .bind(&r.provider)
+    .bind(&r.api_key_id)
+    .bind(&r.status)
+    .bind(&r.batch)
+    .bind(&r.tokens[0])
+    .bind(&r.tokens[1])
+    .bind(&r.tokens[2])
+    .bind(&r.tokens[3])
+    .bind(&r.tokens[4])
     .execute(c)
     .await?;
     Ok(())
@@ -143,16 +161,16 @@ pub async fn insert_transfers(c: &mut PgConnection, r: &TransferRows) -> sqlx::R
         return Ok(());
     }
     sqlx::query(
-        "insert into transfers (tenant_id, seq, event_id, kind, debit_account, credit_account, amount,
-           currency, cost_version_id, price_version_id, markup_rule_id, breakdown)
-         select t, s, e, k, d, c, a, cu, cv, pv, mr, b::jsonb
-         from unnest($1::text[], $2::int8[], $3::text[], $4::text[], $5::text[], $6::text[],
+        "insert into transfers (tenant_id, seq, leg, kind, debit_account, credit_account,
+           amount, currency, cost_version_id, price_version_id, markup_rule_id, breakdown)
+         select t, s, l, k, d, c, a, cu, cv, pv, mr, b::json
+         from unnest($1::text[], $2::int8[], $3::int2[], $4::text[], $5::text[], $6::text[],
                      $7::numeric[], $8::text[], $9::int8[], $10::int8[], $11::int8[], $12::text[])
-           as x(t, s, e, k, d, c, a, cu, cv, pv, mr, b)",
+           as x(t, s, l, k, d, c, a, cu, cv, pv, mr, b)",
     )
     .bind(&r.tenant)
     .bind(&r.seq)
-    .bind(&r.event_id)
+    .bind(&r.leg)
     .bind(&r.kind)
     .bind(&r.debit)
     .bind(&r.credit)
@@ -174,51 +192,16 @@ pub async fn apply_projections(
     p: &Projections,
     tables: &ProjectionTables,
 ) -> sqlx::Result<()> {
-    if !p.requests.is_empty() {
-        let col = |f: fn(&RequestRow) -> String| p.requests.iter().map(f).collect::<Vec<_>>();
-        let tok = |i: usize| p.requests.iter().map(|r| r.tokens[i]).collect::<Vec<_>>();
-        sqlx::query(&format!(
-            "insert into {} (tenant_id, request_id, event_id, seq, occurred_at, api_key_id, provider,
-               model, status, batch, input_tokens, cached_input_tokens, cache_write_tokens,
-               output_tokens, reasoning_tokens, price_amount, cost_amount, currency)
-             select * from unnest($1::text[], $2::text[], $3::text[], $4::int8[], $5::timestamptz[],
-               $6::text[], $7::text[], $8::text[], $9::text[], $10::bool[], $11::int8[], $12::int8[],
-               $13::int8[], $14::int8[], $15::int8[], $16::numeric[], $17::numeric[], $18::text[])",
-            tables.requests
-        ))
-        .bind(col(|r| r.tenant.clone()))
-        .bind(col(|r| r.request_id.clone()))
-        .bind(col(|r| r.event_id.clone()))
-        .bind(p.requests.iter().map(|r| r.seq).collect::<Vec<_>>())
-        .bind(p.requests.iter().map(|r| r.occurred_at).collect::<Vec<_>>())
-        .bind(col(|r| r.api_key_id.clone()))
-        .bind(col(|r| r.provider.clone()))
-        .bind(col(|r| r.model.clone()))
-        .bind(col(|r| r.status.clone()))
-        .bind(p.requests.iter().map(|r| r.batch).collect::<Vec<_>>())
-        .bind(tok(0))
-        .bind(tok(1))
-        .bind(tok(2))
-        .bind(tok(3))
-        .bind(tok(4))
-        .bind(p.requests.iter().map(|r| r.price).collect::<Vec<_>>())
-        .bind(p.requests.iter().map(|r| r.cost).collect::<Vec<_>>())
-        .bind(col(|r| r.currency.clone()))
-        .execute(&mut *c)
-        .await?;
-    }
     upsert_rollups(c, &p.rollups, tables.rollups).await?;
     upsert_balances(c, &p.balances, tables.balances).await
 }
 
 pub struct ProjectionTables {
-    pub requests: &'static str,
     pub rollups: &'static str,
     pub balances: &'static str,
 }
 
 pub const LIVE: ProjectionTables = ProjectionTables {
-    requests: "request_views",
     rollups: "usage_rollups",
     balances: "account_balances",
 };

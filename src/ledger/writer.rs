@@ -22,7 +22,7 @@ use crate::pricing::{rate, CustomerPrice, PriceBook, PricingError, Rating, Side,
 #[derive(Clone, Debug)]
 pub struct Inbound {
     pub subject: String,
-    pub payload: Vec<u8>,
+    pub payload: bytes::Bytes,
     pub stream_seq: Option<u64>,
 }
 
@@ -131,7 +131,7 @@ impl Writer {
                     b.dead.tenant.push(None);
                     b.dead.event_id.push(rej.id.clone());
                     b.dead.stream_seq.push(m.stream_seq.map(|s| s as i64));
-                    b.dead.payload.push(m.payload.clone());
+                    b.dead.payload.push(m.payload.to_vec());
                     outcomes[i] = Outcome::DeadLettered("invalid_event");
                 }
             }
@@ -140,7 +140,7 @@ impl Writer {
         // 2. The price book, reloaded only when it changed.
         let stamp = book_stamp(&mut *tx).await?;
         if stamp != self.stamp {
-            self.book = load_book(&self.pool).await?;
+            self.book = load_book(&mut tx).await?;
             self.stamp = stamp;
         }
         // 3. Lock tenants; 4. find what already exists.
@@ -237,8 +237,8 @@ impl Writer {
                 stage_request(&mut b, &ev, u, r, seq);
             }
             stage_event(&mut b.events, &ev, seq);
-            for leg in &legs {
-                stage_transfer(&mut b, &ev, seq, currency, leg, rating.as_ref());
+            for (n, leg) in legs.iter().enumerate() {
+                stage_transfer(&mut b, &ev, seq, n as i16, currency, leg, rating.as_ref());
             }
             seen.insert(key, ev.payload_hash.to_vec());
             if let Some(r) = ev.request_id() {
@@ -264,7 +264,7 @@ fn dead(d: &mut DeadRows, m: &Inbound, reason: &str, detail: String, ev: Option<
     d.tenant.push(ev.map(|e| e.tenant_id().to_string()));
     d.event_id.push(ev.map(|e| e.id.clone()));
     d.stream_seq.push(m.stream_seq.map(|s| s as i64));
-    d.payload.push(m.payload.clone());
+    d.payload.push(m.payload.to_vec());
 }
 
 fn conflict(c: &mut ConflictRows, ev: &Event, kind: &str, existing: &str) {
@@ -277,20 +277,42 @@ fn conflict(c: &mut ConflictRows, ev: &Event, kind: &str, existing: &str) {
     c.hash.push(ev.payload_hash.to_vec());
 }
 
-fn stage_event(r: &mut EventRows, ev: &Event, seq: i64) {
+/// Stage one event's row (also used by the benchmark's plain-Postgres baseline).
+pub fn stage_event(r: &mut EventRows, ev: &Event, seq: i64) {
     r.tenant.push(ev.tenant_id().into());
     r.id.push(ev.id.clone());
     r.seq.push(seq);
     r.type_.push(ev.type_().into());
-    r.request_id.push(ev.request_id().map(str::to_string));
     r.source.push(ev.source.clone());
     r.occurred_at.push(ev.time);
-    r.data.push(ev.data_json().to_string());
+    r.envelope.push(ev.canonical.clone());
     r.hash.push(ev.payload_hash.to_vec());
+    let u = match &ev.data {
+        EventData::Usage(u) => Some(u),
+        EventData::Adjustment(_) => None,
+    };
+    r.request_id.push(u.map(|u| u.request_id.clone()));
+    r.model.push(u.map(|u| u.model.clone()));
+    r.provider.push(u.map(|u| u.provider.clone()));
+    r.api_key_id.push(u.and_then(|u| u.api_key_id.clone()));
+    r.status.push(u.map(|u| u.status.as_str().to_string()));
+    r.batch.push(u.map(|u| u.batch));
+    let counts = u.map(|u| {
+        [
+            u.input_tokens,
+            u.cached_input_tokens,
+            u.cache_write_tokens,
+            u.output_tokens,
+            u.reasoning_tokens,
+        ]
+    });
+    for (i, col) in r.tokens.iter_mut().enumerate() {
+        col.push(counts.map(|c| c[i] as i64));
+    }
 }
 
 fn stage_request(b: &mut Batch, ev: &Event, u: &UsageData, r: &Rating, seq: i64) {
-    b.proj.add_request(RequestRow {
+    b.proj.add_usage(RequestRow {
         tenant: u.tenant_id.clone(),
         request_id: u.request_id.clone(),
         event_id: ev.id.clone(),
@@ -318,6 +340,7 @@ fn stage_transfer(
     b: &mut Batch,
     ev: &Event,
     seq: i64,
+    n: i16,
     currency: &str,
     leg: &Leg,
     rating: Option<&Rating>,
@@ -326,7 +349,7 @@ fn stage_transfer(
     let tenant = ev.tenant_id();
     t.tenant.push(tenant.into());
     t.seq.push(seq);
-    t.event_id.push(ev.id.clone());
+    t.leg.push(n);
     t.kind.push(leg.kind.into());
     t.debit.push(leg.debit.clone());
     t.credit.push(leg.credit.clone());
@@ -336,12 +359,15 @@ fn stage_transfer(
     t.price_version
         .push(rating.and_then(|r| r.price_version_id));
     t.markup_rule.push(rating.and_then(|r| r.markup_rule_id));
-    let breakdown = match (&ev.data, rating) {
-        (_, Some(r)) => serde_json::to_string(r).expect("rating serialises"),
-        (EventData::Adjustment(a), None) => {
-            serde_json::to_string(a).expect("adjustment serialises")
+    // the breakdown is stored once per event, on its first leg
+    let breakdown = match (n, &ev.data, rating) {
+        (0, _, Some(r)) => {
+            Some(serde_json::to_string(&r.breakdown()).expect("breakdown serialises"))
         }
-        _ => "{}".into(),
+        (0, EventData::Adjustment(a), None) => {
+            Some(serde_json::to_string(a).expect("adjustment serialises"))
+        }
+        _ => None,
     };
     t.breakdown.push(breakdown);
     b.proj

@@ -6,7 +6,7 @@ pub mod import;
 mod rate;
 
 pub use book::{MarkupRule, PriceBook, PriceVersion, RateSet, Side};
-pub use rate::{rate, CustomerPrice, Line, Rating, Terms, TokenClass};
+pub use rate::{rate, Breakdown, CustomerPrice, Line, Rating, Terms, TokenClass};
 
 use rust_decimal::Decimal;
 

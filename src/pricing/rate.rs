@@ -2,7 +2,7 @@
 //! rounding: rounding happens once, on invoice lines.
 
 use rust_decimal::Decimal;
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 use super::{MarkupRule, PriceVersion, PricingError, RateSet, MTOK};
 use crate::events::UsageData;
@@ -156,28 +156,95 @@ pub fn rate(u: &UsageData, terms: Terms<'_>) -> Result<Rating, PricingError> {
     } else {
         Decimal::ZERO
     };
-    let cost_keep = Decimal::ONE - cost_discount;
-    let price_keep = Decimal::ONE - price_discount;
+    assemble(Breakdown {
+        v: 1,
+        tokens,
+        cost_rates,
+        price_rates,
+        long_context: long,
+        batch: u.batch,
+        cost_batch_discount: cost_discount,
+        price_batch_discount: price_discount,
+        markup_percent,
+        currency: terms.cost.currency.clone(),
+        cost_version_id: terms.cost.id,
+        price_version_id,
+        markup_rule_id,
+    })
+}
 
-    // 3 and 4. Cost side and customer list price, per token class.
+/// What a charge is computed from: the token split, the rates and discounts in force,
+/// and the versions they came from. This compact form is what the ledger stores with
+/// each usage transfer; [`Breakdown::expand`] recomputes every line exactly.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Breakdown {
+    /// Format version.
+    pub v: u8,
+    /// input (uncached), cached input, cache write, output (plain), reasoning
+    pub tokens: [u64; 5],
+    pub cost_rates: [Decimal; 5],
+    pub price_rates: [Decimal; 5],
+    pub long_context: bool,
+    pub batch: bool,
+    pub cost_batch_discount: Decimal,
+    pub price_batch_discount: Decimal,
+    pub markup_percent: Option<Decimal>,
+    pub currency: String,
+    pub cost_version_id: i64,
+    pub price_version_id: Option<i64>,
+    pub markup_rule_id: Option<i64>,
+}
+
+impl Breakdown {
+    /// The full rating, every line recomputed from the stored inputs.
+    pub fn expand(self) -> Result<Rating, PricingError> {
+        assemble(self)
+    }
+}
+
+impl Rating {
+    pub fn breakdown(&self) -> Breakdown {
+        Breakdown {
+            v: 1,
+            tokens: std::array::from_fn(|i| self.lines[i].tokens),
+            cost_rates: std::array::from_fn(|i| self.lines[i].cost_rate_per_mtok),
+            price_rates: std::array::from_fn(|i| self.lines[i].price_rate_per_mtok),
+            long_context: self.long_context,
+            batch: self.batch,
+            cost_batch_discount: self.cost_batch_discount,
+            price_batch_discount: self.price_batch_discount,
+            markup_percent: self.markup_percent,
+            currency: self.currency.clone(),
+            cost_version_id: self.cost_version_id,
+            price_version_id: self.price_version_id,
+            markup_rule_id: self.markup_rule_id,
+        }
+    }
+}
+
+/// Steps 3 and 4: cost and customer price per token class, then the totals.
+fn assemble(b: Breakdown) -> Result<Rating, PricingError> {
+    let ov = |x: Option<Decimal>| x.ok_or(PricingError::Overflow);
+    let cost_keep = Decimal::ONE - b.cost_batch_discount;
+    let price_keep = Decimal::ONE - b.price_batch_discount;
     let mut lines = Vec::with_capacity(5);
     let (mut cost_list, mut price_list, mut cost, mut price) =
         (Decimal::ZERO, Decimal::ZERO, Decimal::ZERO, Decimal::ZERO);
     for i in 0..5 {
-        let n = Decimal::from(tokens[i]);
-        let cl = ov(ov(n.checked_mul(cost_rates[i]))?.checked_div(MTOK))?;
-        let pl = ov(ov(n.checked_mul(price_rates[i]))?.checked_div(MTOK))?;
+        let n = Decimal::from(b.tokens[i]);
+        let cl = ov(ov(n.checked_mul(b.cost_rates[i]))?.checked_div(MTOK))?;
+        let pl = ov(ov(n.checked_mul(b.price_rates[i]))?.checked_div(MTOK))?;
         let c = ov(cl.checked_mul(cost_keep))?;
         let p = ov(pl.checked_mul(price_keep))?;
-        cost_list += cl;
-        price_list += pl;
-        cost += c;
-        price += p;
+        cost_list = ov(cost_list.checked_add(cl))?;
+        price_list = ov(price_list.checked_add(pl))?;
+        cost = ov(cost.checked_add(c))?;
+        price = ov(price.checked_add(p))?;
         lines.push(Line {
             class: CLASSES[i],
-            tokens: tokens[i],
-            cost_rate_per_mtok: cost_rates[i].normalize(),
-            price_rate_per_mtok: price_rates[i].normalize(),
+            tokens: b.tokens[i],
+            cost_rate_per_mtok: b.cost_rates[i].normalize(),
+            price_rate_per_mtok: b.price_rates[i].normalize(),
             cost_list: cl.normalize(),
             price_list: pl.normalize(),
             cost: c.normalize(),
@@ -186,19 +253,19 @@ pub fn rate(u: &UsageData, terms: Terms<'_>) -> Result<Rating, PricingError> {
     }
     Ok(Rating {
         lines,
-        long_context: long,
-        batch: u.batch,
-        cost_batch_discount: cost_discount.normalize(),
-        price_batch_discount: price_discount.normalize(),
-        markup_percent: markup_percent.map(|d| d.normalize()),
+        long_context: b.long_context,
+        batch: b.batch,
+        cost_batch_discount: b.cost_batch_discount.normalize(),
+        price_batch_discount: b.price_batch_discount.normalize(),
+        markup_percent: b.markup_percent.map(|d| d.normalize()),
         cost_list: cost_list.normalize(),
         price_list: price_list.normalize(),
         cost: cost.normalize(),
         price: price.normalize(),
         margin: (price - cost).normalize(),
-        currency: terms.cost.currency.clone(),
-        cost_version_id: terms.cost.id,
-        price_version_id,
-        markup_rule_id,
+        currency: b.currency,
+        cost_version_id: b.cost_version_id,
+        price_version_id: b.price_version_id,
+        markup_rule_id: b.markup_rule_id,
     })
 }

@@ -6,6 +6,8 @@ use serde::Serialize;
 use serde_json::Value;
 use sqlx::PgPool;
 
+use crate::pricing::Breakdown;
+
 #[derive(Debug, Serialize, sqlx::FromRow, utoipa::ToSchema)]
 pub struct RequestView {
     pub request_id: String,
@@ -32,7 +34,9 @@ pub struct RequestView {
 
 #[derive(Debug, Serialize, sqlx::FromRow, utoipa::ToSchema)]
 pub struct TransferView {
-    pub id: i64,
+    /// The event's ledger position and this transfer's place among its legs.
+    pub seq: i64,
+    pub leg: i16,
     pub kind: String,
     pub debit_account: String,
     pub credit_account: String,
@@ -74,25 +78,30 @@ pub async fn request(
     .await?;
     let Some(view) = view else { return Ok(None) };
     let transfers: Vec<TransferView> = sqlx::query_as(
-        "select id, kind, debit_account, credit_account, amount, currency::text as currency,
+        "select seq, leg, kind, debit_account, credit_account, amount, currency::text as currency,
                 cost_version_id, price_version_id, markup_rule_id, recorded_at
-         from transfers where tenant_id = $1 and seq = $2 order by id",
+         from transfers where tenant_id = $1 and seq = $2 order by leg",
     )
     .bind(tenant)
     .bind(view.seq)
     .fetch_all(pool)
     .await?;
-    let breakdown: Option<Value> = sqlx::query_scalar(
-        "select breakdown from transfers where tenant_id = $1 and seq = $2 and kind like 'usage_%'
-         order by id limit 1",
+    let stored: Option<String> = sqlx::query_scalar(
+        "select breakdown::text from transfers where tenant_id = $1 and seq = $2 and leg = 0",
     )
     .bind(tenant)
     .bind(view.seq)
     .fetch_optional(pool)
     .await?;
+    // the stored compact breakdown, expanded into every line with its amounts
+    let breakdown = stored
+        .and_then(|t| serde_json::from_str::<Breakdown>(&t).ok())
+        .and_then(|b| b.expand().ok())
+        .map(|r| serde_json::to_value(r).expect("rating serialises"))
+        .unwrap_or(Value::Null);
     Ok(Some(RequestDetail {
         view,
-        breakdown: breakdown.unwrap_or(Value::Null),
+        breakdown,
         transfers,
     }))
 }

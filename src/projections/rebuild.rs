@@ -2,8 +2,6 @@
 //! verify: rebuilt == live, balances sum to zero, and re-rating under the recorded
 //! versions reproduces every stored charge.
 
-use std::collections::BTreeMap;
-
 use futures::TryStreamExt;
 use rust_decimal::Decimal;
 use sqlx::{Executor, PgConnection, PgPool};
@@ -11,29 +9,13 @@ use sqlx::{Executor, PgConnection, PgPool};
 use crate::catalog::prices::load_book;
 use crate::events::{self, EventData};
 use crate::ledger::writer::terms_for;
-use crate::pricing::{rate, CustomerPrice, PriceBook, Terms};
+use crate::pricing::{rate, Breakdown, CustomerPrice, PriceBook, Terms};
 
-const REQUEST_SELECT: &str = "
-    select e.tenant_id, e.request_id, e.id as event_id, e.seq, e.occurred_at,
-      coalesce(e.data->>'api_key_id', '') as api_key_id, e.data->>'provider' as provider,
-      e.data->>'model' as model, e.data->>'status' as status, (e.data->>'batch')::bool as batch,
-      (e.data->>'input_tokens')::int8 as input_tokens,
-      (e.data->>'cached_input_tokens')::int8 as cached_input_tokens,
-      (e.data->>'cache_write_tokens')::int8 as cache_write_tokens,
-      (e.data->>'output_tokens')::int8 as output_tokens,
-      (e.data->>'reasoning_tokens')::int8 as reasoning_tokens,
-      coalesce(p.price, 0) as price_amount, coalesce(p.cost, 0) as cost_amount, t.currency
-    from events e
-    join tenants t on t.id = e.tenant_id
-    left join (select tenant_id, seq,
-                 sum(amount) filter (where kind = 'usage_price') as price,
-                 sum(amount) filter (where kind = 'usage_cost') as cost
-               from transfers where kind in ('usage_price', 'usage_cost')
-               group by tenant_id, seq) p on p.tenant_id = e.tenant_id and p.seq = e.seq
-    where e.type = 'tokenledger.usage.v1'";
+/// Usage events with their rated amounts, straight from the record.
+const REQUEST_SELECT: &str = "select * from request_views e where true";
 
-/// Fill `{prefix}request_views`, `{prefix}usage_rollups`, `{prefix}account_balances`
-/// from the record. With `delta`, only events after `rebuild_hwm` are added (rollups
+/// Fill `{prefix}usage_rollups` and `{prefix}account_balances` from the record
+/// (`request_views` is a plain view over it). With `delta`, only events after `rebuild_hwm` are added (rollups
 /// and balances are added to, not replaced).
 async fn populate(c: &mut PgConnection, prefix: &str, delta: bool) -> sqlx::Result<()> {
     let (filter, tfilter) = if delta {
@@ -44,11 +26,6 @@ async fn populate(c: &mut PgConnection, prefix: &str, delta: bool) -> sqlx::Resu
     } else {
         ("", "")
     };
-    c.execute(
-        format!("insert into {prefix}request_views select * from ({REQUEST_SELECT}{filter}) r")
-            .as_str(),
-    )
-    .await?;
     c.execute(
         format!(
             "insert into {prefix}usage_rollups as u
@@ -86,7 +63,7 @@ async fn populate(c: &mut PgConnection, prefix: &str, delta: bool) -> sqlx::Resu
     Ok(())
 }
 
-const TABLES: [&str; 3] = ["request_views", "usage_rollups", "account_balances"];
+const TABLES: [&str; 2] = ["usage_rollups", "account_balances"];
 
 /// Rebuild every projection into shadow tables and swap them in. Safe while `serve`
 /// runs: the bulk of the work reads a snapshot; the swap locks `tenant_heads` (so
@@ -169,126 +146,147 @@ pub async fn verify(owner: &PgPool) -> anyhow::Result<VerifyReport> {
             .differences
             .push(format!("balances in {cur} sum to {sum}, not zero"));
     }
-    let book = load_book(owner).await?;
+    let book = load_book(&mut c).await?;
     rerate(&mut c, &book, &mut report).await?;
     c.execute("rollback").await?;
     Ok(report)
 }
 
-type RecordRow = (
-    String,
-    String,
-    String,
-    chrono::DateTime<chrono::Utc>,
-    serde_json::Value,
-    String,
-    Option<i64>,
-    Option<i64>,
-    Option<i64>,
-    Decimal,
-    Decimal,
-    i64,
-);
+/// One usage event as recorded: its envelope and what its transfers say.
+#[derive(sqlx::FromRow)]
+struct Recorded {
+    tenant_id: String,
+    id: String,
+    occurred_at: chrono::DateTime<chrono::Utc>,
+    envelope: Vec<u8>,
+    currency: String,
+    breakdown: Option<String>,
+    price: Decimal,
+    cost: Decimal,
+    legs: i64,
+}
 
 async fn rerate(
     c: &mut PgConnection,
     book: &PriceBook,
     report: &mut VerifyReport,
 ) -> anyhow::Result<()> {
-    let mut rows = sqlx::query_as::<_, RecordRow>(
-        "select e.tenant_id, e.id, e.source, e.occurred_at, e.data, t.currency::text,
-           max(x.cost_version_id), max(x.price_version_id), max(x.markup_rule_id),
-           coalesce(sum(x.amount) filter (where x.kind = 'usage_price'), 0),
-           coalesce(sum(x.amount) filter (where x.kind = 'usage_cost'), 0),
-           count(x.id)
+    let mut rows = sqlx::query_as::<_, Recorded>(
+        "select e.tenant_id, e.id, e.occurred_at, e.envelope, t.currency::text as currency,
+           (select b.breakdown::text from transfers b
+             where b.tenant_id = e.tenant_id and b.seq = e.seq and b.leg = 0) as breakdown,
+           coalesce(sum(x.amount) filter (where x.kind = 'usage_price'), 0) as price,
+           coalesce(sum(x.amount) filter (where x.kind = 'usage_cost'), 0) as cost,
+           count(x.leg) as legs
          from events e join tenants t on t.id = e.tenant_id
          left join transfers x on x.tenant_id = e.tenant_id and x.seq = e.seq
          where e.type = 'tokenledger.usage.v1'
-         group by e.tenant_id, e.id, e.source, e.occurred_at, e.data, t.currency
-         order by e.tenant_id, e.id",
+         group by e.tenant_id, e.id, e.seq, e.occurred_at, e.envelope, t.currency
+         order by e.tenant_id, e.seq",
     )
     .fetch(&mut *c);
-    let mut found = BTreeMap::new();
     while let Some(row) = rows.try_next().await? {
         report.events_rerated += 1;
         if let Some(d) = rerate_one(book, row) {
-            found.insert(found.len(), d);
-            if found.len() >= 20 {
+            report.differences.push(d);
+            if report.differences.len() >= 20 {
                 break;
             }
         }
     }
-    report.differences.extend(found.into_values());
     Ok(())
 }
 
-fn rerate_one(book: &PriceBook, row: RecordRow) -> Option<String> {
-    let (tenant, id, source, at, data, currency, cost_v, price_v, markup_id, price, cost, n) = row;
-    let env = serde_json::json!({"specversion": "1.0", "id": id, "source": source,
-        "type": events::USAGE_V1, "time": at.to_rfc3339(), "data": data});
+/// The recorded versions of a charge, from its stored breakdown.
+fn recorded_terms<'b>(book: &'b PriceBook, b: &Breakdown) -> Result<Terms<'b>, String> {
+    let cost = book
+        .version_by_id(b.cost_version_id)
+        .ok_or_else(|| format!("recorded cost version {} not found", b.cost_version_id))?;
+    let price = match b.price_version_id {
+        Some(p) => CustomerPrice::Explicit(
+            book.version_by_id(p)
+                .ok_or_else(|| format!("recorded price version {p} not found"))?,
+        ),
+        None => CustomerPrice::Markup(match b.markup_rule_id {
+            Some(m) => Some(
+                book.markup_by_id(m)
+                    .ok_or_else(|| format!("recorded markup rule {m} not found"))?,
+            ),
+            None => None,
+        }),
+    };
+    Ok(Terms { cost, price })
+}
+
+fn same_versions(a: &Terms<'_>, b: &Terms<'_>) -> bool {
+    a.cost.id == b.cost.id
+        && match (a.price, b.price) {
+            (CustomerPrice::Explicit(x), CustomerPrice::Explicit(y)) => x.id == y.id,
+            (CustomerPrice::Markup(x), CustomerPrice::Markup(y)) => {
+                x.map(|r| r.id) == y.map(|r| r.id)
+            }
+            _ => false,
+        }
+}
+
+fn rerate_one(book: &PriceBook, r: Recorded) -> Option<String> {
+    let who = format!("event {}/{}", r.tenant_id, r.id);
     let far = chrono::DateTime::<chrono::Utc>::MAX_UTC - chrono::Duration::days(1);
-    let ev = match events::parse(env, far) {
+    let ev = match events::parse_bytes(&r.envelope, far) {
         Ok(ev) => ev,
-        Err(r) => {
+        Err(e) => {
             return Some(format!(
-                "event {tenant}/{id}: stored data no longer validates: {}",
-                r.summary()
+                "{who}: stored envelope no longer validates: {}",
+                e.summary()
             ))
         }
     };
     let EventData::Usage(u) = &ev.data else {
         return None;
     };
-    let in_force = terms_for(book, u, &currency, at);
-    let terms = if n == 0 {
-        match in_force {
+    let in_force = terms_for(book, u, &r.currency, r.occurred_at);
+    let terms = match (&r.breakdown, r.legs) {
+        // nothing was charged: whatever is in force must rate it at zero
+        (None, 0) => match in_force {
             Ok(t) => t,
-            Err(e) => return Some(format!("event {tenant}/{id}: {e}")),
-        }
-    } else {
-        let Some(cost_version) = cost_v.and_then(|v| book.version_by_id(v)) else {
-            return Some(format!(
-                "event {tenant}/{id}: recorded cost version {cost_v:?} not found"
-            ));
-        };
-        let price = match (price_v, markup_id) {
-            (Some(p), _) => match book.version_by_id(p) {
-                Some(v) => CustomerPrice::Explicit(v),
-                None => {
+            Err(e) => return Some(format!("{who}: {e}")),
+        },
+        (Some(text), _) => {
+            let stored: Breakdown = match serde_json::from_str(text) {
+                Ok(b) => b,
+                Err(e) => return Some(format!("{who}: stored breakdown unreadable: {e}")),
+            };
+            let recorded = match recorded_terms(book, &stored) {
+                Ok(t) => t,
+                Err(e) => return Some(format!("{who}: {e}")),
+            };
+            match &in_force {
+                Ok(now) if same_versions(now, &recorded) => {}
+                _ => {
                     return Some(format!(
-                        "event {tenant}/{id}: recorded price version {p} not found"
+                        "{who}: recorded versions are not the ones in force at {}",
+                        r.occurred_at
                     ))
                 }
-            },
-            (None, m) => CustomerPrice::Markup(m.and_then(|m| book.markup_by_id(m))),
-        };
-        let recorded = Terms {
-            cost: cost_version,
-            price,
-        };
-        if let Ok(now) = in_force {
-            let same = now.cost.id == recorded.cost.id
-                && match (now.price, recorded.price) {
-                    (CustomerPrice::Explicit(a), CustomerPrice::Explicit(b)) => a.id == b.id,
-                    (CustomerPrice::Markup(a), CustomerPrice::Markup(b)) => {
-                        a.map(|r| r.id) == b.map(|r| r.id)
-                    }
-                    _ => false,
-                };
-            if !same {
-                return Some(format!(
-                    "event {tenant}/{id}: recorded versions are not the ones in force at {at}"
-                ));
             }
+            match rate(u, recorded) {
+                Ok(rt) if rt.breakdown() != stored => {
+                    return Some(format!(
+                        "{who}: re-rating gives a different breakdown than the stored one"
+                    ))
+                }
+                _ => {}
+            }
+            recorded
         }
-        recorded
+        (None, _) => return Some(format!("{who}: transfers without a breakdown")),
     };
     match rate(u, terms) {
-        Ok(r) if r.price == price && r.cost == cost => None,
-        Ok(r) => Some(format!(
-            "event {tenant}/{id}: re-rated price {} cost {} but recorded price {price} cost {cost}",
-            r.price, r.cost
+        Ok(rt) if rt.price == r.price && rt.cost == r.cost => None,
+        Ok(rt) => Some(format!(
+            "{who}: re-rated price {} cost {} but recorded price {} cost {}",
+            rt.price, rt.cost, r.price, r.cost
         )),
-        Err(e) => Some(format!("event {tenant}/{id}: re-rating failed: {e}")),
+        Err(e) => Some(format!("{who}: re-rating failed: {e}")),
     }
 }
