@@ -80,17 +80,15 @@ async fn fresh(
     let prices = pricing::import::parse_litellm(&text)?;
     let t0 = "2020-01-01T00:00:00Z".parse()?;
     let skew = chrono::Duration::minutes(5);
-    catalog::prices::import(
-        &pool,
-        &prices,
-        "USD",
-        t0,
-        None,
-        chrono::Utc::now(),
+    let opts = catalog::prices::ImportOptions {
+        currency: "USD",
+        first_effective_from: t0,
+        effective_from: None,
+        now: chrono::Utc::now(),
         skew,
-        "bench",
-    )
-    .await?;
+        source: "bench",
+    };
+    catalog::prices::import(&pool, &prices, &opts).await?;
     catalog::prices::add_markup(
         &pool,
         None,

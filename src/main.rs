@@ -128,17 +128,15 @@ async fn main() -> anyhow::Result<()> {
                 .file_name()
                 .map(|f| f.to_string_lossy().into_owned())
                 .unwrap_or_default();
-            let (added, unchanged) = catalog::prices::import(
-                &pool,
-                &prices,
-                &currency,
+            let opts = catalog::prices::ImportOptions {
+                currency: &currency,
                 first_effective_from,
                 effective_from,
-                Utc::now(),
+                now: Utc::now(),
                 skew,
-                &source,
-            )
-            .await?;
+                source: &source,
+            };
+            let (added, unchanged) = catalog::prices::import(&pool, &prices, &opts).await?;
             println!(
                 "imported {} models: {added} new versions, {unchanged} unchanged",
                 prices.len()

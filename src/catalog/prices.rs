@@ -249,19 +249,26 @@ pub async fn add_price(
     Ok(row.into())
 }
 
+/// How an import dates and labels what it adds.
+pub struct ImportOptions<'a> {
+    pub currency: &'a str,
+    /// When a model's first price takes effect (it may be in the past).
+    pub first_effective_from: DateTime<Utc>,
+    /// When changed prices take effect (default now plus the skew; never earlier).
+    pub effective_from: Option<DateTime<Utc>>,
+    pub now: DateTime<Utc>,
+    pub skew: chrono::Duration,
+    pub source: &'a str,
+}
+
 /// Import a LiteLLM map as cost-side versions. Entries identical to the version already
-/// in force are skipped. New models take effect from `first_effective_from`, changed
-/// ones from `effective_from` (which must be no earlier than now plus the skew).
+/// in force are skipped. Returns (versions added, entries unchanged).
 pub async fn import(
     pool: &PgPool,
     prices: &[ImportedPrice],
-    currency: &str,
-    first_effective_from: DateTime<Utc>,
-    effective_from: Option<DateTime<Utc>>,
-    now: DateTime<Utc>,
-    skew: chrono::Duration,
-    source: &str,
+    o: &ImportOptions<'_>,
 ) -> Result<(usize, usize), CatalogError> {
+    let (currency, now, skew) = (o.currency, o.now, o.skew);
     let book = load_book(&mut *pool.acquire().await?).await?;
     let mut tx = pool.begin().await?;
     let (mut added, mut unchanged) = (0, 0);
@@ -291,9 +298,9 @@ pub async fn import(
             side: "cost".into(),
             currency: currency.into(),
             effective_from: Some(if current.is_some() {
-                effective_from.unwrap_or(now + skew)
+                o.effective_from.unwrap_or(now + skew)
             } else {
-                first_effective_from
+                o.first_effective_from
             }),
             input_per_mtok: p.base.input.unwrap_or_default(),
             cached_input_per_mtok: p.base.cached_input,
@@ -307,7 +314,7 @@ pub async fn import(
             long_cache_write_per_mtok: p.long.cache_write,
             long_output_per_mtok: p.long.output,
             long_reasoning_per_mtok: p.long.reasoning,
-            source: source.into(),
+            source: o.source.into(),
         };
         add_price(&mut tx, &new, now, skew).await?;
         added += 1;

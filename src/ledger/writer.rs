@@ -67,13 +67,76 @@ pub fn terms_for<'b>(
     Ok(Terms { cost, price })
 }
 
+/// Why an event cannot apply: a dead-letter reason code and a sentence.
+type Rejected = (&'static str, String);
+
+/// Everything one batch appends, staged column by column.
+#[derive(Default)]
 struct Batch {
     events: EventRows,
     transfers: TransferRows,
     conflicts: ConflictRows,
     dead: DeadRows,
     proj: Projections,
+    /// The last sequence number assigned per tenant in this batch.
     heads: HashMap<String, i64>,
+}
+
+impl Batch {
+    /// One statement per table, then the new tenant heads.
+    async fn write(&self, tx: &mut sqlx::PgConnection) -> sqlx::Result<()> {
+        store::insert_events(tx, &self.events).await?;
+        store::insert_transfers(tx, &self.transfers).await?;
+        store::insert_conflicts(tx, &self.conflicts).await?;
+        store::insert_dead(tx, &self.dead).await?;
+        store::apply_projections(tx, &self.proj, &store::LIVE).await?;
+        store::advance_heads(tx, &self.heads).await
+    }
+}
+
+/// What the database already holds for this batch, read under the tenant locks.
+struct Known {
+    /// tenant -> (last sequence number, billing currency), for existing tenants
+    tenants: HashMap<String, (i64, String)>,
+    /// (tenant, event id) -> payload hash
+    events: HashMap<(String, String), Vec<u8>>,
+    /// (tenant, request id) -> event id
+    requests: HashMap<(String, String), String>,
+}
+
+impl Known {
+    async fn load(tx: &mut sqlx::PgConnection, parsed: &[(usize, Event)]) -> sqlx::Result<Known> {
+        let mut tenants: Vec<String> = parsed
+            .iter()
+            .map(|(_, e)| e.tenant_id().to_string())
+            .collect();
+        tenants.sort();
+        tenants.dedup();
+        let locked = store::lock_tenants(tx, &tenants).await?;
+        let keys: Vec<(String, String)> = parsed
+            .iter()
+            .map(|(_, e)| (e.tenant_id().to_string(), e.id.clone()))
+            .collect();
+        let reqs: Vec<(String, String)> = parsed
+            .iter()
+            .filter_map(|(_, e)| {
+                e.request_id()
+                    .map(|r| (e.tenant_id().to_string(), r.to_string()))
+            })
+            .collect();
+        let mut known = Known {
+            tenants: locked,
+            events: HashMap::new(),
+            requests: HashMap::new(),
+        };
+        for (t, id, hash, rq) in store::existing(tx, &keys, &reqs).await? {
+            if let Some(r) = rq {
+                known.requests.insert((t.clone(), r), id.clone());
+            }
+            known.events.insert((t, id), hash);
+        }
+        Ok(known)
+    }
 }
 
 impl Writer {
@@ -102,16 +165,33 @@ impl Writer {
         now: DateTime<Utc>,
     ) -> sqlx::Result<Vec<Outcome>> {
         let mut outcomes = vec![Outcome::Applied; msgs.len()];
-        let mut b = Batch {
-            events: EventRows::default(),
-            transfers: TransferRows::default(),
-            conflicts: ConflictRows::default(),
-            dead: DeadRows::default(),
-            proj: Projections::default(),
-            heads: HashMap::new(),
-        };
-        // 1. Decode and validate.
-        let mut parsed: Vec<(usize, Event)> = Vec::with_capacity(msgs.len());
+        let mut b = Batch::default();
+        let parsed = self.decode(msgs, now, &mut b, &mut outcomes);
+        let mut tx = self.pool.begin().await?;
+        // the price book, reloaded only when it changed
+        let stamp = book_stamp(&mut *tx).await?;
+        if stamp != self.stamp {
+            self.book = load_book(&mut tx).await?;
+            self.stamp = stamp;
+        }
+        let mut known = Known::load(&mut tx, &parsed).await?;
+        for (i, ev) in parsed {
+            outcomes[i] = self.stage(&mut b, &mut known, &msgs[i], ev);
+        }
+        b.write(&mut tx).await?;
+        tx.commit().await?;
+        Ok(outcomes)
+    }
+
+    /// Decode and validate; what fails is dead-lettered.
+    fn decode(
+        &self,
+        msgs: &[Inbound],
+        now: DateTime<Utc>,
+        b: &mut Batch,
+        outcomes: &mut [Outcome],
+    ) -> Vec<(usize, Event)> {
+        let mut parsed = Vec::with_capacity(msgs.len());
         for (i, m) in msgs.iter().enumerate() {
             match parse_bytes(&m.payload, now) {
                 Ok(ev) if m.subject != self.expected_subject(ev.tenant_id()) => {
@@ -120,149 +200,117 @@ impl Writer {
                         m.subject,
                         ev.tenant_id()
                     );
-                    dead(&mut b.dead, m, "subject_mismatch", detail, Some(&ev));
+                    dead(&mut b.dead, m, "subject_mismatch", detail, Some(&ev), None);
                     outcomes[i] = Outcome::DeadLettered("subject_mismatch");
                 }
                 Ok(ev) => parsed.push((i, ev)),
                 Err(rej) => {
-                    b.dead.reason.push("invalid_event".into());
-                    b.dead.detail.push(rej.summary());
-                    b.dead.subject.push(m.subject.clone());
-                    b.dead.tenant.push(None);
-                    b.dead.event_id.push(rej.id.clone());
-                    b.dead.stream_seq.push(m.stream_seq.map(|s| s as i64));
-                    b.dead.payload.push(m.payload.to_vec());
+                    dead(
+                        &mut b.dead,
+                        m,
+                        "invalid_event",
+                        rej.summary(),
+                        None,
+                        rej.id.clone(),
+                    );
                     outcomes[i] = Outcome::DeadLettered("invalid_event");
                 }
             }
         }
-        let mut tx = self.pool.begin().await?;
-        // 2. The price book, reloaded only when it changed.
-        let stamp = book_stamp(&mut *tx).await?;
-        if stamp != self.stamp {
-            self.book = load_book(&mut tx).await?;
-            self.stamp = stamp;
+        parsed
+    }
+
+    /// Decide one event's fate in ledger order: duplicate, conflict, dead letter, or
+    /// rated and staged with the tenant's next sequence number.
+    fn stage(&self, b: &mut Batch, known: &mut Known, m: &Inbound, ev: Event) -> Outcome {
+        let tenant = ev.tenant_id().to_string();
+        let Some((last_seq, currency)) = known.tenants.get(&tenant) else {
+            dead(
+                &mut b.dead,
+                m,
+                "unknown_tenant",
+                format!("tenant {tenant:?} does not exist"),
+                Some(&ev),
+                None,
+            );
+            return Outcome::DeadLettered("unknown_tenant");
+        };
+        let key = (tenant.clone(), ev.id.clone());
+        if let Some(h) = known.events.get(&key) {
+            if h.as_slice() == ev.payload_hash {
+                return Outcome::Duplicate;
+            }
+            conflict(&mut b.conflicts, &ev, "payload_differs", &ev.id);
+            return Outcome::Conflict;
         }
-        // 3. Lock tenants; 4. find what already exists.
-        let mut tenants: Vec<String> = parsed
-            .iter()
-            .map(|(_, e)| e.tenant_id().to_string())
-            .collect();
-        tenants.sort();
-        tenants.dedup();
-        let locked = store::lock_tenants(&mut tx, &tenants).await?;
-        let keys: Vec<(String, String)> = parsed
-            .iter()
-            .map(|(_, e)| (e.tenant_id().to_string(), e.id.clone()))
-            .collect();
-        let reqs: Vec<(String, String)> = parsed
-            .iter()
-            .filter_map(|(_, e)| {
-                e.request_id()
-                    .map(|r| (e.tenant_id().to_string(), r.to_string()))
-            })
-            .collect();
-        let mut seen: HashMap<(String, String), Vec<u8>> = HashMap::new();
-        let mut req_owner: HashMap<(String, String), String> = HashMap::new();
-        for (t, id, hash, rq) in store::existing(&mut tx, &keys, &reqs).await? {
-            if let Some(r) = rq {
-                req_owner.insert((t.clone(), r), id.clone());
-            }
-            seen.insert((t, id), hash);
+        if let Some(owner) = ev
+            .request_id()
+            .and_then(|r| known.requests.get(&(tenant.clone(), r.to_string())))
+        {
+            conflict(&mut b.conflicts, &ev, "request_id_taken", owner);
+            return Outcome::Conflict;
         }
-        // 5. Decide, rate and stage every event in message order.
-        for (i, ev) in parsed {
-            let m = &msgs[i];
-            let tenant = ev.tenant_id().to_string();
-            let Some((_, currency)) = locked.get(&tenant) else {
-                dead(
-                    &mut b.dead,
-                    m,
-                    "unknown_tenant",
-                    format!("tenant {tenant:?} does not exist"),
-                    Some(&ev),
-                );
-                outcomes[i] = Outcome::DeadLettered("unknown_tenant");
-                continue;
-            };
-            let key = (tenant.clone(), ev.id.clone());
-            if let Some(h) = seen.get(&key) {
-                outcomes[i] = if h.as_slice() == ev.payload_hash {
-                    Outcome::Duplicate
-                } else {
-                    conflict(&mut b.conflicts, &ev, "payload_differs", &ev.id);
-                    Outcome::Conflict
-                };
-                continue;
+        let (legs, rating) = match self.legs(&ev, currency) {
+            Ok(x) => x,
+            Err((reason, detail)) => {
+                dead(&mut b.dead, m, reason, detail, Some(&ev), None);
+                return Outcome::DeadLettered(reason);
             }
-            if let Some(r) = ev.request_id() {
-                if let Some(owner) = req_owner.get(&(tenant.clone(), r.to_string())) {
-                    conflict(&mut b.conflicts, &ev, "request_id_taken", owner);
-                    outcomes[i] = Outcome::Conflict;
-                    continue;
-                }
-            }
-            let (legs, rating): (Vec<Leg>, Option<Rating>) = match &ev.data {
-                EventData::Usage(u) => {
-                    match terms_for(&self.book, u, currency, ev.time).and_then(|t| rate(u, t)) {
-                        Ok(r) => (usage_legs(&u.provider, &r), Some(r)),
-                        Err(e) => {
-                            let reason = match e {
-                                PricingError::Unpriced { .. } => "unpriced_model",
-                                PricingError::Overflow => "rating_failed",
-                            };
-                            dead(&mut b.dead, m, reason, e.to_string(), Some(&ev));
-                            outcomes[i] = Outcome::DeadLettered(reason);
-                            continue;
-                        }
-                    }
-                }
-                EventData::Adjustment(a) => {
-                    if &a.currency != currency {
-                        let detail = format!(
-                            "adjustment in {} for a tenant billed in {currency}",
-                            a.currency
-                        );
-                        dead(&mut b.dead, m, "currency_mismatch", detail, Some(&ev));
-                        outcomes[i] = Outcome::DeadLettered("currency_mismatch");
-                        continue;
-                    }
-                    (vec![adjustment_leg(a)], None)
-                }
-            };
-            let head = b.heads.entry(tenant.clone()).or_insert(locked[&tenant].0);
-            *head += 1;
-            let seq = *head;
-            if let (EventData::Usage(u), Some(r)) = (&ev.data, &rating) {
-                stage_request(&mut b, &ev, u, r, seq);
-            }
-            stage_event(&mut b.events, &ev, seq);
-            for (n, leg) in legs.iter().enumerate() {
-                stage_transfer(&mut b, &ev, seq, n as i16, currency, leg, rating.as_ref());
-            }
-            seen.insert(key, ev.payload_hash.to_vec());
-            if let Some(r) = ev.request_id() {
-                req_owner.insert((tenant.clone(), r.to_string()), ev.id.clone());
-            }
+        };
+        let head = b.heads.entry(tenant.clone()).or_insert(*last_seq);
+        *head += 1;
+        let seq = *head;
+        if let (EventData::Usage(u), Some(r)) = (&ev.data, &rating) {
+            stage_request(b, &ev, u, r, seq);
         }
-        // 6. Append and project, then commit.
-        store::insert_events(&mut tx, &b.events).await?;
-        store::insert_transfers(&mut tx, &b.transfers).await?;
-        store::insert_conflicts(&mut tx, &b.conflicts).await?;
-        store::insert_dead(&mut tx, &b.dead).await?;
-        store::apply_projections(&mut tx, &b.proj, &store::LIVE).await?;
-        store::advance_heads(&mut tx, &b.heads).await?;
-        tx.commit().await?;
-        Ok(outcomes)
+        stage_event(&mut b.events, &ev, seq);
+        for (n, leg) in legs.iter().enumerate() {
+            stage_transfer(b, &ev, seq, n as i16, currency, leg, rating.as_ref());
+        }
+        known.events.insert(key, ev.payload_hash.to_vec());
+        if let Some(r) = ev.request_id() {
+            known
+                .requests
+                .insert((tenant, r.to_string()), ev.id.clone());
+        }
+        Outcome::Applied
+    }
+
+    /// The transfers an event makes (and its rating), or the dead-letter reason.
+    fn legs(&self, ev: &Event, currency: &str) -> Result<(Vec<Leg>, Option<Rating>), Rejected> {
+        match &ev.data {
+            EventData::Usage(u) => match terms_for(&self.book, u, currency, ev.time)
+                .and_then(|t| rate(u, t))
+            {
+                Ok(r) => Ok((usage_legs(&u.provider, &r), Some(r))),
+                Err(e @ PricingError::Unpriced { .. }) => Err(("unpriced_model", e.to_string())),
+                Err(e) => Err(("rating_failed", e.to_string())),
+            },
+            EventData::Adjustment(a) if a.currency != currency => Err((
+                "currency_mismatch",
+                format!(
+                    "adjustment in {} for a tenant billed in {currency}",
+                    a.currency
+                ),
+            )),
+            EventData::Adjustment(a) => Ok((vec![adjustment_leg(a)], None)),
+        }
     }
 }
 
-fn dead(d: &mut DeadRows, m: &Inbound, reason: &str, detail: String, ev: Option<&Event>) {
+fn dead(
+    d: &mut DeadRows,
+    m: &Inbound,
+    reason: &str,
+    detail: String,
+    ev: Option<&Event>,
+    id: Option<String>,
+) {
     d.reason.push(reason.into());
     d.detail.push(detail);
     d.subject.push(m.subject.clone());
     d.tenant.push(ev.map(|e| e.tenant_id().to_string()));
-    d.event_id.push(ev.map(|e| e.id.clone()));
+    d.event_id.push(ev.map(|e| e.id.clone()).or(id));
     d.stream_seq.push(m.stream_seq.map(|s| s as i64));
     d.payload.push(m.payload.to_vec());
 }

@@ -230,7 +230,7 @@ fn assemble(b: Breakdown) -> Result<Rating, PricingError> {
     let mut lines = Vec::with_capacity(5);
     let (mut cost_list, mut price_list, mut cost, mut price) =
         (Decimal::ZERO, Decimal::ZERO, Decimal::ZERO, Decimal::ZERO);
-    for i in 0..5 {
+    for (i, class) in CLASSES.iter().enumerate() {
         let n = Decimal::from(b.tokens[i]);
         let cl = ov(ov(n.checked_mul(b.cost_rates[i]))?.checked_div(MTOK))?;
         let pl = ov(ov(n.checked_mul(b.price_rates[i]))?.checked_div(MTOK))?;
@@ -241,7 +241,7 @@ fn assemble(b: Breakdown) -> Result<Rating, PricingError> {
         cost = ov(cost.checked_add(c))?;
         price = ov(price.checked_add(p))?;
         lines.push(Line {
-            class: CLASSES[i],
+            class: *class,
             tokens: b.tokens[i],
             cost_rate_per_mtok: b.cost_rates[i].normalize(),
             price_rate_per_mtok: b.price_rates[i].normalize(),

@@ -189,7 +189,7 @@ pub async fn usage(
 ) -> sqlx::Result<Vec<UsageRow>> {
     let col = |g: &str, ty: &str| {
         if group_by.contains(&g) {
-            format!("{g}")
+            g.to_string()
         } else {
             format!("null::{ty} as {g}")
         }

@@ -107,18 +107,17 @@ impl TestApp {
         let text = std::fs::read_to_string("config/prices/litellm-popular.json").unwrap();
         let prices = tokenledger::pricing::import::parse_litellm(&text).unwrap();
         let t0 = "2020-01-01T00:00:00Z".parse().unwrap();
-        tokenledger::catalog::prices::import(
-            &self.pool,
-            &prices,
-            "USD",
-            t0,
-            None,
-            chrono::Utc::now(),
-            chrono::Duration::minutes(5),
-            "test",
-        )
-        .await
-        .unwrap();
+        let opts = tokenledger::catalog::prices::ImportOptions {
+            currency: "USD",
+            first_effective_from: t0,
+            effective_from: None,
+            now: chrono::Utc::now(),
+            skew: chrono::Duration::minutes(5),
+            source: "test",
+        };
+        tokenledger::catalog::prices::import(&self.pool, &prices, &opts)
+            .await
+            .unwrap();
         tokenledger::catalog::prices::add_markup(
             &self.pool,
             None,
