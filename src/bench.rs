@@ -224,9 +224,16 @@ async fn plain_postgres(s0: &Settings, a: &BenchArgs) -> anyhow::Result<f64> {
     for (chunk_no, chunk) in evs.chunks(s.batch_max).enumerate() {
         let (er, tr, pr) = plain_rows(chunk, chunk_no as i64 * s.batch_max as i64);
         let mut tx = sqlx::Connection::begin(&mut *conn).await?;
-        store::insert_events(&mut tx, &er).await?;
-        store::insert_transfers(&mut tx, &tr).await?;
-        store::apply_projections(&mut tx, &pr, &store::LIVE).await?;
+        let (cf, dl, heads) = (Default::default(), Default::default(), Default::default());
+        let rows = store::Rows {
+            events: &er,
+            transfers: &tr,
+            conflicts: &cf,
+            dead: &dl,
+            proj: &pr,
+            heads: &heads,
+        };
+        store::append(&mut tx, rows).await?;
         tx.commit().await?;
     }
     let rate = n as f64 / t.elapsed().as_secs_f64();

@@ -106,6 +106,10 @@ async fn writer_task(
     sh: Arc<Shared>,
 ) -> anyhow::Result<()> {
     let s = &sh.s;
+    // acks go out from a task of their own, so the next batch is gathered while the
+    // last one's acks are sent; they still leave only after the commit
+    let (ack_tx, ack_rx) = mpsc::channel::<(Vec<Message>, Vec<Outcome>)>(4);
+    let acker = tokio::spawn(ack_loop(ack_rx, sh.metrics.clone()));
     while let Some(first) = rx.recv().await {
         let mut batch: Vec<Message> = Vec::with_capacity(s.batch_max);
         batch.push(first);
@@ -116,27 +120,47 @@ async fn writer_task(
                 Ok(None) | Err(_) => break,
             }
         }
-        if !apply_and_ack(&mut writer, &batch, &sh).await? {
+        let Some(outcomes) = apply(&mut writer, &batch, &sh).await else {
             break;
-        }
+        };
         let n = sh.commits.fetch_add(1, Ordering::SeqCst) + 1;
         if s.fault_abort_after_commit.is_some_and(|f| n >= f) {
             tracing::error!("fault injection: aborting after commit, before ack");
             std::process::abort();
         }
+        if ack_tx.send((batch, outcomes)).await.is_err() {
+            break;
+        }
         if sh.cancel.is_cancelled() {
             break; // the rest is unacked and will be redelivered
         }
     }
+    drop(ack_tx);
+    acker.await?;
     Ok(())
 }
 
-/// Apply and ack one batch; false if shutdown interrupted the retries (nothing acked).
-async fn apply_and_ack(
-    writer: &mut Writer,
-    batch: &[Message],
-    sh: &Shared,
-) -> anyhow::Result<bool> {
+async fn ack_loop(mut rx: mpsc::Receiver<(Vec<Message>, Vec<Outcome>)>, metrics: Metrics) {
+    while let Some((batch, outcomes)) = rx.recv().await {
+        for (m, o) in batch.iter().zip(&outcomes) {
+            let (name, kind) = match o {
+                Outcome::Applied => ("tokenledger_events_applied_total", AckKind::Ack),
+                Outcome::Duplicate => ("tokenledger_events_duplicate_total", AckKind::Ack),
+                Outcome::Conflict => ("tokenledger_events_conflict_total", AckKind::Ack),
+                Outcome::DeadLettered(_) => ("tokenledger_dead_letters_total", AckKind::Term),
+            };
+            metrics.inc(name, 1);
+            if let Err(e) = m.ack_with(kind).await {
+                // harmless: the message is redelivered and is then a duplicate
+                tracing::warn!(error = %e, "ack failed");
+            }
+        }
+    }
+}
+
+/// Apply one batch (retrying on database errors); `None` if shutdown interrupted the
+/// retries, in which case nothing was committed and nothing may be acked.
+async fn apply(writer: &mut Writer, batch: &[Message], sh: &Shared) -> Option<Vec<Outcome>> {
     let inbound: Vec<Inbound> = batch
         .iter()
         .map(|m| Inbound {
@@ -159,7 +183,7 @@ async fn apply_and_ack(
                 sh.metrics.inc("tokenledger_writer_errors_total", 1);
                 tracing::error!(error = %e, "batch failed; nothing was committed, retrying");
                 if sh.cancel.is_cancelled() {
-                    return Ok(false); // not acked: JetStream redelivers after the ack wait
+                    return None; // not acked: JetStream redelivers after the ack wait
                 }
                 tokio::time::sleep(backoff).await;
                 backoff = (backoff * 2).min(Duration::from_secs(5));
@@ -174,18 +198,5 @@ async fn apply_and_ack(
             inbound.iter().filter_map(|m| m.stream_seq).collect(),
         ));
     }
-    for (m, o) in batch.iter().zip(&outcomes) {
-        let (name, kind) = match o {
-            Outcome::Applied => ("tokenledger_events_applied_total", AckKind::Ack),
-            Outcome::Duplicate => ("tokenledger_events_duplicate_total", AckKind::Ack),
-            Outcome::Conflict => ("tokenledger_events_conflict_total", AckKind::Ack),
-            Outcome::DeadLettered(_) => ("tokenledger_dead_letters_total", AckKind::Term),
-        };
-        sh.metrics.inc(name, 1);
-        if let Err(e) = m.ack_with(kind).await {
-            // harmless: the message is redelivered and is then a duplicate
-            tracing::warn!(error = %e, "ack failed");
-        }
-    }
-    Ok(true)
+    Some(outcomes)
 }

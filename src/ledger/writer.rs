@@ -83,14 +83,16 @@ struct Batch {
 }
 
 impl Batch {
-    /// One statement per table, then the new tenant heads.
     async fn write(&self, tx: &mut sqlx::PgConnection) -> sqlx::Result<()> {
-        store::insert_events(tx, &self.events).await?;
-        store::insert_transfers(tx, &self.transfers).await?;
-        store::insert_conflicts(tx, &self.conflicts).await?;
-        store::insert_dead(tx, &self.dead).await?;
-        store::apply_projections(tx, &self.proj, &store::LIVE).await?;
-        store::advance_heads(tx, &self.heads).await
+        let rows = store::Rows {
+            events: &self.events,
+            transfers: &self.transfers,
+            conflicts: &self.conflicts,
+            dead: &self.dead,
+            proj: &self.proj,
+            heads: &self.heads,
+        };
+        store::append(tx, rows).await
     }
 }
 
