@@ -191,15 +191,7 @@ async fn tenant_keys_see_only_their_tenant() {
     assert_eq!(r.status(), 403);
     // admin endpoints refuse tenant keys; no key at all is 401
     assert_eq!(app.get(&a, "/v1/admin/tenants").await.status(), 403);
-    assert_eq!(
-        app.http
-            .get(app.url("/v1/balances"))
-            .send()
-            .await
-            .unwrap()
-            .status(),
-        401
-    );
+    assert_eq!(app.status("/v1/balances").await, 401);
     // a revoked key stops working
     let keys: Value = app
         .get(ADMIN, "/v1/admin/tenants/alpha/api-keys")
@@ -606,24 +598,8 @@ async fn openapi_health_and_metrics_are_served() {
         .unwrap();
     assert!(doc["openapi"].as_str().unwrap().starts_with("3.1"));
     assert!(doc["paths"]["/v1/events"]["post"].is_object());
-    assert_eq!(
-        app.http
-            .get(app.url("/healthz"))
-            .send()
-            .await
-            .unwrap()
-            .status(),
-        200
-    );
-    assert_eq!(
-        app.http
-            .get(app.url("/readyz"))
-            .send()
-            .await
-            .unwrap()
-            .status(),
-        200
-    );
+    assert_eq!(app.status("/healthz").await, 200);
+    assert_eq!(app.status("/readyz").await, 200);
     let m = app
         .http
         .get(app.url("/metrics"))
@@ -650,29 +626,14 @@ async fn crash_between_commit_and_ack_loses_and_doubles_nothing() {
     let batch: Vec<Value> = (0..300)
         .map(|i| usage(&format!("c-{i}"), "acme", "gpt-4o", 100, 10))
         .collect();
-    let bus = tokenledger::bus::connect(&s).await.unwrap();
-    let evs: Vec<_> = batch
-        .into_iter()
-        .map(|v| tokenledger::events::parse(v, chrono::Utc::now()).unwrap())
-        .collect();
-    bus.publish_events(|t| s.usage_subject(t), &evs)
-        .await
-        .unwrap();
-    let mut child = tokio::process::Command::new(env!("CARGO_BIN_EXE_tokenledger"))
-        .arg("serve")
-        .env("DATABASE_URL", &s.database_url)
-        .env("NATS_URL", &s.nats_url)
-        .env("TOKENLEDGER_STREAM", &s.stream)
-        .env("TOKENLEDGER_SUBJECT_PREFIX", &s.subject_prefix)
-        .env("TOKENLEDGER_ROLES", "writer")
-        .env("TOKENLEDGER_ACK_WAIT_MS", "2000")
-        .env("TOKENLEDGER_BATCH_MAX", "100")
-        .env("TOKENLEDGER_BATCH_WAIT_MS", "50")
-        .env("TOKENLEDGER_FAULT_ABORT_AFTER_COMMIT", "1")
-        .stdout(std::process::Stdio::null())
-        .stderr(std::process::Stdio::null())
-        .spawn()
-        .unwrap();
+    common::publish(&s, batch).await;
+    let mut child = common::writer_process(
+        &s,
+        &[
+            ("TOKENLEDGER_BATCH_WAIT_MS", "50"),
+            ("TOKENLEDGER_FAULT_ABORT_AFTER_COMMIT", "1"),
+        ],
+    );
     let status = tokio::time::timeout(Duration::from_secs(30), child.wait())
         .await
         .unwrap()
@@ -691,4 +652,97 @@ async fn crash_between_commit_and_ack_loses_and_doubles_nothing() {
         .await
         .unwrap();
     assert!(report.differences.is_empty(), "{:?}", report.differences);
+}
+
+#[tokio::test]
+async fn requests_page_by_cursor_usage_groups_and_breakdowns_expand() {
+    let app = TestApp::spawn().await;
+    let key = app.tenant("acme").await;
+    let batch: Vec<Value> = (0..25)
+        .map(|i| {
+            let mut e = usage(
+                &format!("p-{i}"),
+                "acme",
+                ["gpt-4o", "gpt-4o-mini"][i % 2],
+                1000,
+                100,
+            );
+            e["data"]["api_key_id"] = json!(format!("k{}", i % 3));
+            e
+        })
+        .collect();
+    let r = app
+        .http
+        .post(app.url("/v1/events"))
+        .bearer_auth(&key)
+        .json(&batch)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 202);
+    app.wait_count(EVENTS, 25).await;
+    // pages of 10, newest first in ledger order, no gaps or repeats
+    let mut seen = Vec::new();
+    let mut cursor: Option<String> = None;
+    loop {
+        let path = match &cursor {
+            Some(c) => format!("/v1/requests?limit=10&cursor={c}"),
+            None => "/v1/requests?limit=10".to_string(),
+        };
+        let page: Value = app.get(&key, &path).await.json().await.unwrap();
+        for r in page["data"].as_array().unwrap() {
+            seen.push(r["seq"].as_i64().unwrap());
+        }
+        match page["next_cursor"].as_str() {
+            Some(c) => cursor = Some(c.to_string()),
+            None => break,
+        }
+    }
+    assert_eq!(seen, (1..=25).rev().collect::<Vec<i64>>());
+    let filtered: Value = app
+        .get(&key, "/v1/requests?model=gpt-4o-mini&limit=100")
+        .await
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(filtered["data"].as_array().unwrap().len(), 12);
+    // usage grouped by model and key
+    let today = chrono::Utc::now().date_naive();
+    let q = format!(
+        "/v1/usage?from={today}&to={}&group_by=model,api_key_id",
+        today + chrono::Duration::days(1)
+    );
+    let usage: Value = app.get(&key, &q).await.json().await.unwrap();
+    let rows = usage["data"].as_array().unwrap();
+    assert_eq!(rows.len(), 6);
+    assert_eq!(
+        rows.iter()
+            .map(|r| r["requests"].as_i64().unwrap())
+            .sum::<i64>(),
+        25
+    );
+    assert!(rows
+        .iter()
+        .all(|r| r["day"].is_null() && r["model"].is_string()));
+    let bad = app
+        .get(
+            &key,
+            &format!("/v1/usage?from={today}&to={today}&group_by=colour"),
+        )
+        .await;
+    assert_eq!(bad.status(), 400);
+    // the stored compact breakdown comes back with every line and amount
+    let r: Value = app
+        .get(&key, "/v1/requests/req-p-0")
+        .await
+        .json()
+        .await
+        .unwrap();
+    let lines = r["breakdown"]["lines"].as_array().unwrap();
+    assert_eq!(lines.len(), 5);
+    assert_eq!(lines[0]["class"], "input");
+    assert_eq!(lines[0]["tokens"], 1000);
+    assert_eq!(lines[0]["cost"], "0.0025");
+    assert_eq!(r["breakdown"]["price"], r["price_amount"]);
+    assert_eq!(r["transfers"].as_array().unwrap().len(), 2);
 }

@@ -82,12 +82,7 @@ async fn two_writers_share_the_consumer_and_keep_ledger_order_per_tenant() {
             )
         })
         .collect();
-    let bus = tokenledger::bus::connect(&s).await.unwrap();
-    for chunk in evs.chunks(500) {
-        bus.publish_events(|t| s.usage_subject(t), &parsed(chunk.to_vec()))
-            .await
-            .unwrap();
-    }
+    common::publish(&s, evs).await;
     a.wait_count(EVENTS, 3000).await;
     a.drain().await;
     let rows: Vec<(String, i64, i64, i64)> = sqlx::query_as(
@@ -122,25 +117,8 @@ async fn sigterm_finishes_the_batch_in_flight_and_exits_cleanly() {
     let evs: Vec<Value> = (0..4000)
         .map(|i| usage(&format!("g-{i}"), "acme", "gpt-4o", 50, 5))
         .collect();
-    let bus = tokenledger::bus::connect(&s).await.unwrap();
-    for chunk in evs.chunks(1000) {
-        bus.publish_events(|t| s.usage_subject(t), &parsed(chunk.to_vec()))
-            .await
-            .unwrap();
-    }
-    let mut child = tokio::process::Command::new(env!("CARGO_BIN_EXE_tokenledger"))
-        .arg("serve")
-        .env("DATABASE_URL", &s.database_url)
-        .env("NATS_URL", &s.nats_url)
-        .env("TOKENLEDGER_STREAM", &s.stream)
-        .env("TOKENLEDGER_SUBJECT_PREFIX", &s.subject_prefix)
-        .env("TOKENLEDGER_ROLES", "writer")
-        .env("TOKENLEDGER_BATCH_MAX", "100")
-        .env("TOKENLEDGER_ACK_WAIT_MS", "2000")
-        .stdout(std::process::Stdio::null())
-        .stderr(std::process::Stdio::null())
-        .spawn()
-        .unwrap();
+    common::publish(&s, evs).await;
+    let mut child = common::writer_process(&s, &[]);
     app.wait_count(EVENTS, 1).await;
     let pid = child.id().unwrap().to_string();
     let killed = std::process::Command::new("kill")

@@ -232,3 +232,49 @@ pub fn usage(id: &str, tenant: &str, model: &str, input: u64, output: u64) -> Va
                  "status": "ok", "latency_ms": 120}
     })
 }
+
+/// Publish events straight to the bus, as the router would (in chunks of 1,000).
+pub async fn publish(s: &Settings, evs: Vec<Value>) {
+    let bus = tokenledger::bus::connect(s).await.unwrap();
+    let parsed: Vec<_> = evs
+        .into_iter()
+        .map(|v| tokenledger::events::parse(v, chrono::Utc::now()).unwrap())
+        .collect();
+    for chunk in parsed.chunks(1000) {
+        bus.publish_events(|t| s.usage_subject(t), chunk)
+            .await
+            .unwrap();
+    }
+}
+
+/// `tokenledger serve` as a separate process running only the writer role.
+pub fn writer_process(s: &Settings, env: &[(&str, &str)]) -> tokio::process::Child {
+    let mut cmd = tokio::process::Command::new(env!("CARGO_BIN_EXE_tokenledger"));
+    cmd.arg("serve")
+        .env("DATABASE_URL", &s.database_url)
+        .env("NATS_URL", &s.nats_url)
+        .env("TOKENLEDGER_STREAM", &s.stream)
+        .env("TOKENLEDGER_SUBJECT_PREFIX", &s.subject_prefix)
+        .env("TOKENLEDGER_ROLES", "writer")
+        .env("TOKENLEDGER_ACK_WAIT_MS", "2000")
+        .env("TOKENLEDGER_BATCH_MAX", "100")
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null());
+    for (k, v) in env {
+        cmd.env(k, v);
+    }
+    cmd.spawn().unwrap()
+}
+
+impl TestApp {
+    /// Status of an unauthenticated GET.
+    pub async fn status(&self, path: &str) -> u16 {
+        self.http
+            .get(self.url(path))
+            .send()
+            .await
+            .unwrap()
+            .status()
+            .as_u16()
+    }
+}
