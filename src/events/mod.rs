@@ -4,6 +4,7 @@
 //! contract, fills defaults, and produces the canonical form that is hashed, published
 //! and stored, so the same fact always has the same bytes.
 
+mod fast;
 mod validate;
 
 use std::collections::BTreeMap;
@@ -13,7 +14,7 @@ use rust_decimal::Decimal;
 use serde::Serialize;
 use sha2::{Digest, Sha256};
 
-pub use validate::{parse, parse_bytes, FieldError, Rejection};
+pub use validate::{parse, parse_bytes, parse_bytes_slow, FieldError, Rejection};
 
 pub const USAGE_V1: &str = "tokenledger.usage.v1";
 pub const ADJUSTMENT_V1: &str = "tokenledger.adjustment.v1";

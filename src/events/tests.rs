@@ -1,6 +1,7 @@
 use chrono::{TimeZone, Utc};
 use serde_json::{json, Value};
 
+use super::validate;
 use super::*;
 
 fn now() -> DateTime<Utc> {
@@ -123,4 +124,89 @@ fn adjustments_parse_with_exact_amounts() {
 fn malformed_json_is_rejected() {
     let e = parse_bytes(b"{nope", now()).unwrap_err();
     assert_eq!(e.errors[0].code, "malformed_json");
+}
+
+/// The fast path never accepts what the full parser rejects, and accepts to the same
+/// event.
+fn same_on_both_paths(v: &Value) {
+    let bytes = serde_json::to_vec(v).unwrap();
+    let slow = validate::parse_bytes_slow(&bytes, now());
+    if let Some(fast) = super::fast::parse_usage(&bytes, now()) {
+        assert_eq!(Ok(fast), slow, "{v}");
+    }
+    assert_eq!(parse_bytes(&bytes, now()), slow, "{v}");
+}
+
+#[test]
+fn fast_path_agrees_with_the_full_parser_on_every_rule() {
+    let mut v = good();
+    v["data"]["tags"] = json!({"project": "x"});
+    v["data"]["fallback_from"] = json!(["a", "b"]);
+    v["data"]["estimated"] = json!(true);
+    v["data"]["estimate_method"] = json!("tiktoken");
+    let bytes = serde_json::to_vec(&v).unwrap();
+    assert!(
+        super::fast::parse_usage(&bytes, now()).is_some(),
+        "a valid event takes the fast path"
+    );
+    same_on_both_paths(&v);
+    let edits: Vec<(&str, Value)> = vec![
+        ("data.x", json!(1)),
+        ("x", json!(1)),
+        ("data.input_tokens", json!(-1)),
+        ("data.input_tokens", json!(2.5)),
+        ("data.input_tokens", json!(100.0)),
+        ("data.input_tokens", json!("100")),
+        ("data.output_tokens", json!(MAX_TOKENS + 1)),
+        ("data.output_tokens", json!(MAX_TOKENS)),
+        ("data.cached_input_tokens", json!(95)),
+        ("data.cached_input_tokens", json!(null)),
+        ("data.reasoning_tokens", json!(51)),
+        ("data.latency_ms", json!(MAX_LATENCY_MS + 1)),
+        ("time", json!("2026-11-24T12:06:00Z")),
+        ("time", json!("2026-11-24T12:05:00Z")),
+        ("time", json!("yesterday")),
+        ("id", json!("")),
+        ("id", json!("é".repeat(128))),
+        ("id", json!("é".repeat(129))),
+        ("id", json!("a\u{0007}")),
+        ("specversion", json!("0.3")),
+        ("type", json!(ADJUSTMENT_V1)),
+        ("datacontenttype", json!("text/plain")),
+        ("datacontenttype", json!("application/json")),
+        ("subject", json!("")),
+        ("data.tenant_id", json!("-bad")),
+        ("data.tenant_id", json!(null)),
+        ("data.status", json!("done")),
+        ("data.status", json!("ok")),
+        ("data.estimated", json!(true)),
+        ("data.estimated", json!(null)),
+        ("data.estimate_method", json!("chars/4")),
+        ("data.tags", json!({"k": 1})),
+        ("data.tags", json!({"": "v"})),
+        ("data.tags", json!(null)),
+        ("data.fallback_from", json!("gpt-4")),
+        ("data.fallback_from", json!([""])),
+        ("data.fallback_from", json!(vec!["m"; 17])),
+        ("data.batch", json!(1)),
+        ("data.batch", json!(null)),
+        ("data.region", json!("")),
+        ("data.model", json!(null)),
+    ];
+    for (path, value) in edits {
+        let mut v = good();
+        let parts: Vec<&str> = path.split('.').collect();
+        let mut cur = &mut v;
+        for p in &parts[..parts.len() - 1] {
+            cur = &mut cur[*p];
+        }
+        cur[parts[parts.len() - 1]] = value;
+        same_on_both_paths(&v);
+    }
+    // duplicate keys: the full parser keeps the last one
+    let dup = br#"{"specversion":"1.0","id":"d","id":"e","source":"s","type":"tokenledger.usage.v1","time":"2026-11-24T11:00:00Z","data":{"tenant_id":"acme","request_id":"r","model":"m","provider":"p","input_tokens":1,"output_tokens":1,"status":"ok"}}"#;
+    assert_eq!(
+        parse_bytes(dup, now()),
+        validate::parse_bytes_slow(dup, now())
+    );
 }

@@ -35,8 +35,18 @@ impl Rejection {
     }
 }
 
-/// Parse raw bytes (a bus message) into a validated event.
+/// Parse raw bytes (a bus message) into a validated event. Valid usage events take a
+/// typed fast path; anything it does not accept is parsed field by field, which is what
+/// decides and explains every rejection.
 pub fn parse_bytes(bytes: &[u8], now: DateTime<Utc>) -> Result<Event, Rejection> {
+    if let Some(ev) = super::fast::parse_usage(bytes, now) {
+        return Ok(ev);
+    }
+    parse_bytes_slow(bytes, now)
+}
+
+/// The field-by-field parser alone (tests compare the two paths).
+pub fn parse_bytes_slow(bytes: &[u8], now: DateTime<Utc>) -> Result<Event, Rejection> {
     match serde_json::from_slice::<Value>(bytes) {
         Ok(v) => parse(v, now),
         Err(e) => Err(Rejection {
@@ -44,6 +54,65 @@ pub fn parse_bytes(bytes: &[u8], now: DateTime<Utc>) -> Result<Event, Rejection>
             errors: vec![err("", "malformed_json", format!("not valid JSON: {e}"))],
         }),
     }
+}
+
+/// Why a string breaks the rule "1..=max printable characters", if it does.
+pub(super) fn string_problem(s: &str, max: usize) -> Option<(&'static str, String)> {
+    if s.is_empty() {
+        Some(("empty", "must not be empty".into()))
+    } else if s.chars().count() > max {
+        Some(("too_long", format!("must be at most {max} characters")))
+    } else if s.chars().any(|c| c.is_control()) {
+        Some((
+            "not_printable",
+            "must not contain control characters".into(),
+        ))
+    } else {
+        None
+    }
+}
+
+/// A `time` attribute: RFC 3339, at most `MAX_FUTURE_SECS` ahead of `now`.
+pub(super) fn check_time(
+    t: &str,
+    now: DateTime<Utc>,
+) -> Result<DateTime<Utc>, (&'static str, String)> {
+    match DateTime::parse_from_rfc3339(t) {
+        Ok(t) if t.with_timezone(&Utc) > now + chrono::Duration::seconds(MAX_FUTURE_SECS) => Err((
+            "in_future",
+            format!("is more than {MAX_FUTURE_SECS} s in the future"),
+        )),
+        Ok(t) => Ok(t.with_timezone(&Utc)),
+        Err(_) => Err(("invalid_time", "must be an RFC 3339 timestamp".into())),
+    }
+}
+
+/// Length limits (characters) of the contract's string fields; both parsers use them.
+pub(super) mod limits {
+    pub const ID: usize = 128;
+    pub const SPECVERSION: usize = 8;
+    pub const SOURCE: usize = 512;
+    pub const TYPE: usize = 64;
+    pub const TIME: usize = 64;
+    pub const CONTENT_TYPE: usize = 64;
+    pub const SUBJECT: usize = 256;
+    pub const TENANT: usize = 64;
+    pub const API_KEY: usize = 128;
+    pub const REQUEST: usize = 128;
+    pub const PROVIDER_REQUEST: usize = 256;
+    pub const AUTHORIZATION: usize = 128;
+    pub const MODEL: usize = 128;
+    pub const PROVIDER: usize = 64;
+    pub const REGION: usize = 64;
+    pub const STATUS: usize = 16;
+    pub const ESTIMATE_METHOD: usize = 64;
+    /// Items of `fallback_from`, and bytes per item.
+    pub const FALLBACKS: usize = 16;
+    pub const FALLBACK_BYTES: usize = 256;
+    /// Entries of `tags`, bytes per key and per value.
+    pub const TAGS: usize = 32;
+    pub const TAG_KEY_BYTES: usize = 64;
+    pub const TAG_VALUE_BYTES: usize = 256;
 }
 
 fn err(field: &str, code: &'static str, message: impl Into<String>) -> FieldError {
@@ -80,20 +149,13 @@ impl Fields<'_> {
                 }
                 None
             }
-            Some(Value::String(s)) => {
-                if s.is_empty() {
-                    self.fail(key, "empty", "must not be empty");
+            Some(Value::String(s)) => match string_problem(&s, max) {
+                Some((code, message)) => {
+                    self.fail(key, code, message);
                     None
-                } else if s.chars().count() > max {
-                    self.fail(key, "too_long", format!("must be at most {max} characters"));
-                    None
-                } else if s.chars().any(|c| c.is_control()) {
-                    self.fail(key, "not_printable", "must not contain control characters");
-                    None
-                } else {
-                    Some(s)
                 }
-            }
+                None => Some(s),
+            },
             Some(_) => {
                 self.fail(key, "not_a_string", "must be a string");
                 None
@@ -156,7 +218,9 @@ impl Fields<'_> {
                 let mut out = Vec::with_capacity(items.len());
                 for item in items {
                     match item {
-                        Value::String(s) if !s.is_empty() && s.len() <= 256 => out.push(s),
+                        Value::String(s) if !s.is_empty() && s.len() <= limits::FALLBACK_BYTES => {
+                            out.push(s)
+                        }
                         _ => {
                             self.fail(key, "invalid_item", "items must be non-empty strings");
                             return vec![];
@@ -177,14 +241,18 @@ impl Fields<'_> {
     }
 
     fn tags(&mut self, key: &str) -> BTreeMap<String, String> {
-        const MAX_TAGS: usize = 32;
+        const MAX_TAGS: usize = limits::TAGS;
         match self.map.remove(key) {
             None | Some(Value::Null) => BTreeMap::new(),
             Some(Value::Object(m)) if m.len() <= MAX_TAGS => {
                 let mut out = BTreeMap::new();
                 for (k, v) in m {
                     match v {
-                        Value::String(s) if !k.is_empty() && k.len() <= 64 && s.len() <= 256 => {
+                        Value::String(s)
+                            if !k.is_empty()
+                                && k.len() <= limits::TAG_KEY_BYTES
+                                && s.len() <= limits::TAG_VALUE_BYTES =>
+                        {
                             out.insert(k, s);
                         }
                         _ => {
@@ -235,13 +303,13 @@ pub fn parse(value: Value, now: DateTime<Utc>) -> Result<Event, Rejection> {
         map,
         errors: &mut errors,
     };
-    let id = env.string("id", true, 128);
-    let spec = env.string("specversion", true, 8);
-    let source = env.string("source", true, 512);
-    let type_ = env.string("type", true, 64);
-    let time = env.string("time", true, 64);
-    let ctype = env.string("datacontenttype", false, 64);
-    let _subject = env.string("subject", false, 256);
+    let id = env.string("id", true, limits::ID);
+    let spec = env.string("specversion", true, limits::SPECVERSION);
+    let source = env.string("source", true, limits::SOURCE);
+    let type_ = env.string("type", true, limits::TYPE);
+    let time = env.string("time", true, limits::TIME);
+    let ctype = env.string("datacontenttype", false, limits::CONTENT_TYPE);
+    let _subject = env.string("subject", false, limits::SUBJECT);
     let data = env.map.remove("data");
     env.finish();
 
@@ -259,22 +327,10 @@ pub fn parse(value: Value, now: DateTime<Utc>) -> Result<Event, Rejection> {
             ));
         }
     }
-    let time = time.and_then(|t| match DateTime::parse_from_rfc3339(&t) {
-        Ok(t) => {
-            let t = t.with_timezone(&Utc);
-            if t > now + chrono::Duration::seconds(MAX_FUTURE_SECS) {
-                errors.push(err(
-                    "time",
-                    "in_future",
-                    format!("is more than {MAX_FUTURE_SECS} s in the future"),
-                ));
-                None
-            } else {
-                Some(t)
-            }
-        }
-        Err(_) => {
-            errors.push(err("time", "invalid_time", "must be an RFC 3339 timestamp"));
+    let time = time.and_then(|t| match check_time(&t, now) {
+        Ok(t) => Some(t),
+        Err((code, message)) => {
+            errors.push(err("time", code, message));
             None
         }
     });
@@ -316,20 +372,20 @@ fn usage(map: Map<String, Value>, errors: &mut Vec<FieldError>) -> Option<UsageD
         errors,
     };
     let tenant_id = tenant(&mut f);
-    let api_key_id = f.string("api_key_id", false, 128);
-    let request_id = f.string("request_id", true, 128);
-    let provider_request_id = f.string("provider_request_id", false, 256);
-    let authorization_id = f.string("authorization_id", false, 128);
-    let model = f.string("model", true, 128);
-    let provider = f.string("provider", true, 64);
-    let region = f.string("region", false, 64);
+    let api_key_id = f.string("api_key_id", false, limits::API_KEY);
+    let request_id = f.string("request_id", true, limits::REQUEST);
+    let provider_request_id = f.string("provider_request_id", false, limits::PROVIDER_REQUEST);
+    let authorization_id = f.string("authorization_id", false, limits::AUTHORIZATION);
+    let model = f.string("model", true, limits::MODEL);
+    let provider = f.string("provider", true, limits::PROVIDER);
+    let region = f.string("region", false, limits::REGION);
     let input_tokens = f.count("input_tokens", true, MAX_TOKENS);
     let cached_input_tokens = f.count("cached_input_tokens", false, MAX_TOKENS);
     let cache_write_tokens = f.count("cache_write_tokens", false, MAX_TOKENS);
     let output_tokens = f.count("output_tokens", true, MAX_TOKENS);
     let reasoning_tokens = f.count("reasoning_tokens", false, MAX_TOKENS);
     let batch = f.boolean("batch");
-    let status = match f.string("status", true, 16).as_deref() {
+    let status = match f.string("status", true, limits::STATUS).as_deref() {
         Some("ok") => Some(Status::Ok),
         Some("error") => Some(Status::Error),
         Some("cancelled") => Some(Status::Cancelled),
@@ -340,9 +396,9 @@ fn usage(map: Map<String, Value>, errors: &mut Vec<FieldError>) -> Option<UsageD
         None => None,
     };
     let latency_ms = f.count("latency_ms", false, MAX_LATENCY_MS);
-    let fallback_from = f.string_list("fallback_from", 16);
+    let fallback_from = f.string_list("fallback_from", limits::FALLBACKS);
     let estimated = f.boolean("estimated");
-    let estimate_method = f.string("estimate_method", false, 64);
+    let estimate_method = f.string("estimate_method", false, limits::ESTIMATE_METHOD);
     let tags = f.tags("tags");
     if cached_input_tokens + cache_write_tokens > input_tokens {
         f.fail(
@@ -398,7 +454,7 @@ fn usage(map: Map<String, Value>, errors: &mut Vec<FieldError>) -> Option<UsageD
 }
 
 fn tenant(f: &mut Fields<'_>) -> Option<String> {
-    let t = f.string("tenant_id", true, 64)?;
+    let t = f.string("tenant_id", true, limits::TENANT)?;
     if valid_tenant_id(&t) {
         Some(t)
     } else {
