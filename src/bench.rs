@@ -297,32 +297,69 @@ async fn real_pipeline(s0: &Settings, a: &BenchArgs) -> anyhow::Result<f64> {
     Ok(rate)
 }
 
-/// Publish->commit latency of the real pipeline at a fixed rate.
-async fn latency(s0: &Settings, a: &BenchArgs) -> anyhow::Result<()> {
-    let m = a.latency_rate * a.latency_secs;
-    let (s, pool, b) = fresh(s0, "l", a.tenants).await?;
-    let evs = events(m, a.tenants, "l");
-    let p = publisher(b.clone(), s.clone(), evs, a.latency_rate);
-    let commits = real(&b, &s, &pool, m).await?;
-    let sent = p.await??;
-    let mut lat: Vec<f64> = commits
-        .iter()
-        .filter_map(|(q, at)| {
+/// (p50, p99) in milliseconds.
+fn percentiles(mut ms: Vec<f64>) -> (f64, f64) {
+    ms.sort_by(|x, y| x.partial_cmp(y).expect("finite"));
+    let q = |p: f64| ms[((ms.len() as f64 - 1.0) * p) as usize];
+    (q(0.5), q(0.99))
+}
+
+fn latencies(at: &[(u64, Instant)], sent: &HashMap<u64, Instant>, skip: u64) -> Vec<f64> {
+    at.iter()
+        .filter(|(q, _)| *q > skip)
+        .filter_map(|(q, t)| {
             sent.get(q)
-                .map(|s| at.duration_since(*s).as_secs_f64() * 1000.0)
+                .map(|s| t.duration_since(*s).as_secs_f64() * 1000.0)
         })
-        .collect();
-    lat.sort_by(|x, y| x.partial_cmp(y).expect("finite"));
-    let q = |p: f64| lat[((lat.len() as f64 - 1.0) * p) as usize];
-    println!(
-        "publish->commit latency at {} events/s over {} s: p50 {:.1} ms, p99 {:.1} ms (n = {})",
+        .collect()
+}
+
+/// Publish->commit latency of the real pipeline at a fixed rate, beside the baseline of
+/// JetStream alone (publish->received by a pull consumer) at the same rate. One warm-up
+/// second (connections, prepared statements, price book) is not counted.
+async fn latency(s0: &Settings, a: &BenchArgs) -> anyhow::Result<()> {
+    let warm = a.latency_rate;
+    let m = a.latency_rate * a.latency_secs + warm;
+    // baseline: JetStream alone
+    let (s, _pool, b) = fresh(s0, "j", 0).await?;
+    let p = publisher(
+        b.clone(),
+        s.clone(),
+        events(m, a.tenants, "j"),
         a.latency_rate,
-        a.latency_secs,
-        q(0.5),
-        q(0.99),
-        lat.len()
     );
+    let mut src = b.batch_source(s.batch_max, s.batch_wait).await?;
+    let mut got = Vec::with_capacity(m as usize);
+    while (got.len() as u64) < m {
+        let (inb, msgs) = src.next().await?;
+        let now = Instant::now();
+        got.extend(inb.iter().filter_map(|i| i.stream_seq).map(|q| (q, now)));
+        BatchSource::ack(&msgs).await?;
+    }
+    let (j50, j99) = percentiles(latencies(&got, &p.await??, warm));
     b.delete_stream().await?;
+    // the real pipeline
+    let (s, pool, b) = fresh(s0, "l", a.tenants).await?;
+    let p = publisher(
+        b.clone(),
+        s.clone(),
+        events(m, a.tenants, "l"),
+        a.latency_rate,
+    );
+    let commits = real(&b, &s, &pool, m).await?;
+    let lat = latencies(&commits, &p.await??, warm);
+    let n = lat.len();
+    let (p50, p99) = percentiles(lat);
+    b.delete_stream().await?;
+    println!(
+        "latency at {} events/s over {} s (n = {n}):",
+        a.latency_rate, a.latency_secs
+    );
+    println!("    JetStream publish->receive:  p50 {j50:>6.1} ms, p99 {j99:>6.1} ms");
+    println!(
+        "    real publish->commit:        p50 {p50:>6.1} ms, p99 {p99:>6.1} ms (p99 ratio {:.1})",
+        p99 / j99
+    );
     Ok(())
 }
 

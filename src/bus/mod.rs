@@ -213,7 +213,7 @@ impl BatchSource {
             .map(|m| crate::ledger::Inbound {
                 subject: m.subject.to_string(),
                 payload: m.payload.clone(),
-                stream_seq: None,
+                stream_seq: m.info().ok().map(|i| i.stream_sequence),
             })
             .collect();
         Ok((inbound, batch))

@@ -147,17 +147,19 @@ pub async fn existing(
         return Ok(vec![]);
     }
     sqlx::query_as(
-        // lateral: one index probe per key, whatever the planner guesses of unnest's size
+        // one index probe per key: `limit 1` keeps each lateral subquery from being
+        // flattened into a join, which with stale statistics became a scan of every
+        // usage event (found with auto_explain: 3.6 ms per small batch, growing)
         "select x.tenant_id, x.id, x.payload_hash, x.request_id
          from unnest($1::text[], $2::text[]) as k(t, i)
          cross join lateral (select e.tenant_id, e.id, e.payload_hash, e.request_id from events e
-                             where e.tenant_id = k.t and e.id = k.i) x
+                             where e.tenant_id = k.t and e.id = k.i limit 1) x
          union all
          select x.tenant_id, x.id, x.payload_hash, x.request_id
          from unnest($3::text[], $4::text[]) as k(t, r)
          cross join lateral (select e.tenant_id, e.id, e.payload_hash, e.request_id from events e
                              where e.tenant_id = k.t and e.request_id = k.r
-                               and e.type = 'tokenledger.usage.v1') x",
+                               and e.type = 'tokenledger.usage.v1' limit 1) x",
     )
     .bind(keys.iter().map(|k| k.0.clone()).collect::<Vec<_>>())
     .bind(keys.iter().map(|k| k.1.clone()).collect::<Vec<_>>())
