@@ -13,6 +13,9 @@ pub async fn connect(url: &str, max_connections: u32) -> anyhow::Result<PgPool> 
     let pool = PgPoolOptions::new()
         .max_connections(max_connections)
         .acquire_timeout(Duration::from_secs(10))
+        // a broken connection shows as a failed statement, which every caller retries
+        // or reports; a ping before each use cost the writer a round trip per batch
+        .test_before_acquire(false)
         .connect_with(opts)
         .await?;
     Ok(pool)

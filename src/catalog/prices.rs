@@ -76,16 +76,6 @@ const COLUMNS: &str =
     long_cached_input_per_mtok, long_cache_write_per_mtok, long_output_per_mtok,
     long_reasoning_per_mtok";
 
-/// The newest ids of price versions and markup rules: the book changes iff these do.
-pub async fn book_stamp<'e, E: sqlx::PgExecutor<'e>>(ex: E) -> Result<(i64, i64), sqlx::Error> {
-    sqlx::query_as(
-        "select coalesce((select max(id) from price_versions), 0),
-                coalesce((select max(id) from markup_rules), 0)",
-    )
-    .fetch_one(ex)
-    .await
-}
-
 pub async fn load_book(c: &mut sqlx::PgConnection) -> Result<PriceBook, sqlx::Error> {
     let rows: Vec<Row> = sqlx::query_as(&format!("select {COLUMNS} from price_versions"))
         .fetch_all(&mut *c)

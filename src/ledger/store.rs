@@ -121,19 +121,29 @@ impl Projections {
 
 /// Lock the heads of these tenants (in id order, so writers never deadlock) and return
 /// (last_seq, currency) for each known tenant.
-pub async fn lock_tenants(
-    c: &mut PgConnection,
-    tenants: &[String],
-) -> sqlx::Result<HashMap<String, (i64, String)>> {
-    let rows: Vec<(String, i64, String)> = sqlx::query_as(
-        "select h.tenant_id, h.last_seq, t.currency::text from tenant_heads h
+/// What `lock_tenants` found: (last_seq, currency) per existing tenant, and the price
+/// book's stamp (newest price version and markup rule ids) read in the same round trip.
+pub type Locked = (HashMap<String, (i64, String)>, Option<(i64, i64)>);
+
+pub async fn lock_tenants(c: &mut PgConnection, tenants: &[String]) -> sqlx::Result<Locked> {
+    let rows: Vec<(String, i64, String, i64, i64)> = sqlx::query_as(
+        "select h.tenant_id, h.last_seq, t.currency::text,
+           coalesce((select max(id) from price_versions), 0),
+           coalesce((select max(id) from markup_rules), 0)
+         from tenant_heads h
          join tenants t on t.id = h.tenant_id
          where h.tenant_id = any($1) order by h.tenant_id for update of h",
     )
     .bind(tenants)
     .fetch_all(c)
     .await?;
-    Ok(rows.into_iter().map(|(t, s, c)| (t, (s, c))).collect())
+    let stamp = rows.first().map(|r| (r.3, r.4));
+    Ok((
+        rows.into_iter()
+            .map(|(t, s, c, _, _)| (t, (s, c)))
+            .collect(),
+        stamp,
+    ))
 }
 
 /// Existing events matching these keys, or holding these request ids:

@@ -14,7 +14,7 @@ use super::accounts::{adjustment_leg, usage_legs, Leg};
 use super::store::{
     self, ConflictRows, DeadRows, EventRows, Projections, RequestRow, TransferRows,
 };
-use crate::catalog::prices::{book_stamp, load_book};
+use crate::catalog::prices::load_book;
 use crate::events::{parse_bytes, Event, EventData, UsageData};
 use crate::pricing::{rate, CustomerPrice, PriceBook, PricingError, Rating, Side, Terms};
 
@@ -104,6 +104,8 @@ struct Known {
     events: HashMap<(String, String), Vec<u8>>,
     /// (tenant, request id) -> event id
     requests: HashMap<(String, String), String>,
+    /// The price book's stamp, read with the locks (none if no tenant was known).
+    book_stamp: Option<(i64, i64)>,
 }
 
 impl Known {
@@ -114,7 +116,7 @@ impl Known {
             .collect();
         tenants.sort();
         tenants.dedup();
-        let locked = store::lock_tenants(tx, &tenants).await?;
+        let (locked, book_stamp) = store::lock_tenants(tx, &tenants).await?;
         let keys: Vec<(String, String)> = parsed
             .iter()
             .map(|(_, e)| (e.tenant_id().to_string(), e.id.clone()))
@@ -130,6 +132,7 @@ impl Known {
             tenants: locked,
             events: HashMap::new(),
             requests: HashMap::new(),
+            book_stamp,
         };
         for (t, id, hash, rq) in store::existing(tx, &keys, &reqs).await? {
             if let Some(r) = rq {
@@ -171,12 +174,11 @@ impl Writer {
         let parsed = self.decode(msgs, now, &mut b, &mut outcomes);
         let mut tx = self.pool.begin().await?;
         // the price book, reloaded only when it changed
-        let stamp = book_stamp(&mut *tx).await?;
-        if stamp != self.stamp {
+        let mut known = Known::load(&mut tx, &parsed).await?;
+        if let Some(stamp) = known.book_stamp.filter(|s| *s != self.stamp) {
             self.book = load_book(&mut tx).await?;
             self.stamp = stamp;
         }
-        let mut known = Known::load(&mut tx, &parsed).await?;
         for (i, ev) in parsed {
             outcomes[i] = self.stage(&mut b, &mut known, &msgs[i], ev);
         }
