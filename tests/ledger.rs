@@ -201,12 +201,8 @@ async fn tenant_keys_see_only_their_tenant() {
         .unwrap();
     let id = keys[0]["id"].as_str().unwrap();
     let r = app
-        .http
-        .post(app.url(&format!("/v1/admin/api-keys/{id}/revoke")))
-        .bearer_auth(ADMIN)
-        .send()
-        .await
-        .unwrap();
+        .admin_post(&format!("/v1/admin/api-keys/{id}/revoke"), None)
+        .await;
     assert_eq!(r.status(), 200);
     assert_eq!(app.get(&a, "/v1/balances").await.status(), 401);
 }
@@ -409,26 +405,15 @@ async fn unpriced_model_is_dead_lettered_then_charged_once_after_a_price_and_red
     })).send().await.unwrap();
     assert_eq!(r.status(), 201, "{}", r.text().await.unwrap());
     // ... but a change to it may not
-    let r = app
-        .http
-        .post(app.url("/v1/admin/prices"))
-        .bearer_auth(ADMIN)
-        .json(&json!({
+    let r = app.admin_post("/v1/admin/prices", Some(&json!({
             "provider": "openai", "model": "house-model-1", "side": "cost", "currency": "USD",
             "effective_from": "2021-01-01T00:00:00Z", "input_per_mtok": "9", "output_per_mtok": "9"
-        }))
-        .send()
-        .await
-        .unwrap();
+        }))).await;
     assert_eq!(r.status(), 422);
     for _ in 0..2 {
         let r = app
-            .http
-            .post(app.url(&format!("/v1/admin/dead-letters/{id}/redrive")))
-            .bearer_auth(ADMIN)
-            .send()
-            .await
-            .unwrap();
+            .admin_post(&format!("/v1/admin/dead-letters/{id}/redrive"), None)
+            .await;
         assert_eq!(r.status(), 202);
     }
     app.wait_count(EVENTS, 1).await;

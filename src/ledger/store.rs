@@ -200,6 +200,22 @@ pub struct DeadRows {
     pub payload: Vec<Vec<u8>>,
 }
 
+/// Adds a rollup row onto an existing one (the table aliased `r`); shared with rebuild.
+#[macro_export]
+macro_rules! rollup_add {
+    () => {
+        "on conflict (tenant_id, day, model, provider, api_key_id) do update set
+           requests = r.requests + excluded.requests,
+           input_tokens = r.input_tokens + excluded.input_tokens,
+           cached_input_tokens = r.cached_input_tokens + excluded.cached_input_tokens,
+           cache_write_tokens = r.cache_write_tokens + excluded.cache_write_tokens,
+           output_tokens = r.output_tokens + excluded.output_tokens,
+           reasoning_tokens = r.reasoning_tokens + excluded.reasoning_tokens,
+           price_amount = r.price_amount + excluded.price_amount,
+           cost_amount = r.cost_amount + excluded.cost_amount"
+    };
+}
+
 /// Everything a batch appends and projects.
 pub struct Rows<'a> {
     pub events: &'a EventRows,
@@ -213,7 +229,7 @@ pub struct Rows<'a> {
 /// One statement appends the whole batch: events, transfers, conflicts, dead letters,
 /// rollup and balance upserts and the new tenant heads, as data-modifying CTEs over
 /// arrays. One round trip instead of seven keeps small batches (low rates) fast.
-const APPEND: &str = "with
+const APPEND: &str = concat!("with
   ev as (insert into events (tenant_id, id, seq, type, source, occurred_at, envelope, payload_hash,
            request_id, model, provider, api_key_id, status, batch, input_tokens, cached_input_tokens,
            cache_write_tokens, output_tokens, reasoning_tokens)
@@ -240,21 +256,13 @@ const APPEND: &str = "with
          select * from unnest($45::text[], $46::date[], $47::text[], $48::text[], $49::text[],
            $50::int8[], $51::int8[], $52::int8[], $53::int8[], $54::int8[], $55::int8[],
            $56::numeric[], $57::numeric[], $58::text[])
-         on conflict (tenant_id, day, model, provider, api_key_id) do update set
-           requests = r.requests + excluded.requests,
-           input_tokens = r.input_tokens + excluded.input_tokens,
-           cached_input_tokens = r.cached_input_tokens + excluded.cached_input_tokens,
-           cache_write_tokens = r.cache_write_tokens + excluded.cache_write_tokens,
-           output_tokens = r.output_tokens + excluded.output_tokens,
-           reasoning_tokens = r.reasoning_tokens + excluded.reasoning_tokens,
-           price_amount = r.price_amount + excluded.price_amount,
-           cost_amount = r.cost_amount + excluded.cost_amount),
+         ", rollup_add!(), "),
   ba as (insert into account_balances as b (tenant_id, account, currency, balance)
          select * from unnest($59::text[], $60::text[], $61::text[], $62::numeric[])
          on conflict (tenant_id, account, currency) do update set balance = b.balance + excluded.balance),
   hd as (update tenant_heads h set last_seq = x.s
          from unnest($63::text[], $64::int8[]) as x(t, s) where h.tenant_id = x.t)
-select 1";
+select 1");
 
 pub async fn append(c: &mut PgConnection, r: Rows<'_>) -> sqlx::Result<()> {
     let (e, t, cf, d, p) = (r.events, r.transfers, r.conflicts, r.dead, r.proj);

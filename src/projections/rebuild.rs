@@ -28,21 +28,14 @@ async fn populate(c: &mut PgConnection, prefix: &str, delta: bool) -> sqlx::Resu
     };
     c.execute(
         format!(
-            "insert into {prefix}usage_rollups as u
+            "insert into {prefix}usage_rollups as r
              select tenant_id, (occurred_at at time zone 'UTC')::date, model, provider, api_key_id,
                count(*), sum(input_tokens), sum(cached_input_tokens), sum(cache_write_tokens),
                sum(output_tokens), sum(reasoning_tokens), sum(price_amount), sum(cost_amount), currency
-             from ({REQUEST_SELECT}{filter}) r
+             from ({REQUEST_SELECT}{filter}) q
              group by 1, 2, 3, 4, 5, currency
-             on conflict (tenant_id, day, model, provider, api_key_id) do update set
-               requests = u.requests + excluded.requests,
-               input_tokens = u.input_tokens + excluded.input_tokens,
-               cached_input_tokens = u.cached_input_tokens + excluded.cached_input_tokens,
-               cache_write_tokens = u.cache_write_tokens + excluded.cache_write_tokens,
-               output_tokens = u.output_tokens + excluded.output_tokens,
-               reasoning_tokens = u.reasoning_tokens + excluded.reasoning_tokens,
-               price_amount = u.price_amount + excluded.price_amount,
-               cost_amount = u.cost_amount + excluded.cost_amount"
+             {}",
+            crate::rollup_add!()
         )
         .as_str(),
     )

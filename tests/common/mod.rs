@@ -267,6 +267,15 @@ pub fn writer_process(s: &Settings, env: &[(&str, &str)]) -> tokio::process::Chi
 }
 
 impl TestApp {
+    /// An operator POST with an optional JSON body.
+    pub async fn admin_post(&self, path: &str, body: Option<&Value>) -> reqwest::Response {
+        let mut req = self.http.post(self.url(path)).bearer_auth(ADMIN);
+        if let Some(b) = body {
+            req = req.json(b);
+        }
+        req.send().await.unwrap()
+    }
+
     /// Status of an unauthenticated GET.
     pub async fn status(&self, path: &str) -> u16 {
         self.http
