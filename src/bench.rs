@@ -16,7 +16,7 @@ use sqlx::PgPool;
 
 use crate::bus::{self, BatchSource, Bus};
 use crate::events::Event;
-use crate::ledger::store::{self, EventRows, Projections, RequestRow, TransferRows};
+use crate::ledger::store::{self, EventRows, Projections, RatedUsage, TransferRows};
 use crate::settings::Settings;
 use crate::telemetry::Metrics;
 use crate::{catalog, db, loadgen, pricing};
@@ -430,7 +430,7 @@ fn plain_rows(evs: &[Event], seq0: i64) -> (EventRows, TransferRows, Projections
                 .push((leg == 0).then(|| PLAIN_BREAKDOWN.clone()));
             pr.add_transfer(&u.tenant_id, d, c, amount, "USD");
         }
-        pr.add_usage(RequestRow {
+        pr.add_usage(RatedUsage {
             tenant: u.tenant_id.clone(),
             request_id: u.request_id.clone(),
             event_id: ev.id.clone(),

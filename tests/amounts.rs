@@ -70,15 +70,7 @@ async fn ledger_amounts_match_an_independent_calculation() {
                      "input_tokens": input, "cached_input_tokens": cached, "output_tokens": output,
                      "reasoning_tokens": reasoning, "batch": rng.gen_bool(0.3), "status": "ok"}}));
     }
-    let r = app
-        .http
-        .post(app.url("/v1/events"))
-        .bearer_auth(ADMIN)
-        .json(&batch)
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(r.status(), 202);
+    app.ingest(ADMIN, &json!(batch)).await;
     app.wait_count("select count(*) from events", 300).await;
 
     // the oracle: rates as text straight from the price table

@@ -16,7 +16,7 @@ async fn duplicates_resubmitted_republished_and_redelivered_are_charged_once() {
     let key = app.tenant("acme").await;
     let ev = usage("e-1", "acme", "gpt-4o", 1000, 500);
     for _ in 0..3 {
-        assert_eq!(app.post_events(&key, &ev).await.status(), 202);
+        app.ingest(&key, &ev).await;
     }
     // republished by another producer, past JetStream's duplicate window (a new msg id)
     let bus = tokenledger::bus::connect(&app.settings).await.unwrap();
@@ -45,23 +45,15 @@ async fn duplicates_resubmitted_republished_and_redelivered_are_charged_once() {
 async fn conflicting_duplicate_is_recorded_and_the_first_kept() {
     let app = TestApp::spawn().await;
     let key = app.tenant("acme").await;
-    assert_eq!(
-        app.post_events(&key, &usage("e-1", "acme", "gpt-4o", 1000, 500))
-            .await
-            .status(),
-        202
-    );
+    app.ingest(&key, &usage("e-1", "acme", "gpt-4o", 1000, 500))
+        .await;
     app.wait_count(EVENTS, 1).await;
-    assert_eq!(
-        app.post_events(&key, &usage("e-1", "acme", "gpt-4o", 9999, 500))
-            .await
-            .status(),
-        202
-    );
+    app.ingest(&key, &usage("e-1", "acme", "gpt-4o", 9999, 500))
+        .await;
     // a different event id reusing the request id is a conflict too
     let mut other = usage("e-2", "acme", "gpt-4o", 10, 10);
     other["data"]["request_id"] = json!("req-e-1");
-    assert_eq!(app.post_events(&key, &other).await.status(), 202);
+    app.ingest(&key, &other).await;
     app.wait_count("select count(*) from event_conflicts", 2)
         .await;
     app.drain().await;
@@ -85,18 +77,10 @@ async fn same_id_under_two_tenants_is_two_events() {
     let app = TestApp::spawn().await;
     let a = app.tenant("alpha").await;
     let b = app.tenant("beta").await;
-    assert_eq!(
-        app.post_events(&a, &usage("same", "alpha", "gpt-4o", 100, 100))
-            .await
-            .status(),
-        202
-    );
-    assert_eq!(
-        app.post_events(&b, &usage("same", "beta", "gpt-4o", 100, 100))
-            .await
-            .status(),
-        202
-    );
+    app.ingest(&a, &usage("same", "alpha", "gpt-4o", 100, 100))
+        .await;
+    app.ingest(&b, &usage("same", "beta", "gpt-4o", 100, 100))
+        .await;
     app.wait_count(EVENTS, 2).await;
     app.drain().await;
     assert_eq!(app.count(EVENTS).await, 2);
@@ -383,7 +367,7 @@ async fn unpriced_model_is_dead_lettered_then_charged_once_after_a_price_and_red
     let app = TestApp::spawn().await;
     let key = app.tenant("acme").await;
     let ev = usage("u-1", "acme", "house-model-1", 2_000_000, 1_000_000);
-    assert_eq!(app.post_events(&key, &ev).await.status(), 202);
+    app.ingest(&key, &ev).await;
     app.wait_count(
         "select count(*) from dead_letters where reason = 'unpriced_model'",
         1,
@@ -442,16 +426,12 @@ async fn unpriced_model_is_dead_lettered_then_charged_once_after_a_price_and_red
 async fn unknown_tenant_and_adjustment_currency_mismatch_are_dead_lettered() {
     let app = TestApp::spawn().await;
     app.tenant("acme").await;
-    assert_eq!(
-        app.post_events(ADMIN, &usage("g-1", "ghost", "gpt-4o", 1, 1))
-            .await
-            .status(),
-        202
-    );
+    app.ingest(ADMIN, &usage("g-1", "ghost", "gpt-4o", 1, 1))
+        .await;
     let adj = json!({"specversion": "1.0", "id": "adj-eur", "source": "ops", "type": "tokenledger.adjustment.v1",
         "time": chrono::Utc::now().to_rfc3339(),
         "data": {"tenant_id": "acme", "direction": "credit", "amount": "5", "currency": "EUR", "reason": "goodwill"}});
-    assert_eq!(app.post_events(ADMIN, &adj).await.status(), 202);
+    app.ingest(ADMIN, &adj).await;
     app.wait_count("select count(*) from dead_letters", 2).await;
     let reasons: Vec<String> =
         sqlx::query_scalar("select reason from dead_letters order by reason")
@@ -474,7 +454,7 @@ async fn adjustment_credit_shows_in_balances_which_sum_to_zero() {
                  "reason": "outage credit", "request_id": "req-e-1"}});
     // tenants may not adjust their own ledger
     assert_eq!(app.post_events(&key, &adj).await.status(), 403);
-    assert_eq!(app.post_events(ADMIN, &adj).await.status(), 202);
+    app.ingest(ADMIN, &adj).await;
     app.wait_count(TRANSFERS, 3).await;
     let bal: Value = app.get(&key, "/v1/balances").await.json().await.unwrap();
     let get = |acct: &str| {
@@ -516,15 +496,7 @@ async fn verify_passes_after_a_mixed_workload_and_fails_after_tampering() {
         }
         batch.push(e);
     }
-    let r = app
-        .http
-        .post(app.url("/v1/events"))
-        .bearer_auth(ADMIN)
-        .json(&batch)
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(r.status(), 202);
+    app.ingest(ADMIN, &json!(batch)).await;
     app.post_events(ADMIN, &usage("m-0", "beta", "gpt-4o", 1, 1))
         .await; // conflict
     app.post_events(ADMIN, &usage("x-1", "acme", "unpriced-x", 1, 1))
@@ -656,15 +628,7 @@ async fn requests_page_by_cursor_usage_groups_and_breakdowns_expand() {
             e
         })
         .collect();
-    let r = app
-        .http
-        .post(app.url("/v1/events"))
-        .bearer_auth(&key)
-        .json(&batch)
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(r.status(), 202);
+    app.ingest(&key, &json!(batch)).await;
     app.wait_count(EVENTS, 25).await;
     // pages of 10, newest first in ledger order, no gaps or repeats
     let mut seen = Vec::new();

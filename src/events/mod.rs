@@ -183,11 +183,6 @@ impl Event {
         }
     }
 
-    /// The data object alone, as stored in `events.data`.
-    pub fn data_json(&self) -> serde_json::Value {
-        serde_json::to_value(&self.data).expect("event data serialises")
-    }
-
     /// JetStream `Nats-Msg-Id`: a hash of tenant, id and payload, so that one tenant can
     /// never suppress another's event and a conflicting payload still reaches the writer.
     pub fn msg_id(&self) -> String {

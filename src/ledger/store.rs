@@ -46,7 +46,7 @@ pub struct TransferRows {
 
 /// One rated usage event, as it counts in the usage rollup.
 #[derive(Clone, Debug)]
-pub struct RequestRow {
+pub struct RatedUsage {
     pub tenant: String,
     pub request_id: String,
     pub event_id: String,
@@ -82,7 +82,7 @@ pub struct Projections {
 }
 
 impl Projections {
-    pub fn add_usage(&mut self, r: RequestRow) {
+    pub fn add_usage(&mut self, r: RatedUsage) {
         let key = (
             r.tenant.clone(),
             r.occurred_at.date_naive(),

@@ -12,7 +12,7 @@ use sqlx::PgPool;
 
 use super::accounts::{adjustment_leg, usage_legs, Leg};
 use super::store::{
-    self, ConflictRows, DeadRows, EventRows, Projections, RequestRow, TransferRows,
+    self, ConflictRows, DeadRows, EventRows, Projections, RatedUsage, TransferRows,
 };
 use crate::catalog::prices::load_book;
 use crate::events::{parse_bytes, Event, EventData, UsageData};
@@ -154,12 +154,16 @@ impl Writer {
         }
     }
 
-    fn expected_subject(&self, tenant: &str) -> String {
-        if self.subject_prefix.is_empty() {
-            format!("usage.v1.{tenant}")
+    /// Whether a message came on its tenant's subject (`[prefix.]usage.v1.<tenant>`).
+    fn on_own_subject(&self, subject: &str, tenant: &str) -> bool {
+        let rest = if self.subject_prefix.is_empty() {
+            Some(subject)
         } else {
-            format!("{}.usage.v1.{tenant}", self.subject_prefix)
-        }
+            subject
+                .strip_prefix(self.subject_prefix.as_str())
+                .and_then(|r| r.strip_prefix('.'))
+        };
+        rest.and_then(|r| r.strip_prefix("usage.v1.")) == Some(tenant)
     }
 
     /// Apply a batch; returns one outcome per message, in order. On error nothing was
@@ -198,7 +202,7 @@ impl Writer {
         let mut parsed = Vec::with_capacity(msgs.len());
         for (i, m) in msgs.iter().enumerate() {
             match parse_bytes(&m.payload, now) {
-                Ok(ev) if m.subject != self.expected_subject(ev.tenant_id()) => {
+                Ok(ev) if !self.on_own_subject(&m.subject, ev.tenant_id()) => {
                     let detail = format!(
                         "subject {} does not match tenant {}",
                         m.subject,
@@ -265,7 +269,7 @@ impl Writer {
         *head += 1;
         let seq = *head;
         if let (EventData::Usage(u), Some(r)) = (&ev.data, &rating) {
-            stage_request(b, &ev, u, r, seq);
+            stage_usage(b, &ev, u, r, seq);
         }
         stage_event(&mut b.events, &ev, seq);
         for (n, leg) in legs.iter().enumerate() {
@@ -363,8 +367,8 @@ pub fn stage_event(r: &mut EventRows, ev: &Event, seq: i64) {
     }
 }
 
-fn stage_request(b: &mut Batch, ev: &Event, u: &UsageData, r: &Rating, seq: i64) {
-    b.proj.add_usage(RequestRow {
+fn stage_usage(b: &mut Batch, ev: &Event, u: &UsageData, r: &Rating, seq: i64) {
+    b.proj.add_usage(RatedUsage {
         tenant: u.tenant_id.clone(),
         request_id: u.request_id.clone(),
         event_id: ev.id.clone(),

@@ -171,6 +171,12 @@ impl TestApp {
             .unwrap()
     }
 
+    /// Post events that must be accepted (202).
+    pub async fn ingest(&self, token: &str, body: &Value) {
+        let r = self.post_events(token, body).await;
+        assert_eq!(r.status(), 202, "{}", r.text().await.unwrap());
+    }
+
     pub async fn get(&self, token: &str, path: &str) -> reqwest::Response {
         self.http
             .get(self.url(path))
