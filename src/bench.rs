@@ -232,6 +232,7 @@ async fn plain_postgres(s0: &Settings, a: &BenchArgs) -> anyhow::Result<f64> {
             dead: &dl,
             proj: &pr,
             heads: &heads,
+            tiers: &Default::default(),
         };
         store::append(&mut tx, rows).await?;
         tx.commit().await?;

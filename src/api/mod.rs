@@ -5,6 +5,7 @@ pub mod auth;
 pub mod error;
 pub mod ingest;
 pub mod reads;
+pub mod terms;
 
 use axum::extract::{DefaultBodyLimit, State};
 use axum::http::{header, StatusCode};
@@ -49,10 +50,11 @@ pub fn query_error(e: axum::extract::rejection::QueryRejection) -> ApiError {
         admin::create_tenant, admin::list_tenants, admin::create_key, admin::list_keys, admin::revoke_key,
         admin::add_price, admin::list_prices, admin::add_markup,
         admin::list_dead, admin::get_dead, admin::redrive,
+        terms::add_tier_schedule, terms::list_tier_schedules, terms::positions,
     ),
     components(schemas(crate::catalog::prices::NewPrice)),
     modifiers(&Security),
-    tags((name = "ingest"), (name = "reads"), (name = "prices"), (name = "admin"))
+    tags((name = "ingest"), (name = "reads"), (name = "prices"), (name = "terms"), (name = "admin"))
 )]
 pub struct ApiDoc;
 
@@ -94,6 +96,11 @@ pub fn router(state: AppState) -> Router {
         )
         .route("/v1/admin/prices", post(admin::add_price))
         .route("/v1/admin/markup-rules", post(admin::add_markup))
+        .route(
+            "/v1/admin/tenants/{tenant_id}/tier-schedules",
+            post(terms::add_tier_schedule).get(terms::list_tier_schedules),
+        )
+        .route("/v1/tiers", get(terms::positions))
         .route("/v1/admin/dead-letters", get(admin::list_dead))
         .route("/v1/admin/dead-letters/{id}", get(admin::get_dead))
         .route("/v1/admin/dead-letters/{id}/redrive", post(admin::redrive))

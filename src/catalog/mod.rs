@@ -3,6 +3,7 @@
 pub mod keys;
 pub mod prices;
 pub mod tenants;
+pub mod tiers;
 
 #[derive(Debug, thiserror::Error)]
 pub enum CatalogError {
@@ -18,6 +19,8 @@ pub enum CatalogError {
     KeyNotFound,
     #[error("{0}")]
     InvalidPrice(String),
+    #[error("{0}")]
+    InvalidTerms(String),
     #[error("effective_from must be no earlier than {earliest} (now plus the accepted clock skew): a change never takes effect in the past")]
     EffectiveInPast { earliest: String },
     #[error(transparent)]

@@ -84,6 +84,7 @@ pub async fn load_book(c: &mut sqlx::PgConnection) -> Result<PriceBook, sqlx::Er
         sqlx::query_as("select id, tenant_id, percent, effective_from from markup_rules")
             .fetch_all(&mut *c)
             .await?;
+    let tiers = super::tiers::load_all(&mut *c).await?;
     Ok(PriceBook::new(
         rows.into_iter().map(PriceVersion::from).collect(),
         markups
@@ -95,7 +96,8 @@ pub async fn load_book(c: &mut sqlx::PgConnection) -> Result<PriceBook, sqlx::Er
                 effective_from,
             })
             .collect(),
-    ))
+    )
+    .with_tiers(tiers))
 }
 
 /// A new price version, as an operator submits it (rates per million tokens).

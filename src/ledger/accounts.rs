@@ -14,6 +14,9 @@ pub const COGS: &str = "cogs";
 /// Contra-revenue: operator credits (debit) and debits (credit).
 pub const ADJUSTMENTS: &str = "adjustments";
 
+/// Contra-revenue: volume-tier credits for a period's earlier units.
+pub const DISCOUNTS: &str = "discounts";
+
 /// What we owe a provider for this tenant's usage.
 pub fn payable(provider: &str) -> String {
     format!("payable:{provider}")
@@ -28,7 +31,8 @@ pub struct Leg {
 }
 
 /// The transfers of a rated usage event: price (receivable -> revenue) and cost
-/// (cogs -> provider payable). Zero amounts move nothing.
+/// (cogs -> provider payable), and a volume-tier credit (discounts -> receivable) when
+/// the request reached a higher tier. Zero amounts move nothing.
 pub fn usage_legs(provider: &str, r: &Rating) -> Vec<Leg> {
     let mut legs = Vec::with_capacity(2);
     if r.price > Decimal::ZERO {
@@ -45,6 +49,14 @@ pub fn usage_legs(provider: &str, r: &Rating) -> Vec<Leg> {
             debit: COGS.into(),
             credit: payable(provider),
             amount: r.cost,
+        });
+    }
+    if let Some(c) = r.tier.as_ref().and_then(|t| t.credit) {
+        legs.push(Leg {
+            kind: "tier_credit",
+            debit: DISCOUNTS.into(),
+            credit: RECEIVABLE.into(),
+            amount: c,
         });
     }
     legs

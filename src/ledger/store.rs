@@ -7,6 +7,8 @@ use chrono::{DateTime, NaiveDate, Utc};
 use rust_decimal::Decimal;
 use sqlx::PgConnection;
 
+use crate::pricing::TierPosition;
+
 /// Rows of `events`, column by column.
 #[derive(Default)]
 pub struct EventRows {
@@ -123,13 +125,18 @@ impl Projections {
 /// (last_seq, currency) for each known tenant.
 /// What `lock_tenants` found: (last_seq, currency) per existing tenant, and the price
 /// book's stamp (newest price version and markup rule ids) read in the same round trip.
-pub type Locked = (HashMap<String, (i64, String)>, Option<(i64, i64)>);
+pub type Locked = (HashMap<String, (i64, String)>, Option<BookStamp>);
+
+/// The newest price version, markup rule and tier schedule ids: the price book changed
+/// when this did (all three tables are append-only).
+pub type BookStamp = (i64, i64, i64);
 
 pub async fn lock_tenants(c: &mut PgConnection, tenants: &[String]) -> sqlx::Result<Locked> {
-    let rows: Vec<(String, i64, String, i64, i64)> = sqlx::query_as(
+    let rows: Vec<(String, i64, String, i64, i64, i64)> = sqlx::query_as(
         "select h.tenant_id, h.last_seq, t.currency::text,
            coalesce((select max(id) from price_versions), 0),
-           coalesce((select max(id) from markup_rules), 0)
+           coalesce((select max(id) from markup_rules), 0),
+           coalesce((select max(id) from tier_schedules), 0)
          from tenant_heads h
          join tenants t on t.id = h.tenant_id
          where h.tenant_id = any($1) order by h.tenant_id for update of h",
@@ -137,10 +144,10 @@ pub async fn lock_tenants(c: &mut PgConnection, tenants: &[String]) -> sqlx::Res
     .bind(tenants)
     .fetch_all(c)
     .await?;
-    let stamp = rows.first().map(|r| (r.3, r.4));
+    let stamp = rows.first().map(|r| (r.3, r.4, r.5));
     Ok((
         rows.into_iter()
-            .map(|(t, s, c, _, _)| (t, (s, c)))
+            .map(|(t, s, c, _, _, _)| (t, (s, c)))
             .collect(),
         stamp,
     ))
@@ -224,6 +231,7 @@ pub struct Rows<'a> {
     pub dead: &'a DeadRows,
     pub proj: &'a Projections,
     pub heads: &'a HashMap<String, i64>,
+    pub tiers: &'a TierPositions,
 }
 
 /// One statement appends the whole batch: events, transfers, conflicts, dead letters,
@@ -261,8 +269,46 @@ const APPEND: &str = concat!("with
          select * from unnest($59::text[], $60::text[], $61::text[], $62::numeric[])
          on conflict (tenant_id, account, currency) do update set balance = b.balance + excluded.balance),
   hd as (update tenant_heads h set last_seq = x.s
-         from unnest($63::text[], $64::int8[]) as x(t, s) where h.tenant_id = x.t)
+         from unnest($63::text[], $64::int8[]) as x(t, s) where h.tenant_id = x.t),
+  tp as (insert into tier_positions as p (tenant_id, schedule, period, units, list, charged)
+         select * from unnest($65::text[], $66::text[], $67::text[], $68::numeric[],
+           $69::numeric[], $70::numeric[])
+         on conflict (tenant_id, schedule, period) do update set units = excluded.units,
+           list = excluded.list, charged = excluded.charged)
 select 1");
+
+/// Tier positions after a batch, keyed (tenant, schedule name, period): absolute values,
+/// computed under the tenant's lock from the position before the batch.
+pub type TierPositions = HashMap<(String, String, String), TierPosition>;
+
+/// The tier positions of these tenants in these periods.
+pub async fn tier_positions(
+    c: &mut PgConnection,
+    tenants: &[String],
+    periods: &[String],
+) -> sqlx::Result<TierPositions> {
+    let rows: Vec<(String, String, String, Decimal, Decimal, Decimal)> = sqlx::query_as(
+        "select tenant_id, schedule, period, units, list, charged from tier_positions
+         where tenant_id = any($1) and period = any($2)",
+    )
+    .bind(tenants)
+    .bind(periods)
+    .fetch_all(c)
+    .await?;
+    Ok(rows
+        .into_iter()
+        .map(|(t, s, p, units, list, charged)| {
+            (
+                (t, s, p),
+                TierPosition {
+                    units,
+                    list,
+                    charged,
+                },
+            )
+        })
+        .collect())
+}
 
 pub async fn append(c: &mut PgConnection, r: Rows<'_>) -> sqlx::Result<()> {
     let (e, t, cf, d, p) = (r.events, r.transfers, r.conflicts, r.dead, r.proj);
@@ -338,6 +384,15 @@ pub async fn append(c: &mut PgConnection, r: Rows<'_>) -> sqlx::Result<()> {
         .bind(p.balances.values().copied().collect::<Vec<_>>())
         .bind(r.heads.keys().cloned().collect::<Vec<_>>())
         .bind(r.heads.values().copied().collect::<Vec<_>>());
+    let tk: Vec<_> = r.tiers.keys().collect();
+    let tv: Vec<_> = r.tiers.values().collect();
+    let q = q
+        .bind(tk.iter().map(|k| k.0.clone()).collect::<Vec<_>>())
+        .bind(tk.iter().map(|k| k.1.clone()).collect::<Vec<_>>())
+        .bind(tk.iter().map(|k| k.2.clone()).collect::<Vec<_>>())
+        .bind(tv.iter().map(|p| p.units).collect::<Vec<_>>())
+        .bind(tv.iter().map(|p| p.list).collect::<Vec<_>>())
+        .bind(tv.iter().map(|p| p.charged).collect::<Vec<_>>());
     q.execute(c).await?;
     Ok(())
 }

@@ -12,11 +12,14 @@ use sqlx::PgPool;
 
 use super::accounts::{adjustment_leg, usage_legs, Leg};
 use super::store::{
-    self, ConflictRows, DeadRows, EventRows, Projections, RatedUsage, TransferRows,
+    self, BookStamp, ConflictRows, DeadRows, EventRows, Projections, RatedUsage, TierPositions,
+    TransferRows,
 };
 use crate::catalog::prices::load_book;
 use crate::events::{parse_bytes, Event, EventData, UsageData};
-use crate::pricing::{rate, CustomerPrice, PriceBook, PricingError, Rating, Side, Terms};
+use crate::pricing::{
+    period_of, rate, with_tier, CustomerPrice, PriceBook, PricingError, Rating, Side, Terms,
+};
 
 /// One message as it came off the bus.
 #[derive(Clone, Debug)]
@@ -40,7 +43,7 @@ pub struct Writer {
     pool: PgPool,
     subject_prefix: String,
     book: PriceBook,
-    stamp: (i64, i64),
+    stamp: BookStamp,
 }
 
 /// The terms in force for a usage event, or why there are none.
@@ -67,6 +70,30 @@ pub fn terms_for<'b>(
     Ok(Terms { cost, price })
 }
 
+/// Rate a usage event in full: the base rating under `terms`, then the tenant's tier
+/// schedule in force (if any) from its position before the event. Returns the position
+/// key and the position after, when a schedule applied. Pure; shared with `verify`.
+pub fn rate_usage(
+    book: &PriceBook,
+    u: &UsageData,
+    terms: Terms<'_>,
+    at: DateTime<Utc>,
+    positions: &TierPositions,
+) -> Result<(Rating, Option<TierMove>), PricingError> {
+    let r = rate(u, terms)?;
+    let Some(s) = book.tier_at(&u.tenant_id, &u.provider, &u.model, at) else {
+        return Ok((r, None));
+    };
+    let key = (u.tenant_id.clone(), s.name.clone(), period_of(at));
+    let before = positions.get(&key).cloned().unwrap_or_default();
+    let r = with_tier(r, s, &before, key.2.clone())?;
+    let mv = r.tier.as_ref().map(|t| (key, t.advance(&before)));
+    Ok((r, mv))
+}
+
+/// A tier position key and the position after an event.
+pub type TierMove = ((String, String, String), crate::pricing::TierPosition);
+
 /// Why an event cannot apply: a dead-letter reason code and a sentence.
 type Rejected = (&'static str, String);
 
@@ -80,6 +107,8 @@ struct Batch {
     proj: Projections,
     /// The last sequence number assigned per tenant in this batch.
     heads: HashMap<String, i64>,
+    /// Tier positions this batch moved (their values after it).
+    tiers: TierPositions,
 }
 
 impl Batch {
@@ -91,6 +120,7 @@ impl Batch {
             dead: &self.dead,
             proj: &self.proj,
             heads: &self.heads,
+            tiers: &self.tiers,
         };
         store::append(tx, rows).await
     }
@@ -105,7 +135,9 @@ struct Known {
     /// (tenant, request id) -> event id
     requests: HashMap<(String, String), String>,
     /// The price book's stamp, read with the locks (none if no tenant was known).
-    book_stamp: Option<(i64, i64)>,
+    book_stamp: Option<BookStamp>,
+    /// Tier positions of the batch's tenants that have schedules, before the batch.
+    tiers: TierPositions,
 }
 
 impl Known {
@@ -133,6 +165,7 @@ impl Known {
             events: HashMap::new(),
             requests: HashMap::new(),
             book_stamp,
+            tiers: TierPositions::new(),
         };
         for (t, id, hash, rq) in store::existing(tx, &keys, &reqs).await? {
             if let Some(r) = rq {
@@ -150,7 +183,7 @@ impl Writer {
             pool,
             subject_prefix: subject_prefix.to_string(),
             book: PriceBook::default(),
-            stamp: (-1, -1),
+            stamp: (-1, -1, -1),
         }
     }
 
@@ -182,6 +215,24 @@ impl Writer {
         if let Some(stamp) = known.book_stamp.filter(|s| *s != self.stamp) {
             self.book = load_book(&mut tx).await?;
             self.stamp = stamp;
+        }
+        // tier positions, read only for tenants that have a schedule
+        let mut tiered: Vec<String> = Vec::new();
+        let mut periods: Vec<String> = Vec::new();
+        for (_, e) in &parsed {
+            if let EventData::Usage(u) = &e.data {
+                if self.book.has_tiers(&u.tenant_id) && known.tenants.contains_key(&u.tenant_id) {
+                    tiered.push(u.tenant_id.clone());
+                    periods.push(period_of(e.time));
+                }
+            }
+        }
+        if !tiered.is_empty() {
+            tiered.sort();
+            tiered.dedup();
+            periods.sort();
+            periods.dedup();
+            known.tiers = store::tier_positions(&mut tx, &tiered, &periods).await?;
         }
         for (i, ev) in parsed {
             outcomes[i] = self.stage(&mut b, &mut known, &msgs[i], ev);
@@ -243,6 +294,8 @@ impl Writer {
             );
             return Outcome::DeadLettered("unknown_tenant");
         };
+        let (last_seq, currency) = (*last_seq, currency.clone());
+        let currency = currency.as_str();
         let key = (tenant.clone(), ev.id.clone());
         if let Some(h) = known.events.get(&key) {
             if h.as_slice() == ev.payload_hash {
@@ -258,14 +311,14 @@ impl Writer {
             conflict(&mut b.conflicts, &ev, "request_id_taken", owner);
             return Outcome::Conflict;
         }
-        let (legs, rating) = match self.legs(&ev, currency) {
+        let (legs, rating) = match self.legs(&ev, currency, known, b) {
             Ok(x) => x,
             Err((reason, detail)) => {
                 dead(&mut b.dead, m, reason, detail, Some(&ev), None);
                 return Outcome::DeadLettered(reason);
             }
         };
-        let head = b.heads.entry(tenant.clone()).or_insert(*last_seq);
+        let head = b.heads.entry(tenant.clone()).or_insert(last_seq);
         *head += 1;
         let seq = *head;
         if let (EventData::Usage(u), Some(r)) = (&ev.data, &rating) {
@@ -284,13 +337,27 @@ impl Writer {
         Outcome::Applied
     }
 
-    /// The transfers an event makes (and its rating), or the dead-letter reason.
-    fn legs(&self, ev: &Event, currency: &str) -> Result<(Vec<Leg>, Option<Rating>), Rejected> {
+    /// The transfers an event makes (and its rating), or the dead-letter reason. A tier
+    /// position it moves is updated in `known` (for later events of the batch) and
+    /// staged in `b`.
+    fn legs(
+        &self,
+        ev: &Event,
+        currency: &str,
+        known: &mut Known,
+        b: &mut Batch,
+    ) -> Result<(Vec<Leg>, Option<Rating>), Rejected> {
         match &ev.data {
             EventData::Usage(u) => match terms_for(&self.book, u, currency, ev.time)
-                .and_then(|t| rate(u, t))
+                .and_then(|t| rate_usage(&self.book, u, t, ev.time, &known.tiers))
             {
-                Ok(r) => Ok((usage_legs(&u.provider, &r), Some(r))),
+                Ok((r, mv)) => {
+                    if let Some((key, after)) = mv {
+                        known.tiers.insert(key.clone(), after.clone());
+                        b.tiers.insert(key, after);
+                    }
+                    Ok((usage_legs(&u.provider, &r), Some(r)))
+                }
                 Err(e @ PricingError::Unpriced { .. }) => Err(("unpriced_model", e.to_string())),
                 Err(e) => Err(("rating_failed", e.to_string())),
             },

@@ -1,5 +1,6 @@
 //! The price book: immutable, effective-dated price versions and markup rules.
 
+use super::tiers::TierSchedule;
 use std::collections::HashMap;
 
 use chrono::{DateTime, Utc};
@@ -70,6 +71,8 @@ pub struct PriceBook {
     global_markups: Vec<MarkupRule>,
     tenant_markups: HashMap<String, Vec<MarkupRule>>,
     markup_by_id: HashMap<i64, MarkupRule>,
+    /// tenant -> that tenant's tier schedule versions, by (effective_from, id)
+    tiers: HashMap<String, Vec<TierSchedule>>,
 }
 
 /// The last element whose `effective_from` is at or before `at` (slices sorted by it).
@@ -103,6 +106,65 @@ impl PriceBook {
             }
         }
         book
+    }
+
+    /// The same book with these tier schedule versions.
+    pub fn with_tiers(mut self, mut schedules: Vec<TierSchedule>) -> PriceBook {
+        schedules.sort_by_key(|s| (s.effective_from, s.id));
+        self.tiers.clear();
+        for s in schedules {
+            self.tiers.entry(s.tenant_id.clone()).or_default().push(s);
+        }
+        self
+    }
+
+    /// Whether the tenant has any tier schedule at all.
+    pub fn has_tiers(&self, tenant_id: &str) -> bool {
+        self.tiers.contains_key(tenant_id)
+    }
+
+    /// The tier schedule that prices a request of this tenant at `at`: of the schedules
+    /// whose version in force matches the request, the most specific scope (model, then
+    /// provider, then all), ties broken by name.
+    pub fn tier_at(
+        &self,
+        tenant_id: &str,
+        provider: &str,
+        model: &str,
+        at: DateTime<Utc>,
+    ) -> Option<&TierSchedule> {
+        let list = self.tiers.get(tenant_id)?;
+        let mut best: Option<&TierSchedule> = None;
+        // the latest version of each name at `at` (the list is in effective order)
+        let mut names: Vec<&str> = list.iter().map(|s| s.name.as_str()).collect();
+        names.sort_unstable();
+        names.dedup();
+        for name in names {
+            let Some(s) = list
+                .iter()
+                .rev()
+                .find(|s| s.name == name && s.effective_from <= at)
+            else {
+                continue;
+            };
+            if !s.matches(provider, model) {
+                continue;
+            }
+            best = match best {
+                Some(b)
+                    if (b.scope, std::cmp::Reverse(&b.name))
+                        >= (s.scope, std::cmp::Reverse(&s.name)) =>
+                {
+                    Some(b)
+                }
+                _ => Some(s),
+            };
+        }
+        best
+    }
+
+    pub fn tier_by_id(&self, tenant_id: &str, id: i64) -> Option<&TierSchedule> {
+        self.tiers.get(tenant_id)?.iter().find(|s| s.id == id)
     }
 
     pub fn len(&self) -> usize {

@@ -4,9 +4,11 @@
 mod book;
 pub mod import;
 mod rate;
+pub mod tiers;
 
 pub use book::{MarkupRule, PriceBook, PriceVersion, RateSet, Side};
-pub use rate::{rate, Breakdown, CustomerPrice, Line, Rating, Terms, TokenClass};
+pub use rate::{rate, with_tier, Breakdown, CustomerPrice, Line, Rating, Terms, TokenClass};
+pub use tiers::{period_of, TierApplied, TierPosition, TierSchedule};
 
 use rust_decimal::Decimal;
 

@@ -4,6 +4,7 @@
 use rust_decimal::Decimal;
 use serde::{Deserialize, Serialize};
 
+use super::tiers::{self, TierApplied, TierInput, TierPosition, TierSchedule};
 use super::{MarkupRule, PriceVersion, PricingError, RateSet, MTOK};
 use crate::events::UsageData;
 
@@ -61,12 +62,18 @@ pub struct Rating {
     pub cost_list: Decimal,
     pub price_list: Decimal,
     pub cost: Decimal,
+    /// After the batch discount, before tier discounts.
+    pub price_before_tiers: Decimal,
+    /// What the customer is charged for this request.
     pub price: Decimal,
     pub margin: Decimal,
     pub currency: String,
     pub cost_version_id: i64,
     pub price_version_id: Option<i64>,
     pub markup_rule_id: Option<i64>,
+    /// The tier schedule that priced this request, with its slices.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub tier: Option<TierApplied>,
 }
 
 /// Resolved rates for one side: (input, cached, cache write, output, reasoning).
@@ -170,7 +177,32 @@ pub fn rate(u: &UsageData, terms: Terms<'_>) -> Result<Rating, PricingError> {
         cost_version_id: terms.cost.id,
         price_version_id,
         markup_rule_id,
+        tier: None,
     })
+}
+
+/// Step 6: price a rated request under the tier schedule in force, from the tenant's
+/// position before it. A request that moves no money (zero list price and zero cost)
+/// counts toward no tier: nothing would record it.
+pub fn with_tier(
+    r: Rating,
+    s: &TierSchedule,
+    before: &TierPosition,
+    period: String,
+) -> Result<Rating, PricingError> {
+    if r.price.is_zero() && r.cost.is_zero() {
+        return Ok(r);
+    }
+    let input = TierInput {
+        tokens: std::array::from_fn(|i| r.lines[i].tokens),
+        rates: std::array::from_fn(|i| r.lines[i].price_rate_per_mtok),
+        keep: Decimal::ONE - r.price_batch_discount,
+        list: r.price,
+    };
+    let applied = tiers::apply(s, before, period, &input)?;
+    let mut b = r.breakdown();
+    b.tier = Some(applied);
+    assemble(b)
 }
 
 /// What a charge is computed from: the token split, the rates and discounts in force,
@@ -193,6 +225,8 @@ pub struct Breakdown {
     pub cost_version_id: i64,
     pub price_version_id: Option<i64>,
     pub markup_rule_id: Option<i64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tier: Option<TierApplied>,
 }
 
 impl Breakdown {
@@ -218,6 +252,7 @@ impl Rating {
             cost_version_id: self.cost_version_id,
             price_version_id: self.price_version_id,
             markup_rule_id: self.markup_rule_id,
+            tier: self.tier.clone(),
         }
     }
 }
@@ -251,6 +286,10 @@ fn assemble(b: Breakdown) -> Result<Rating, PricingError> {
             price: p.normalize(),
         });
     }
+    let before_tiers = price;
+    if let Some(t) = &b.tier {
+        price = t.price;
+    }
     Ok(Rating {
         lines,
         long_context: b.long_context,
@@ -261,11 +300,13 @@ fn assemble(b: Breakdown) -> Result<Rating, PricingError> {
         cost_list: cost_list.normalize(),
         price_list: price_list.normalize(),
         cost: cost.normalize(),
+        price_before_tiers: before_tiers.normalize(),
         price: price.normalize(),
         margin: (price - cost).normalize(),
         currency: b.currency,
         cost_version_id: b.cost_version_id,
         price_version_id: b.price_version_id,
         markup_rule_id: b.markup_rule_id,
+        tier: b.tier,
     })
 }

@@ -8,8 +8,9 @@ use sqlx::{Executor, PgConnection, PgPool};
 
 use crate::catalog::prices::load_book;
 use crate::events::{self, EventData};
-use crate::ledger::writer::terms_for;
-use crate::pricing::{rate, Breakdown, CustomerPrice, PriceBook, Terms};
+use crate::ledger::store::TierPositions;
+use crate::ledger::writer::{rate_usage, terms_for};
+use crate::pricing::{Breakdown, CustomerPrice, PriceBook, Terms};
 
 /// Usage events with their rated amounts, straight from the record.
 const REQUEST_SELECT: &str = "select * from request_views e where true";
@@ -53,10 +54,28 @@ async fn populate(c: &mut PgConnection, prefix: &str, delta: bool) -> sqlx::Resu
         .as_str(),
     )
     .await?;
+    // tier positions: the sums of the tier part of each usage event's stored breakdown
+    // (on its first leg); a period's charged amount is net of volume credits
+    c.execute(
+        format!(
+            "insert into {prefix}tier_positions as p
+             select x.tenant_id, t->>'schedule', t->>'period', sum((t->>'units')::numeric),
+               sum((t->>'list')::numeric),
+               sum((t->>'price')::numeric - coalesce((t->>'credit')::numeric, 0))
+             from transfers x cross join lateral (select x.breakdown->'tier' as t) b
+             where x.leg = 0 and x.kind <> 'adjustment' and t is not null{}
+             group by 1, 2, 3
+             on conflict (tenant_id, schedule, period) do update set units = p.units + excluded.units,
+               list = p.list + excluded.list, charged = p.charged + excluded.charged",
+            tfilter.replacen(" where", " and", 1)
+        )
+        .as_str(),
+    )
+    .await?;
     Ok(())
 }
 
-const TABLES: [&str; 2] = ["usage_rollups", "account_balances"];
+const TABLES: [&str; 3] = ["usage_rollups", "account_balances", "tier_positions"];
 
 /// Rebuild every projection into shadow tables and swap them in. Safe while `serve`
 /// runs: the bulk of the work reads a snapshot; the swap locks `tenant_heads` (so
@@ -156,6 +175,7 @@ struct Recorded {
     breakdown: Option<String>,
     price: Decimal,
     cost: Decimal,
+    credit: Decimal,
     legs: i64,
 }
 
@@ -170,6 +190,7 @@ async fn rerate(
              where b.tenant_id = e.tenant_id and b.seq = e.seq and b.leg = 0) as breakdown,
            coalesce(sum(x.amount) filter (where x.kind = 'usage_price'), 0) as price,
            coalesce(sum(x.amount) filter (where x.kind = 'usage_cost'), 0) as cost,
+           coalesce(sum(x.amount) filter (where x.kind = 'tier_credit'), 0) as credit,
            count(x.leg) as legs
          from events e join tenants t on t.id = e.tenant_id
          left join transfers x on x.tenant_id = e.tenant_id and x.seq = e.seq
@@ -178,9 +199,11 @@ async fn rerate(
          order by e.tenant_id, e.seq",
     )
     .fetch(&mut *c);
+    // tier positions replayed in ledger order, as the writer moved them
+    let mut positions = TierPositions::new();
     while let Some(row) = rows.try_next().await? {
         report.events_rerated += 1;
-        if let Some(d) = rerate_one(book, row) {
+        if let Some(d) = rerate_one(book, row, &mut positions) {
             report.differences.push(d);
             if report.differences.len() >= 20 {
                 break;
@@ -222,7 +245,7 @@ fn same_versions(a: &Terms<'_>, b: &Terms<'_>) -> bool {
         }
 }
 
-fn rerate_one(book: &PriceBook, r: Recorded) -> Option<String> {
+fn rerate_one(book: &PriceBook, r: Recorded, positions: &mut TierPositions) -> Option<String> {
     let who = format!("event {}/{}", r.tenant_id, r.id);
     let far = chrono::DateTime::<chrono::Utc>::MAX_UTC - chrono::Duration::days(1);
     let ev = match events::parse_bytes(&r.envelope, far) {
@@ -262,8 +285,8 @@ fn rerate_one(book: &PriceBook, r: Recorded) -> Option<String> {
                     ))
                 }
             }
-            match rate(u, recorded) {
-                Ok(rt) if rt.breakdown() != stored => {
+            match rate_usage(book, u, recorded, r.occurred_at, positions) {
+                Ok((rt, _)) if rt.breakdown() != stored => {
                     return Some(format!(
                         "{who}: re-rating gives a different breakdown than the stored one"
                     ))
@@ -274,12 +297,21 @@ fn rerate_one(book: &PriceBook, r: Recorded) -> Option<String> {
         }
         (None, _) => return Some(format!("{who}: transfers without a breakdown")),
     };
-    match rate(u, terms) {
-        Ok(rt) if rt.price == r.price && rt.cost == r.cost => None,
-        Ok(rt) => Some(format!(
-            "{who}: re-rated price {} cost {} but recorded price {} cost {}",
-            rt.price, rt.cost, r.price, r.cost
-        )),
+    match rate_usage(book, u, terms, r.occurred_at, positions) {
+        Ok((rt, mv)) => {
+            if let Some((key, after)) = mv {
+                positions.insert(key, after);
+            }
+            let credit = rt.tier.as_ref().and_then(|t| t.credit).unwrap_or_default();
+            if rt.price == r.price && rt.cost == r.cost && credit == r.credit {
+                None
+            } else {
+                Some(format!(
+                    "{who}: re-rated price {} cost {} tier credit {credit} but recorded price {} cost {} tier credit {}",
+                    rt.price, rt.cost, r.price, r.cost, r.credit
+                ))
+            }
+        }
         Err(e) => Some(format!("{who}: re-rating failed: {e}")),
     }
 }
