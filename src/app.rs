@@ -33,7 +33,9 @@ impl App {
         } else {
             (None, None)
         };
+        let authorizer = crate::authorize::Authorizer::start(pool.clone(), settings.hold_ttl);
         let state = AppState {
+            authorizer,
             pool,
             bus,
             admin_token_hash: token_hash(&settings.admin_token),

@@ -233,6 +233,9 @@ async fn plain_postgres(s0: &Settings, a: &BenchArgs) -> anyhow::Result<f64> {
             proj: &pr,
             heads: &heads,
             tiers: &Default::default(),
+            budgets: &Default::default(),
+            alerts: &Default::default(),
+            settlements: &Default::default(),
         };
         store::append(&mut tx, rows).await?;
         tx.commit().await?;

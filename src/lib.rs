@@ -2,6 +2,7 @@
 
 pub mod api;
 pub mod app;
+pub mod authorize;
 pub mod bench;
 pub mod bus;
 pub mod catalog;

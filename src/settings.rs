@@ -40,6 +40,10 @@ pub struct Settings {
     /// Writer tasks in one process (`TOKENLEDGER_WRITERS`, default 2); tenants are
     /// partitioned among them.
     pub writers: usize,
+    /// How long an unsettled pre-authorisation hold counts against budgets
+    /// (`TOKENLEDGER_HOLD_TTL_SECS`, default 3600). Must be at least as long as a producer
+    /// may keep a usage event spooled before publishing it.
+    pub hold_ttl: Duration,
 }
 
 fn var(name: &str, default: &str) -> String {
@@ -90,6 +94,7 @@ impl Settings {
             batch_wait: Duration::from_millis(parse("TOKENLEDGER_BATCH_WAIT_MS", 5u64)?),
             ack_wait: Duration::from_millis(parse("TOKENLEDGER_ACK_WAIT_MS", 30_000u64)?),
             clock_skew: Duration::from_secs(parse("TOKENLEDGER_CLOCK_SKEW_SECS", 300u64)?),
+            hold_ttl: Duration::from_secs(parse("TOKENLEDGER_HOLD_TTL_SECS", 3600u64)?),
             roles,
             fault_abort_after_commit: fault,
             db_max_connections: parse("TOKENLEDGER_DB_MAX_CONNECTIONS", 8u32)?,

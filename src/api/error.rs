@@ -103,6 +103,7 @@ impl From<CatalogError> for ApiError {
             CatalogError::TenantNotFound(_) => (StatusCode::NOT_FOUND, "not_found"),
             CatalogError::KeyNotFound => (StatusCode::NOT_FOUND, "not_found"),
             CatalogError::InvalidPrice(_) => (StatusCode::UNPROCESSABLE_ENTITY, "invalid_price"),
+            CatalogError::NotFound(_) => (StatusCode::NOT_FOUND, "not_found"),
             CatalogError::InvalidTerms(_) => (StatusCode::UNPROCESSABLE_ENTITY, "invalid_terms"),
             CatalogError::EffectiveInPast { .. } => {
                 (StatusCode::UNPROCESSABLE_ENTITY, "effective_in_past")

@@ -29,6 +29,7 @@ pub struct AppState {
     pub settings: Settings,
     pub metrics: Metrics,
     pub admin_token_hash: [u8; 32],
+    pub authorizer: crate::authorize::Authorizer,
 }
 
 impl AppState {
@@ -51,6 +52,8 @@ pub fn query_error(e: axum::extract::rejection::QueryRejection) -> ApiError {
         admin::add_price, admin::list_prices, admin::add_markup,
         admin::list_dead, admin::get_dead, admin::redrive,
         terms::add_tier_schedule, terms::list_tier_schedules, terms::positions,
+        terms::add_budget, terms::list_budgets, terms::budget_versions, terms::retire_budget,
+        terms::list_alerts, terms::authorize,
     ),
     components(schemas(crate::catalog::prices::NewPrice)),
     modifiers(&Security),
@@ -101,6 +104,16 @@ pub fn router(state: AppState) -> Router {
             post(terms::add_tier_schedule).get(terms::list_tier_schedules),
         )
         .route("/v1/tiers", get(terms::positions))
+        .route(
+            "/v1/budgets",
+            post(terms::add_budget).get(terms::list_budgets),
+        )
+        .route(
+            "/v1/budgets/{name}",
+            get(terms::budget_versions).delete(terms::retire_budget),
+        )
+        .route("/v1/alerts", get(terms::list_alerts))
+        .route("/v1/authorize", post(terms::authorize))
         .route("/v1/admin/dead-letters", get(admin::list_dead))
         .route("/v1/admin/dead-letters/{id}", get(admin::get_dead))
         .route("/v1/admin/dead-letters/{id}/redrive", post(admin::redrive))

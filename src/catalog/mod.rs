@@ -1,5 +1,6 @@
 //! Configuration the ledger reads: tenants, API keys, price versions and markup rules.
 
+pub mod budgets;
 pub mod keys;
 pub mod prices;
 pub mod tenants;
@@ -21,6 +22,8 @@ pub enum CatalogError {
     InvalidPrice(String),
     #[error("{0}")]
     InvalidTerms(String),
+    #[error("{0} not found")]
+    NotFound(&'static str),
     #[error("effective_from must be no earlier than {earliest} (now plus the accepted clock skew): a change never takes effect in the past")]
     EffectiveInPast { earliest: String },
     #[error(transparent)]

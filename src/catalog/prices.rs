@@ -85,6 +85,7 @@ pub async fn load_book(c: &mut sqlx::PgConnection) -> Result<PriceBook, sqlx::Er
             .fetch_all(&mut *c)
             .await?;
     let tiers = super::tiers::load_all(&mut *c).await?;
+    let budgets = super::budgets::load_all(&mut *c).await?;
     Ok(PriceBook::new(
         rows.into_iter().map(PriceVersion::from).collect(),
         markups
@@ -97,7 +98,8 @@ pub async fn load_book(c: &mut sqlx::PgConnection) -> Result<PriceBook, sqlx::Er
             })
             .collect(),
     )
-    .with_tiers(tiers))
+    .with_tiers(tiers)
+    .with_budgets(budgets))
 }
 
 /// A new price version, as an operator submits it (rates per million tokens).

@@ -7,6 +7,7 @@ use chrono::{DateTime, NaiveDate, Utc};
 use rust_decimal::Decimal;
 use sqlx::PgConnection;
 
+use super::state::TenantState;
 use crate::pricing::TierPosition;
 
 /// Rows of `events`, column by column.
@@ -127,16 +128,17 @@ impl Projections {
 /// book's stamp (newest price version and markup rule ids) read in the same round trip.
 pub type Locked = (HashMap<String, (i64, String)>, Option<BookStamp>);
 
-/// The newest price version, markup rule and tier schedule ids: the price book changed
-/// when this did (all three tables are append-only).
-pub type BookStamp = (i64, i64, i64);
+/// The newest price version, markup rule, tier schedule and budget ids: the price book
+/// changed when this did (all four tables are append-only).
+pub type BookStamp = (i64, i64, i64, i64);
 
 pub async fn lock_tenants(c: &mut PgConnection, tenants: &[String]) -> sqlx::Result<Locked> {
-    let rows: Vec<(String, i64, String, i64, i64, i64)> = sqlx::query_as(
+    let rows: Vec<(String, i64, String, i64, i64, i64, i64)> = sqlx::query_as(
         "select h.tenant_id, h.last_seq, t.currency::text,
            coalesce((select max(id) from price_versions), 0),
            coalesce((select max(id) from markup_rules), 0),
-           coalesce((select max(id) from tier_schedules), 0)
+           coalesce((select max(id) from tier_schedules), 0),
+           coalesce((select max(id) from budgets), 0)
          from tenant_heads h
          join tenants t on t.id = h.tenant_id
          where h.tenant_id = any($1) order by h.tenant_id for update of h",
@@ -144,11 +146,9 @@ pub async fn lock_tenants(c: &mut PgConnection, tenants: &[String]) -> sqlx::Res
     .bind(tenants)
     .fetch_all(c)
     .await?;
-    let stamp = rows.first().map(|r| (r.3, r.4, r.5));
+    let stamp = rows.first().map(|r| (r.3, r.4, r.5, r.6));
     Ok((
-        rows.into_iter()
-            .map(|(t, s, c, _, _, _)| (t, (s, c)))
-            .collect(),
+        rows.into_iter().map(|(t, s, c, ..)| (t, (s, c))).collect(),
         stamp,
     ))
 }
@@ -232,6 +232,9 @@ pub struct Rows<'a> {
     pub proj: &'a Projections,
     pub heads: &'a HashMap<String, i64>,
     pub tiers: &'a TierPositions,
+    pub budgets: &'a BudgetSpends,
+    pub alerts: &'a AlertRows,
+    pub settlements: &'a SettlementRows,
 }
 
 /// One statement appends the whole batch: events, transfers, conflicts, dead letters,
@@ -274,41 +277,83 @@ const APPEND: &str = concat!("with
          select * from unnest($65::text[], $66::text[], $67::text[], $68::numeric[],
            $69::numeric[], $70::numeric[])
          on conflict (tenant_id, schedule, period) do update set units = excluded.units,
-           list = excluded.list, charged = excluded.charged)
+           list = excluded.list, charged = excluded.charged),
+  bs as (insert into budget_spend as s (tenant_id, budget, period, spent)
+         select * from unnest($71::text[], $72::text[], $73::text[], $74::numeric[])
+         on conflict (tenant_id, budget, period) do update set spent = excluded.spent),
+  af as (insert into alert_facts (tenant_id, type, unique_key, payload, occurred_at)
+         select t, y, k, p::jsonb, o from unnest($75::text[], $76::text[], $77::text[], $78::text[],
+           $79::timestamptz[]) as x(t, y, k, p, o)
+         on conflict (tenant_id, type, unique_key) do nothing),
+  st as (insert into auth_settlements (hold_id, tenant_id, event_id)
+         select h, t, e from unnest($80::uuid[], $81::text[], $82::text[]) as x(h, t, e)
+         where exists (select 1 from authorizations a where a.id = x.h and a.tenant_id = x.t)
+         on conflict (hold_id) do nothing)
 select 1");
+
+/// Settlements of pre-authorisation holds by the usage events carrying their ids.
+#[derive(Default)]
+pub struct SettlementRows {
+    pub hold: Vec<uuid::Uuid>,
+    pub tenant: Vec<String>,
+    pub event_id: Vec<String>,
+}
+
+/// Budget spend after a batch, keyed (tenant, budget name, period): absolute values.
+/// A BTreeMap, so rows are written (and locked) in key order.
+pub type BudgetSpends = BTreeMap<(String, String, String), Decimal>;
+
+/// Alert facts, column by column.
+#[derive(Default)]
+pub struct AlertRows {
+    pub tenant: Vec<String>,
+    pub type_: Vec<String>,
+    pub key: Vec<String>,
+    pub payload: Vec<String>,
+    pub occurred_at: Vec<DateTime<Utc>>,
+}
+
+/// Tier positions of `tiered` tenants and budget spend of `budgeted` tenants in these
+/// periods, in one round trip.
+pub async fn load_state(
+    c: &mut PgConnection,
+    tiered: &[String],
+    budgeted: &[String],
+    periods: &[String],
+) -> sqlx::Result<TenantState> {
+    let rows: Vec<(bool, String, String, String, Decimal, Decimal, Decimal)> = sqlx::query_as(
+        "select true, tenant_id, schedule, period, units, list, charged from tier_positions
+         where tenant_id = any($1) and period = any($3)
+         union all
+         select false, tenant_id, budget, period, spent, 0, 0 from budget_spend
+         where tenant_id = any($2) and period = any($3)",
+    )
+    .bind(tiered)
+    .bind(budgeted)
+    .bind(periods)
+    .fetch_all(c)
+    .await?;
+    let mut st = TenantState::default();
+    for (tier, t, name, p, a, list, charged) in rows {
+        if tier {
+            st.tiers.insert(
+                (t, name, p),
+                TierPosition {
+                    units: a,
+                    list,
+                    charged,
+                },
+            );
+        } else {
+            st.budgets.insert((t, name, p), a);
+        }
+    }
+    Ok(st)
+}
 
 /// Tier positions after a batch, keyed (tenant, schedule name, period): absolute values,
 /// computed under the tenant's lock from the position before the batch.
 pub type TierPositions = HashMap<(String, String, String), TierPosition>;
-
-/// The tier positions of these tenants in these periods.
-pub async fn tier_positions(
-    c: &mut PgConnection,
-    tenants: &[String],
-    periods: &[String],
-) -> sqlx::Result<TierPositions> {
-    let rows: Vec<(String, String, String, Decimal, Decimal, Decimal)> = sqlx::query_as(
-        "select tenant_id, schedule, period, units, list, charged from tier_positions
-         where tenant_id = any($1) and period = any($2)",
-    )
-    .bind(tenants)
-    .bind(periods)
-    .fetch_all(c)
-    .await?;
-    Ok(rows
-        .into_iter()
-        .map(|(t, s, p, units, list, charged)| {
-            (
-                (t, s, p),
-                TierPosition {
-                    units,
-                    list,
-                    charged,
-                },
-            )
-        })
-        .collect())
-}
 
 pub async fn append(c: &mut PgConnection, r: Rows<'_>) -> sqlx::Result<()> {
     let (e, t, cf, d, p) = (r.events, r.transfers, r.conflicts, r.dead, r.proj);
@@ -393,6 +438,20 @@ pub async fn append(c: &mut PgConnection, r: Rows<'_>) -> sqlx::Result<()> {
         .bind(tv.iter().map(|p| p.units).collect::<Vec<_>>())
         .bind(tv.iter().map(|p| p.list).collect::<Vec<_>>())
         .bind(tv.iter().map(|p| p.charged).collect::<Vec<_>>());
+    let (b, a) = (r.budgets, r.alerts);
+    let q = q
+        .bind(b.keys().map(|k| k.0.clone()).collect::<Vec<_>>())
+        .bind(b.keys().map(|k| k.1.clone()).collect::<Vec<_>>())
+        .bind(b.keys().map(|k| k.2.clone()).collect::<Vec<_>>())
+        .bind(b.values().copied().collect::<Vec<_>>())
+        .bind(&a.tenant)
+        .bind(&a.type_)
+        .bind(&a.key)
+        .bind(&a.payload)
+        .bind(&a.occurred_at)
+        .bind(&r.settlements.hold)
+        .bind(&r.settlements.tenant)
+        .bind(&r.settlements.event_id);
     q.execute(c).await?;
     Ok(())
 }

@@ -11,15 +11,15 @@ use chrono::{DateTime, Utc};
 use sqlx::PgPool;
 
 use super::accounts::{adjustment_leg, usage_legs, Leg};
+use super::state::{rate_usage, BudgetMove, TenantState};
 use super::store::{
     self, BookStamp, ConflictRows, DeadRows, EventRows, Projections, RatedUsage, TierPositions,
     TransferRows,
 };
 use crate::catalog::prices::load_book;
 use crate::events::{parse_bytes, Event, EventData, UsageData};
-use crate::pricing::{
-    period_of, rate, with_tier, CustomerPrice, PriceBook, PricingError, Rating, Side, Terms,
-};
+use crate::pricing::budgets::{period_key, BudgetPeriod};
+use crate::pricing::{period_of, CustomerPrice, PriceBook, PricingError, Rating, Side, Terms};
 
 /// One message as it came off the bus.
 #[derive(Clone, Debug)]
@@ -70,30 +70,6 @@ pub fn terms_for<'b>(
     Ok(Terms { cost, price })
 }
 
-/// Rate a usage event in full: the base rating under `terms`, then the tenant's tier
-/// schedule in force (if any) from its position before the event. Returns the position
-/// key and the position after, when a schedule applied. Pure; shared with `verify`.
-pub fn rate_usage(
-    book: &PriceBook,
-    u: &UsageData,
-    terms: Terms<'_>,
-    at: DateTime<Utc>,
-    positions: &TierPositions,
-) -> Result<(Rating, Option<TierMove>), PricingError> {
-    let r = rate(u, terms)?;
-    let Some(s) = book.tier_at(&u.tenant_id, &u.provider, &u.model, at) else {
-        return Ok((r, None));
-    };
-    let key = (u.tenant_id.clone(), s.name.clone(), period_of(at));
-    let before = positions.get(&key).cloned().unwrap_or_default();
-    let r = with_tier(r, s, &before, key.2.clone())?;
-    let mv = r.tier.as_ref().map(|t| (key, t.advance(&before)));
-    Ok((r, mv))
-}
-
-/// A tier position key and the position after an event.
-pub type TierMove = ((String, String, String), crate::pricing::TierPosition);
-
 /// Why an event cannot apply: a dead-letter reason code and a sentence.
 type Rejected = (&'static str, String);
 
@@ -109,6 +85,10 @@ struct Batch {
     heads: HashMap<String, i64>,
     /// Tier positions this batch moved (their values after it).
     tiers: TierPositions,
+    /// Budget spend this batch moved (values after it).
+    budgets: store::BudgetSpends,
+    alerts: store::AlertRows,
+    settlements: store::SettlementRows,
 }
 
 impl Batch {
@@ -121,6 +101,9 @@ impl Batch {
             proj: &self.proj,
             heads: &self.heads,
             tiers: &self.tiers,
+            budgets: &self.budgets,
+            alerts: &self.alerts,
+            settlements: &self.settlements,
         };
         store::append(tx, rows).await
     }
@@ -136,8 +119,9 @@ struct Known {
     requests: HashMap<(String, String), String>,
     /// The price book's stamp, read with the locks (none if no tenant was known).
     book_stamp: Option<BookStamp>,
-    /// Tier positions of the batch's tenants that have schedules, before the batch.
-    tiers: TierPositions,
+    /// Tier positions and budget spend of the batch's tenants that have schedules or
+    /// budgets, before the batch (moved as the batch is staged).
+    state: TenantState,
 }
 
 impl Known {
@@ -165,7 +149,7 @@ impl Known {
             events: HashMap::new(),
             requests: HashMap::new(),
             book_stamp,
-            tiers: TierPositions::new(),
+            state: TenantState::default(),
         };
         for (t, id, hash, rq) in store::existing(tx, &keys, &reqs).await? {
             if let Some(r) = rq {
@@ -183,7 +167,7 @@ impl Writer {
             pool,
             subject_prefix: subject_prefix.to_string(),
             book: PriceBook::default(),
-            stamp: (-1, -1, -1),
+            stamp: (-1, -1, -1, -1),
         }
     }
 
@@ -216,23 +200,33 @@ impl Writer {
             self.book = load_book(&mut tx).await?;
             self.stamp = stamp;
         }
-        // tier positions, read only for tenants that have a schedule
+        // tier positions and budget spend, read only for tenants that have terms
         let mut tiered: Vec<String> = Vec::new();
+        let mut budgeted: Vec<String> = Vec::new();
         let mut periods: Vec<String> = Vec::new();
         for (_, e) in &parsed {
             if let EventData::Usage(u) = &e.data {
-                if self.book.has_tiers(&u.tenant_id) && known.tenants.contains_key(&u.tenant_id) {
+                if !known.tenants.contains_key(&u.tenant_id) {
+                    continue;
+                }
+                if self.book.has_tiers(&u.tenant_id) {
                     tiered.push(u.tenant_id.clone());
                     periods.push(period_of(e.time));
                 }
+                if self.book.has_budgets(&u.tenant_id) {
+                    budgeted.push(u.tenant_id.clone());
+                    for p in [BudgetPeriod::Day, BudgetPeriod::Week, BudgetPeriod::Month] {
+                        periods.push(period_key(p, e.time));
+                    }
+                }
             }
         }
-        if !tiered.is_empty() {
-            tiered.sort();
-            tiered.dedup();
-            periods.sort();
-            periods.dedup();
-            known.tiers = store::tier_positions(&mut tx, &tiered, &periods).await?;
+        if !tiered.is_empty() || !budgeted.is_empty() {
+            for v in [&mut tiered, &mut budgeted, &mut periods] {
+                v.sort();
+                v.dedup();
+            }
+            known.state = store::load_state(&mut tx, &tiered, &budgeted, &periods).await?;
         }
         for (i, ev) in parsed {
             outcomes[i] = self.stage(&mut b, &mut known, &msgs[i], ev);
@@ -324,6 +318,14 @@ impl Writer {
         if let (EventData::Usage(u), Some(r)) = (&ev.data, &rating) {
             stage_usage(b, &ev, u, r, seq);
         }
+        // the hold this usage settles (an id that is no hold of this tenant settles nothing)
+        if let EventData::Usage(u) = &ev.data {
+            if let Some(h) = u.authorization_id.as_deref().and_then(|a| a.parse().ok()) {
+                b.settlements.hold.push(h);
+                b.settlements.tenant.push(tenant.clone());
+                b.settlements.event_id.push(ev.id.clone());
+            }
+        }
         stage_event(&mut b.events, &ev, seq);
         for (n, leg) in legs.iter().enumerate() {
             stage_transfer(b, &ev, seq, n as i16, currency, leg, rating.as_ref());
@@ -349,12 +351,16 @@ impl Writer {
     ) -> Result<(Vec<Leg>, Option<Rating>), Rejected> {
         match &ev.data {
             EventData::Usage(u) => match terms_for(&self.book, u, currency, ev.time)
-                .and_then(|t| rate_usage(&self.book, u, t, ev.time, &known.tiers))
+                .and_then(|t| rate_usage(&self.book, u, t, ev.time, &known.state))
             {
-                Ok((r, mv)) => {
-                    if let Some((key, after)) = mv {
-                        known.tiers.insert(key.clone(), after.clone());
+                Ok((r, moves)) => {
+                    known.state.apply(&moves);
+                    if let Some((key, after)) = moves.tier {
                         b.tiers.insert(key, after);
+                    }
+                    for m in moves.budgets {
+                        stage_alerts(&mut b.alerts, ev, u, &m);
+                        b.budgets.insert(m.key, m.after);
                     }
                     Ok((usage_legs(&u.provider, &r), Some(r)))
                 }
@@ -370,6 +376,32 @@ impl Writer {
             )),
             EventData::Adjustment(a) => Ok((vec![adjustment_leg(a)], None)),
         }
+    }
+}
+
+/// The alert facts for the thresholds an event crossed: once per budget, period and
+/// threshold (the table's unique key keeps it so across redeliveries and replays).
+fn stage_alerts(a: &mut store::AlertRows, ev: &Event, u: &UsageData, m: &BudgetMove) {
+    for t in &m.crossed {
+        let b = &m.budget;
+        a.tenant.push(u.tenant_id.clone());
+        a.type_.push("budget.threshold_crossed".into());
+        a.key
+            .push(format!("{}/{}/{}", b.name, m.key.2, t.normalize()));
+        a.occurred_at.push(ev.time);
+        a.payload.push(
+            serde_json::json!({
+                "budget": b.name, "budget_version": b.id, "scope": b.scope,
+                "scope_value": b.scope_value, "period": m.key.2, "period_kind": b.period,
+                "threshold_percent": t.normalize().to_string(),
+                "amount": b.amount.normalize().to_string(),
+                "spent": m.after.normalize().to_string(), "action": b.action,
+                "downgrade_class": b.downgrade_class,
+                "limit_reached": *t >= rust_decimal::Decimal::ONE_HUNDRED,
+                "event_id": ev.id, "request_id": u.request_id,
+            })
+            .to_string(),
+        );
     }
 }
 

@@ -1,5 +1,6 @@
 //! The price book: immutable, effective-dated price versions and markup rules.
 
+use super::budgets::Budget;
 use super::tiers::TierSchedule;
 use std::collections::HashMap;
 
@@ -73,6 +74,8 @@ pub struct PriceBook {
     markup_by_id: HashMap<i64, MarkupRule>,
     /// tenant -> that tenant's tier schedule versions, by (effective_from, id)
     tiers: HashMap<String, Vec<TierSchedule>>,
+    /// tenant -> that tenant's budget versions, by (effective_from, id)
+    budgets: HashMap<String, Vec<Budget>>,
 }
 
 /// The last element whose `effective_from` is at or before `at` (slices sorted by it).
@@ -116,6 +119,39 @@ impl PriceBook {
             self.tiers.entry(s.tenant_id.clone()).or_default().push(s);
         }
         self
+    }
+
+    /// The same book with these budget versions.
+    pub fn with_budgets(mut self, mut budgets: Vec<Budget>) -> PriceBook {
+        budgets.sort_by_key(|b| (b.effective_from, b.id));
+        self.budgets.clear();
+        for b in budgets {
+            self.budgets.entry(b.tenant_id.clone()).or_default().push(b);
+        }
+        self
+    }
+
+    /// Whether the tenant has any budget version at all.
+    pub fn has_budgets(&self, tenant_id: &str) -> bool {
+        self.budgets.contains_key(tenant_id)
+    }
+
+    /// The tenant's budgets in force at `at` (the latest version of each name, if it is
+    /// active), by name.
+    pub fn budgets_at(&self, tenant_id: &str, at: DateTime<Utc>) -> Vec<&Budget> {
+        let Some(list) = self.budgets.get(tenant_id) else {
+            return Vec::new();
+        };
+        let mut latest: std::collections::BTreeMap<&str, &Budget> = Default::default();
+        for b in list.iter().filter(|b| b.effective_from <= at) {
+            latest.insert(b.name.as_str(), b);
+        }
+        latest.into_values().filter(|b| b.active).collect()
+    }
+
+    /// Every version of the tenant's budgets (oldest first).
+    pub fn budget_versions(&self, tenant_id: &str) -> &[Budget] {
+        self.budgets.get(tenant_id).map_or(&[], |v| v.as_slice())
     }
 
     /// Whether the tenant has any tier schedule at all.
@@ -219,6 +255,25 @@ impl PriceBook {
 
     pub fn markup_by_id(&self, id: i64) -> Option<&MarkupRule> {
         self.markup_by_id.get(&id)
+    }
+
+    /// Providers with a cost version for this model in force at `at`, in this currency
+    /// (any region), sorted.
+    pub fn providers_for(&self, model: &str, currency: &str, at: DateTime<Utc>) -> Vec<String> {
+        let mut out: Vec<String> = self
+            .versions
+            .iter()
+            .filter(|(k, list)| {
+                k.1 == model
+                    && k.3 == Side::Cost
+                    && k.4 == currency
+                    && in_force(list, at, |v| v.effective_from).is_some()
+            })
+            .map(|(k, _)| k.0.clone())
+            .collect();
+        out.sort();
+        out.dedup();
+        out
     }
 
     /// Whether any version, at any time, exists for (provider, model, side, currency), in

@@ -2,6 +2,7 @@
 //! in force and passes them in; nothing here touches a database or a clock.
 
 mod book;
+pub mod budgets;
 pub mod import;
 mod rate;
 pub mod tiers;

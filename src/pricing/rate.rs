@@ -4,6 +4,7 @@
 use rust_decimal::Decimal;
 use serde::{Deserialize, Serialize};
 
+use super::budgets::BudgetCount;
 use super::tiers::{self, TierApplied, TierInput, TierPosition, TierSchedule};
 use super::{MarkupRule, PriceVersion, PricingError, RateSet, MTOK};
 use crate::events::UsageData;
@@ -74,6 +75,9 @@ pub struct Rating {
     /// The tier schedule that priced this request, with its slices.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub tier: Option<TierApplied>,
+    /// The budgets this charge counted toward.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub budgets: Vec<BudgetCount>,
 }
 
 /// Resolved rates for one side: (input, cached, cache write, output, reasoning).
@@ -178,6 +182,7 @@ pub fn rate(u: &UsageData, terms: Terms<'_>) -> Result<Rating, PricingError> {
         price_version_id,
         markup_rule_id,
         tier: None,
+        budgets: Vec::new(),
     })
 }
 
@@ -227,6 +232,8 @@ pub struct Breakdown {
     pub markup_rule_id: Option<i64>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub tier: Option<TierApplied>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub budgets: Vec<BudgetCount>,
 }
 
 impl Breakdown {
@@ -253,6 +260,7 @@ impl Rating {
             price_version_id: self.price_version_id,
             markup_rule_id: self.markup_rule_id,
             tier: self.tier.clone(),
+            budgets: self.budgets.clone(),
         }
     }
 }
@@ -308,5 +316,6 @@ fn assemble(b: Breakdown) -> Result<Rating, PricingError> {
         price_version_id: b.price_version_id,
         markup_rule_id: b.markup_rule_id,
         tier: b.tier,
+        budgets: b.budgets,
     })
 }

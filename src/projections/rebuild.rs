@@ -8,8 +8,8 @@ use sqlx::{Executor, PgConnection, PgPool};
 
 use crate::catalog::prices::load_book;
 use crate::events::{self, EventData};
-use crate::ledger::store::TierPositions;
-use crate::ledger::writer::{rate_usage, terms_for};
+use crate::ledger::state::{rate_usage, TenantState};
+use crate::ledger::writer::terms_for;
 use crate::pricing::{Breakdown, CustomerPrice, PriceBook, Terms};
 
 /// Usage events with their rated amounts, straight from the record.
@@ -72,10 +72,31 @@ async fn populate(c: &mut PgConnection, prefix: &str, delta: bool) -> sqlx::Resu
         .as_str(),
     )
     .await?;
+    // budget spend: each usage event's price, for every budget its breakdown counted it in
+    c.execute(
+        format!(
+            "insert into {prefix}budget_spend as s
+             select x.tenant_id, b->>'budget', b->>'period', sum(p.amount)
+             from transfers x
+             cross join lateral json_array_elements(x.breakdown->'budgets') b
+             join transfers p on p.tenant_id = x.tenant_id and p.seq = x.seq and p.kind = 'usage_price'
+             where x.leg = 0 and x.kind <> 'adjustment' and x.breakdown->'budgets' is not null{}
+             group by 1, 2, 3
+             on conflict (tenant_id, budget, period) do update set spent = s.spent + excluded.spent",
+            tfilter.replacen(" where", " and", 1)
+        )
+        .as_str(),
+    )
+    .await?;
     Ok(())
 }
 
-const TABLES: [&str; 3] = ["usage_rollups", "account_balances", "tier_positions"];
+const TABLES: [&str; 4] = [
+    "usage_rollups",
+    "account_balances",
+    "tier_positions",
+    "budget_spend",
+];
 
 /// Rebuild every projection into shadow tables and swap them in. Safe while `serve`
 /// runs: the bulk of the work reads a snapshot; the swap locks `tenant_heads` (so
@@ -199,15 +220,42 @@ async fn rerate(
          order by e.tenant_id, e.seq",
     )
     .fetch(&mut *c);
-    // tier positions replayed in ledger order, as the writer moved them
-    let mut positions = TierPositions::new();
+    // tier positions and budget spend replayed in ledger order, as the writer moved them;
+    // the budget alerts the replay raises
+    let mut state = TenantState::default();
+    let mut alerts = std::collections::BTreeSet::new();
     while let Some(row) = rows.try_next().await? {
         report.events_rerated += 1;
-        if let Some(d) = rerate_one(book, row, &mut positions) {
+        if let Some(d) = rerate_one(book, row, &mut state, &mut alerts) {
             report.differences.push(d);
             if report.differences.len() >= 20 {
-                break;
+                return Ok(());
             }
+        }
+    }
+    drop(rows);
+    // every budget alert fact is one the replay raises, and the other way round
+    let recorded: std::collections::BTreeSet<AlertKey> = sqlx::query_as(
+        "select tenant_id, unique_key from alert_facts where type = 'budget.threshold_crossed'",
+    )
+    .fetch_all(&mut *c)
+    .await?
+    .into_iter()
+    .collect();
+    for (k, side) in [
+        (
+            recorded.difference(&alerts).next(),
+            "recorded but not raised by replay",
+        ),
+        (
+            alerts.difference(&recorded).next(),
+            "raised by replay but not recorded",
+        ),
+    ] {
+        if let Some((t, key)) = k {
+            report
+                .differences
+                .push(format!("alert_facts: budget alert {t}/{key} {side}"));
         }
     }
     Ok(())
@@ -245,7 +293,15 @@ fn same_versions(a: &Terms<'_>, b: &Terms<'_>) -> bool {
         }
 }
 
-fn rerate_one(book: &PriceBook, r: Recorded, positions: &mut TierPositions) -> Option<String> {
+/// (tenant, unique key) of a budget alert fact.
+type AlertKey = (String, String);
+
+fn rerate_one(
+    book: &PriceBook,
+    r: Recorded,
+    state: &mut TenantState,
+    alerts: &mut std::collections::BTreeSet<AlertKey>,
+) -> Option<String> {
     let who = format!("event {}/{}", r.tenant_id, r.id);
     let far = chrono::DateTime::<chrono::Utc>::MAX_UTC - chrono::Duration::days(1);
     let ev = match events::parse_bytes(&r.envelope, far) {
@@ -285,7 +341,7 @@ fn rerate_one(book: &PriceBook, r: Recorded, positions: &mut TierPositions) -> O
                     ))
                 }
             }
-            match rate_usage(book, u, recorded, r.occurred_at, positions) {
+            match rate_usage(book, u, recorded, r.occurred_at, state) {
                 Ok((rt, _)) if rt.breakdown() != stored => {
                     return Some(format!(
                         "{who}: re-rating gives a different breakdown than the stored one"
@@ -297,10 +353,14 @@ fn rerate_one(book: &PriceBook, r: Recorded, positions: &mut TierPositions) -> O
         }
         (None, _) => return Some(format!("{who}: transfers without a breakdown")),
     };
-    match rate_usage(book, u, terms, r.occurred_at, positions) {
-        Ok((rt, mv)) => {
-            if let Some((key, after)) = mv {
-                positions.insert(key, after);
+    match rate_usage(book, u, terms, r.occurred_at, state) {
+        Ok((rt, moves)) => {
+            state.apply(&moves);
+            for m in &moves.budgets {
+                for t in &m.crossed {
+                    let key = format!("{}/{}/{}", m.budget.name, m.key.2, t.normalize());
+                    alerts.insert((r.tenant_id.clone(), key));
+                }
             }
             let credit = rt.tier.as_ref().and_then(|t| t.credit).unwrap_or_default();
             if rt.price == r.price && rt.cost == r.cost && credit == r.credit {

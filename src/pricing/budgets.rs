@@ -1,0 +1,228 @@
+//! Budgets (pure): spend limits per tenant, API key or tag value, per calendar period
+//! (UTC), with alert thresholds and an action at the limit.
+
+use std::collections::BTreeMap;
+
+use chrono::{DateTime, Datelike, Utc};
+use rust_decimal::Decimal;
+use serde::{Deserialize, Serialize};
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum BudgetScope {
+    /// All of the tenant's usage.
+    Tenant,
+    /// One API key (`scope_value` = the key id).
+    ApiKey,
+    /// Usage tagged `key=value` (`scope_value` = "key=value").
+    Tag,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum BudgetPeriod {
+    Day,
+    /// ISO week, Monday to Sunday (UTC).
+    Week,
+    Month,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum BudgetAction {
+    /// Alert only.
+    Alert,
+    /// Deny authorisations that would exceed the limit.
+    Block,
+    /// Route to `downgrade_class` instead when the limit would be exceeded.
+    Downgrade,
+}
+
+/// One immutable version of a budget; versions share its `name`.
+#[derive(Clone, Debug, PartialEq, Serialize, utoipa::ToSchema)]
+pub struct Budget {
+    pub id: i64,
+    pub tenant_id: String,
+    pub name: String,
+    pub effective_from: DateTime<Utc>,
+    /// False: this version retires the budget.
+    pub active: bool,
+    pub scope: BudgetScope,
+    pub scope_value: String,
+    pub period: BudgetPeriod,
+    /// The limit per period, in the tenant's currency.
+    #[schema(value_type = String)]
+    pub amount: Decimal,
+    /// Percentages of `amount` at which an alert fact is recorded.
+    #[schema(value_type = Vec<String>)]
+    pub thresholds: Vec<Decimal>,
+    pub action: BudgetAction,
+    pub downgrade_class: Option<String>,
+}
+
+pub fn default_thresholds() -> Vec<Decimal> {
+    vec![Decimal::from(50), Decimal::from(80), Decimal::from(100)]
+}
+
+/// The period an instant falls in: `2026-11-24`, `2026-W48` or `2026-11` (UTC).
+pub fn period_key(p: BudgetPeriod, at: DateTime<Utc>) -> String {
+    match p {
+        BudgetPeriod::Day => at.format("%Y-%m-%d").to_string(),
+        BudgetPeriod::Week => {
+            let w = at.iso_week();
+            format!("{:04}-W{:02}", w.year(), w.week())
+        }
+        BudgetPeriod::Month => format!("{:04}-{:02}", at.year(), at.month()),
+    }
+}
+
+impl Budget {
+    pub fn check(&self) -> Result<(), String> {
+        let name_ok = !self.name.is_empty()
+            && self.name.len() <= 64
+            && self
+                .name
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b"-_.".contains(&b));
+        if !name_ok {
+            return Err("name must be 1-64 characters of [A-Za-z0-9._-]".into());
+        }
+        match self.scope {
+            BudgetScope::Tenant if !self.scope_value.is_empty() => {
+                return Err("scope `tenant` takes no scope_value".into())
+            }
+            BudgetScope::ApiKey if self.scope_value.is_empty() => {
+                return Err("scope `api_key` needs the key id as scope_value".into())
+            }
+            BudgetScope::Tag => match self.scope_value.split_once('=') {
+                Some((k, v)) if !k.is_empty() && !v.is_empty() => {}
+                _ => return Err("scope `tag` needs scope_value \"key=value\"".into()),
+            },
+            _ => {}
+        }
+        if self.amount <= Decimal::ZERO {
+            return Err("amount must be positive".into());
+        }
+        if self.thresholds.len() > 10 {
+            return Err("at most 10 thresholds".into());
+        }
+        let mut prev = Decimal::ZERO;
+        for t in &self.thresholds {
+            if *t <= prev || *t > Decimal::from(1000) {
+                return Err("thresholds are increasing percentages in (0, 1000]".into());
+            }
+            prev = *t;
+        }
+        match (self.action, &self.downgrade_class) {
+            (BudgetAction::Downgrade, None) => {
+                Err("action `downgrade` needs a downgrade_class".into())
+            }
+            (BudgetAction::Alert | BudgetAction::Block, Some(_)) => {
+                Err("downgrade_class is only for action `downgrade`".into())
+            }
+            _ => Ok(()),
+        }
+    }
+
+    /// Whether a request with this key and these tags counts toward the budget.
+    pub fn matches(&self, api_key_id: Option<&str>, tags: &BTreeMap<String, String>) -> bool {
+        match self.scope {
+            BudgetScope::Tenant => true,
+            BudgetScope::ApiKey => api_key_id == Some(self.scope_value.as_str()),
+            BudgetScope::Tag => self
+                .scope_value
+                .split_once('=')
+                .is_some_and(|(k, v)| tags.get(k).is_some_and(|x| x == v)),
+        }
+    }
+
+    /// The thresholds crossed going from `before` to `after` spent.
+    pub fn crossed(&self, before: Decimal, after: Decimal) -> Vec<Decimal> {
+        self.thresholds
+            .iter()
+            .filter(|t| {
+                let at = self.amount * **t / Decimal::ONE_HUNDRED;
+                before < at && at <= after
+            })
+            .copied()
+            .collect()
+    }
+}
+
+/// A budget a charge counted toward; stored in the breakdown so rebuild can sum spend.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
+pub struct BudgetCount {
+    pub budget: String,
+    /// The budget version in force.
+    pub version: i64,
+    pub period: String,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn budget() -> Budget {
+        Budget {
+            id: 1,
+            tenant_id: "t".into(),
+            name: "b".into(),
+            effective_from: DateTime::<Utc>::MIN_UTC,
+            active: true,
+            scope: BudgetScope::Tag,
+            scope_value: "project=bot".into(),
+            period: BudgetPeriod::Week,
+            amount: Decimal::from(10),
+            thresholds: default_thresholds(),
+            action: BudgetAction::Block,
+            downgrade_class: None,
+        }
+    }
+
+    #[test]
+    fn periods_are_calendar_aligned() {
+        let at: DateTime<Utc> = "2026-01-01T10:00:00Z".parse().unwrap();
+        assert_eq!(period_key(BudgetPeriod::Day, at), "2026-01-01");
+        assert_eq!(period_key(BudgetPeriod::Week, at), "2026-W01");
+        assert_eq!(period_key(BudgetPeriod::Month, at), "2026-01");
+        let at: DateTime<Utc> = "2027-01-01T10:00:00Z".parse().unwrap();
+        assert_eq!(period_key(BudgetPeriod::Week, at), "2026-W53");
+    }
+
+    #[test]
+    fn thresholds_cross_once_each() {
+        let b = budget();
+        assert_eq!(b.crossed(Decimal::ZERO, Decimal::from(4)), vec![]);
+        assert_eq!(
+            b.crossed(Decimal::from(4), Decimal::from(8)),
+            vec![Decimal::from(50), Decimal::from(80)]
+        );
+        assert_eq!(b.crossed(Decimal::from(8), Decimal::from(9)), vec![]);
+        assert_eq!(
+            b.crossed(Decimal::from(9), Decimal::from(10)),
+            vec![Decimal::from(100)]
+        );
+        assert_eq!(b.crossed(Decimal::from(10), Decimal::from(30)), vec![]);
+    }
+
+    #[test]
+    fn scope_matching_and_checks() {
+        let b = budget();
+        let mut tags = BTreeMap::new();
+        assert!(!b.matches(None, &tags));
+        tags.insert("project".to_string(), "bot".to_string());
+        assert!(b.matches(Some("k"), &tags));
+        assert!(b.check().is_ok());
+        let mut x = b.clone();
+        x.scope_value = "project".into();
+        assert!(x.check().is_err());
+        let mut x = b.clone();
+        x.action = BudgetAction::Downgrade;
+        assert!(x.check().is_err());
+        x.downgrade_class = Some("auto:budget".into());
+        assert!(x.check().is_ok());
+        let mut x = b.clone();
+        x.thresholds = vec![Decimal::from(80), Decimal::from(50)];
+        assert!(x.check().is_err());
+    }
+}
