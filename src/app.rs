@@ -34,7 +34,9 @@ impl App {
             (None, None)
         };
         let authorizer = crate::authorize::Authorizer::start(pool.clone(), settings.hold_ttl);
+        let engine = crate::engine::Engine::new(pool.clone());
         let state = AppState {
+            engine,
             authorizer,
             pool,
             bus,
@@ -63,6 +65,18 @@ impl App {
                 self.cancel.clone(),
             );
             tasks.spawn(async move { bus::run_writer(bus, pool, s, m, c, None).await });
+        }
+        if self.state.settings.has_role("pricing") {
+            let (engine, js, s, c) = (
+                self.state.engine.clone(),
+                self.state.bus.js.clone(),
+                self.state.settings.clone(),
+                self.cancel.clone(),
+            );
+            tasks.spawn(async move {
+                crate::engine::run_publisher(engine, js, s.routing_bucket, s.publish_interval, c)
+                    .await
+            });
         }
         if let Some(listener) = self.listener {
             let router = api::router(self.state.clone());

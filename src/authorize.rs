@@ -147,7 +147,7 @@ async fn run(
     mut rx: mpsc::Receiver<(String, AuthRequest, Reply)>,
 ) {
     let mut book = PriceBook::default();
-    let mut stamp: BookStamp = (-1, -1, -1, -1);
+    let mut stamp: BookStamp = -1;
     let mut jobs = Vec::with_capacity(MAX_BATCH);
     while rx.recv_many(&mut jobs, MAX_BATCH).await > 0 {
         let batch: Vec<_> = std::mem::take(&mut jobs);
@@ -263,30 +263,53 @@ pub fn decide(
             period_key(b.period, now),
         )
     };
+    // the first gating budget this cost would take past its limit
+    let exceeded = |cost: Decimal, standings: &HashMap<Key, Standing>| {
+        budgets.iter().copied().find(|b| {
+            b.action != BudgetAction::Alert && {
+                let s = standings.get(&key(b)).copied().unwrap_or_default();
+                s.spent + s.held + cost > b.amount
+            }
+        })
+    };
     let mut verdict = Verdict::Allow;
     let mut denied_by = None;
     let mut reason = "within every budget in scope".to_string();
-    for b in &budgets {
-        if b.action == BudgetAction::Alert {
-            continue;
-        }
+    let (mut cost, mut provider, mut model) = (cost, provider, req.model.clone());
+    if let Some(b) = exceeded(cost, standings) {
         let s = standings.get(&key(b)).copied().unwrap_or_default();
-        if s.spent + s.held + cost > b.amount {
-            // a downgrade class is a routing decision; until routing classes exist the
-            // request is denied with the class named
-            verdict = Verdict::Deny;
-            denied_by = Some(b.name.clone());
-            reason = match &b.downgrade_class {
-                Some(c) => format!(
-                    "budget {:?} would be exceeded (spent {} + held {} + this request's worst case {} > {}); downgrade class {c:?} has no candidate that fits",
-                    b.name, s.spent, s.held, cost, b.amount
-                ),
-                None => format!(
-                    "budget {:?} would be exceeded (spent {} + held {} + this request's worst case {} > {})",
-                    b.name, s.spent, s.held, cost, b.amount
-                ),
-            };
-            break;
+        denied_by = Some(b.name.clone());
+        reason = format!(
+            "budget {:?} would be exceeded (spent {} + held {} + this request's worst case {} > {})",
+            b.name, s.spent, s.held, cost, b.amount
+        );
+        verdict = Verdict::Deny;
+        if let (BudgetAction::Downgrade, Some(class)) = (b.action, &b.downgrade_class) {
+            // the cheapest candidate of the downgrade class that fits every budget
+            let mut best: Option<(Decimal, String, String)> = None;
+            if let Some(c) = book.class_at(tenant, class, now) {
+                for (p, m, _) in crate::pricing::routing::eligible(c) {
+                    let mut alt = req.clone();
+                    alt.model = m.clone();
+                    if let Ok(w) = worst_case(book, tenant, currency, &p, &alt, max_tokens, now) {
+                        if exceeded(w, standings).is_none()
+                            && best.as_ref().is_none_or(|(x, _, _)| w < *x)
+                        {
+                            best = Some((w, p, m));
+                        }
+                    }
+                }
+            }
+            match best {
+                Some((w, p, m)) => {
+                    verdict = Verdict::Downgrade;
+                    reason = format!("{reason}; downgraded to {p}/{m} of class {class:?}");
+                    (cost, provider, model) = (w, p, m);
+                }
+                None => {
+                    reason = format!("{reason}; no candidate of downgrade class {class:?} fits");
+                }
+            }
         }
     }
     let mut holds = Vec::new();
@@ -317,7 +340,7 @@ pub fn decide(
             authorization_id: uuid::Uuid::now_v7(),
             decision: verdict,
             provider: allowed.then(|| provider.clone()),
-            model: allowed.then(|| req.model.clone()),
+            model: allowed.then(|| model.clone()),
             estimated_cost: Some(cost.normalize()),
             currency: currency.to_string(),
             denied_by,

@@ -7,6 +7,7 @@ pub mod bench;
 pub mod bus;
 pub mod catalog;
 pub mod db;
+pub mod engine;
 pub mod events;
 pub mod ledger;
 pub mod loadgen;

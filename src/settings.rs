@@ -31,7 +31,7 @@ pub struct Settings {
     /// Accepted clock skew: new prices take effect no earlier than now plus this
     /// (`TOKENLEDGER_CLOCK_SKEW_SECS`, default 300).
     pub clock_skew: Duration,
-    /// Roles `serve` runs: `api`, `writer` (`TOKENLEDGER_ROLES`, default both).
+    /// Roles `serve` runs: `api`, `writer`, `pricing` (`TOKENLEDGER_ROLES`, default all).
     pub roles: Vec<String>,
     /// Test-only fault injection: abort the process right after the N-th batch commits,
     /// before acknowledging it (`TOKENLEDGER_FAULT_ABORT_AFTER_COMMIT`).
@@ -44,6 +44,12 @@ pub struct Settings {
     /// (`TOKENLEDGER_HOLD_TTL_SECS`, default 3600). Must be at least as long as a producer
     /// may keep a usage event spooled before publishing it.
     pub hold_ttl: Duration,
+    /// NATS KV bucket of routing decisions (`TOKENLEDGER_ROUTING_BUCKET`, default
+    /// `routing`).
+    pub routing_bucket: String,
+    /// How often the pricing role looks for changes that re-rank decisions
+    /// (`TOKENLEDGER_PUBLISH_INTERVAL_MS`, default 500).
+    pub publish_interval: Duration,
 }
 
 fn var(name: &str, default: &str) -> String {
@@ -66,15 +72,15 @@ pub const DEFAULT_ADMIN_TOKEN: &str = "tl_admin_dev_only";
 
 impl Settings {
     pub fn from_env() -> anyhow::Result<Self> {
-        let roles = var("TOKENLEDGER_ROLES", "api,writer")
+        let roles = var("TOKENLEDGER_ROLES", "api,writer,pricing")
             .split(',')
             .map(|s| s.trim().to_string())
             .filter(|s| !s.is_empty())
             .collect::<Vec<_>>();
         for r in &roles {
             anyhow::ensure!(
-                r == "api" || r == "writer",
-                "unknown role {r:?} in TOKENLEDGER_ROLES (known: api, writer)"
+                r == "api" || r == "writer" || r == "pricing",
+                "unknown role {r:?} in TOKENLEDGER_ROLES (known: api, writer, pricing)"
             );
         }
         let fault = match std::env::var("TOKENLEDGER_FAULT_ABORT_AFTER_COMMIT") {
@@ -95,6 +101,11 @@ impl Settings {
             ack_wait: Duration::from_millis(parse("TOKENLEDGER_ACK_WAIT_MS", 30_000u64)?),
             clock_skew: Duration::from_secs(parse("TOKENLEDGER_CLOCK_SKEW_SECS", 300u64)?),
             hold_ttl: Duration::from_secs(parse("TOKENLEDGER_HOLD_TTL_SECS", 3600u64)?),
+            routing_bucket: var("TOKENLEDGER_ROUTING_BUCKET", "routing"),
+            publish_interval: Duration::from_millis(parse(
+                "TOKENLEDGER_PUBLISH_INTERVAL_MS",
+                500u64,
+            )?),
             roles,
             fault_abort_after_commit: fault,
             db_max_connections: parse("TOKENLEDGER_DB_MAX_CONNECTIONS", 8u32)?,

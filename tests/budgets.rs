@@ -8,9 +8,8 @@ use serde_json::{json, Value};
 
 const EVENTS: &str = "select count(*) from events";
 
-/// A model at 1 / 4 per million (customer 1.2 / 4.8 with the 20% markup).
+/// A model at 1 / 4 per million (customer 1.2 / 4.8 with the 20% markup spawn() seeds).
 async fn seed(app: &TestApp) {
-    app.seed_prices().await;
     let r = app
         .admin_post(
             "/v1/admin/prices",

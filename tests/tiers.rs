@@ -51,7 +51,7 @@ fn dec(v: &Value) -> rust_decimal::Decimal {
 #[tokio::test]
 async fn tier_schedules_price_usage_and_verify_replays_them() {
     let mut app = TestApp::spawn().await;
-    app.seed_prices().await; // 20% global markup
+    // the bundled prices and a 20% global markup are seeded by spawn()
     price(&app, "tier-a", "1", "4").await; // customer 1.2 / 4.8 per million
     price(&app, "tier-b", "10", "10").await; // customer 12 / 12
     let key = app.tenant("acme").await;
@@ -205,7 +205,6 @@ async fn tier_schedules_price_usage_and_verify_replays_them() {
 #[tokio::test]
 async fn bad_tier_schedules_are_refused_and_change_nothing() {
     let mut app = TestApp::spawn().await;
-    app.seed_prices().await;
     let key = app.tenant("acme").await;
     let good = json!({"name": "s", "mode": "graduated", "metric": "tokens", "scope": "all",
         "tiers": [{"up_to": "1000", "discount_percent": "0"}, {"up_to": null, "discount_percent": "5"}]});

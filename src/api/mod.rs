@@ -30,6 +30,7 @@ pub struct AppState {
     pub metrics: Metrics,
     pub admin_token_hash: [u8; 32],
     pub authorizer: crate::authorize::Authorizer,
+    pub engine: crate::engine::Engine,
 }
 
 impl AppState {
@@ -54,6 +55,7 @@ pub fn query_error(e: axum::extract::rejection::QueryRejection) -> ApiError {
         terms::add_tier_schedule, terms::list_tier_schedules, terms::positions,
         terms::add_budget, terms::list_budgets, terms::budget_versions, terms::retire_budget,
         terms::list_alerts, terms::authorize,
+        terms::quote, terms::routing_decision, terms::add_routing_class, terms::list_routing_classes,
     ),
     components(schemas(crate::catalog::prices::NewPrice)),
     modifiers(&Security),
@@ -114,6 +116,12 @@ pub fn router(state: AppState) -> Router {
         )
         .route("/v1/alerts", get(terms::list_alerts))
         .route("/v1/authorize", post(terms::authorize))
+        .route("/v1/quote", post(terms::quote))
+        .route("/v1/routing/{class}", get(terms::routing_decision))
+        .route(
+            "/v1/admin/routing-classes",
+            post(terms::add_routing_class).get(terms::list_routing_classes),
+        )
         .route("/v1/admin/dead-letters", get(admin::list_dead))
         .route("/v1/admin/dead-letters/{id}", get(admin::get_dead))
         .route("/v1/admin/dead-letters/{id}/redrive", post(admin::redrive))

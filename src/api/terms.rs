@@ -12,8 +12,11 @@ use super::error::parse_json;
 use super::{ApiError, AppState, Caller};
 use crate::authorize::{AuthDecision, AuthError, AuthRequest};
 use crate::catalog::budgets::{self, AlertFact, BudgetStatus, NewBudget};
+use crate::catalog::routing::NewRoutingClass;
 use crate::catalog::tiers::{self, NewTierSchedule, Position};
+use crate::engine::RoutingDecision;
 use crate::pricing::budgets::Budget;
+use crate::pricing::routing::{QuoteContext, QuoteLine, RoutingClass, TokenMix};
 use crate::pricing::TierSchedule;
 
 /// Publish a new version of a tenant's tier schedule (effective from a future instant).
@@ -230,4 +233,153 @@ pub async fn authorize(
         )),
         Err(e) => Err(ApiError::internal(e)),
     }
+}
+
+#[derive(Clone, Debug, Deserialize, utoipa::ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct QuoteCandidate {
+    /// Absent: every provider with a price for the model.
+    pub provider: Option<String>,
+    pub model: String,
+}
+
+#[derive(Clone, Debug, Deserialize, utoipa::ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct QuoteRequest {
+    /// Operator calls only: the tenant.
+    pub tenant_id: Option<String>,
+    /// A routing class (its candidates at or above its quality floor) ...
+    pub routing_class: Option<String>,
+    /// ... or candidates.
+    pub candidates: Option<Vec<QuoteCandidate>>,
+    #[serde(flatten)]
+    pub mix: TokenMix,
+}
+
+#[derive(Serialize, utoipa::ToSchema)]
+pub struct QuoteResponse {
+    pub currency: String,
+    pub routing_class: Option<String>,
+    pub generated_at: chrono::DateTime<Utc>,
+    pub candidates: Vec<QuoteLine>,
+}
+
+/// Price candidates for a token mix as this tenant's next request: list price, batch and
+/// cache savings, the tenant's tier position, the effective price; ranked cheapest first.
+#[utoipa::path(post, path = "/v1/quote", tag = "terms", request_body = QuoteRequest,
+    responses((status = 200, body = QuoteResponse), (status = 422, description = "invalid request")),
+    security(("bearer" = [])))]
+pub async fn quote(
+    State(st): State<AppState>,
+    caller: Caller,
+    body: Bytes,
+) -> Result<Json<QuoteResponse>, ApiError> {
+    let req: QuoteRequest = parse_json(&body)?;
+    let tenant = caller.tenant(req.tenant_id.as_deref())?;
+    let invalid = |m: String| ApiError::new(StatusCode::UNPROCESSABLE_ENTITY, "invalid_quote", m);
+    req.mix.check().map_err(invalid)?;
+    let (book, _) = st.engine.book().await.map_err(ApiError::internal)?;
+    let now = Utc::now();
+    let view = crate::engine::tenant_view(&st.pool, &book, &tenant, now)
+        .await
+        .map_err(ApiError::internal)?
+        .ok_or_else(|| ApiError::not_found("tenant"))?;
+    let candidates: Vec<(String, String, Option<rust_decimal::Decimal>)> =
+        match (&req.routing_class, &req.candidates) {
+            (Some(c), None) => {
+                let class = book
+                    .class_at(&tenant, c, now)
+                    .ok_or_else(|| invalid(format!("no routing class {c:?} in force")))?;
+                crate::pricing::routing::eligible(class)
+            }
+            (None, Some(list)) if !list.is_empty() && list.len() <= 50 => list
+                .iter()
+                .flat_map(|c| match &c.provider {
+                    Some(p) => vec![(p.clone(), c.model.clone(), None)],
+                    None => {
+                        let ps = book.providers_for(&c.model, &view.currency, now);
+                        if ps.is_empty() {
+                            vec![(String::new(), c.model.clone(), None)]
+                        } else {
+                            ps.into_iter().map(|p| (p, c.model.clone(), None)).collect()
+                        }
+                    }
+                })
+                .collect(),
+            _ => {
+                return Err(invalid(
+                    "give either routing_class or 1 to 50 candidates".into(),
+                ))
+            }
+        };
+    let ctx = QuoteContext {
+        book: &book,
+        tenant_id: &tenant,
+        currency: &view.currency,
+        tiers: &view.tiers,
+        at: now,
+    };
+    Ok(Json(QuoteResponse {
+        currency: view.currency.clone(),
+        routing_class: req.routing_class.clone(),
+        generated_at: now,
+        candidates: crate::pricing::routing::quote(&ctx, &req.mix, &candidates),
+    }))
+}
+
+/// The routing decision for a class as the pricing role publishes it to KV, computed now.
+#[utoipa::path(get, path = "/v1/routing/{class}", tag = "terms",
+    params(("class" = String, Path), TenantQuery),
+    responses((status = 200, body = RoutingDecision), (status = 404, description = "no such class")),
+    security(("bearer" = [])))]
+pub async fn routing_decision(
+    State(st): State<AppState>,
+    caller: Caller,
+    Path(class): Path<String>,
+    q: Result<Query<TenantQuery>, axum::extract::rejection::QueryRejection>,
+) -> Result<Json<RoutingDecision>, ApiError> {
+    let Query(q) = q.map_err(super::query_error)?;
+    let tenant = caller.tenant(q.tenant_id.as_deref())?;
+    let (book, _) = st.engine.book().await.map_err(ApiError::internal)?;
+    let now = Utc::now();
+    let view = crate::engine::tenant_view(&st.pool, &book, &tenant, now)
+        .await
+        .map_err(ApiError::internal)?
+        .ok_or_else(|| ApiError::not_found("tenant"))?;
+    crate::engine::decide(&book, &view, &tenant, &class, now, "request")
+        .map(Json)
+        .ok_or_else(|| ApiError::not_found("routing class"))
+}
+
+/// Publish a routing class version (global, or a tenant's own).
+#[utoipa::path(post, path = "/v1/admin/routing-classes", tag = "terms", request_body = NewRoutingClass,
+    responses((status = 201, body = RoutingClass), (status = 422, description = "invalid class")),
+    security(("bearer" = [])))]
+pub async fn add_routing_class(
+    State(st): State<AppState>,
+    caller: Caller,
+    body: Bytes,
+) -> Result<(StatusCode, Json<RoutingClass>), ApiError> {
+    caller.require_admin()?;
+    let new: NewRoutingClass = parse_json(&body)?;
+    let c = crate::catalog::routing::add(&st.pool, new, Utc::now(), st.skew()).await?;
+    Ok((StatusCode::CREATED, Json(c)))
+}
+
+#[derive(Serialize, utoipa::ToSchema)]
+pub struct RoutingClassPage {
+    pub data: Vec<RoutingClass>,
+}
+
+/// Every routing class version, newest first.
+#[utoipa::path(get, path = "/v1/admin/routing-classes", tag = "terms",
+    responses((status = 200, body = RoutingClassPage)), security(("bearer" = [])))]
+pub async fn list_routing_classes(
+    State(st): State<AppState>,
+    caller: Caller,
+) -> Result<Json<RoutingClassPage>, ApiError> {
+    caller.require_admin()?;
+    Ok(Json(RoutingClassPage {
+        data: crate::catalog::routing::list(&st.pool).await?,
+    }))
 }

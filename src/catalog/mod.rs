@@ -3,6 +3,7 @@
 pub mod budgets;
 pub mod keys;
 pub mod prices;
+pub mod routing;
 pub mod tenants;
 pub mod tiers;
 

@@ -86,6 +86,7 @@ pub async fn load_book(c: &mut sqlx::PgConnection) -> Result<PriceBook, sqlx::Er
             .await?;
     let tiers = super::tiers::load_all(&mut *c).await?;
     let budgets = super::budgets::load_all(&mut *c).await?;
+    let classes = super::routing::load_all(&mut *c).await?;
     Ok(PriceBook::new(
         rows.into_iter().map(PriceVersion::from).collect(),
         markups
@@ -99,7 +100,8 @@ pub async fn load_book(c: &mut sqlx::PgConnection) -> Result<PriceBook, sqlx::Er
             .collect(),
     )
     .with_tiers(tiers)
-    .with_budgets(budgets))
+    .with_budgets(budgets)
+    .with_classes(classes))
 }
 
 /// A new price version, as an operator submits it (rates per million tokens).

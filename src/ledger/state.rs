@@ -37,7 +37,57 @@ pub struct BudgetMove {
 #[derive(Clone, Debug, Default)]
 pub struct Moves {
     pub tier: Option<(Key, TierPosition)>,
+    /// (from tier, to tier, schedule version, the reached tier's discount) when the event
+    /// moved the tenant into a higher tier.
+    pub tier_crossed: Option<(u32, u32, i64, Decimal)>,
     pub budgets: Vec<BudgetMove>,
+}
+
+impl Moves {
+    /// The alert facts these moves raise: (type, unique key, payload). Shared by the
+    /// writer (which records them) and `verify` (which expects exactly them).
+    pub fn alerts(
+        &self,
+        event_id: &str,
+        request_id: &str,
+    ) -> Vec<(&'static str, String, serde_json::Value)> {
+        let mut out = Vec::new();
+        if let (Some((key, pos)), Some((from, to, version, discount))) =
+            (&self.tier, &self.tier_crossed)
+        {
+            out.push((
+                "tier.crossed",
+                format!("{}/{}/{}", key.1, key.2, to),
+                serde_json::json!({
+                    "schedule": key.1, "schedule_version": version, "period": key.2,
+                    "from_tier": from, "to_tier": to,
+                    "discount_percent": discount.normalize().to_string(),
+                    "units": pos.units.normalize().to_string(),
+                    "event_id": event_id, "request_id": request_id,
+                }),
+            ));
+        }
+        for m in &self.budgets {
+            let b = &m.budget;
+            for t in &m.crossed {
+                out.push((
+                    "budget.threshold_crossed",
+                    format!("{}/{}/{}", b.name, m.key.2, t.normalize()),
+                    serde_json::json!({
+                        "budget": b.name, "budget_version": b.id, "scope": b.scope,
+                        "scope_value": b.scope_value, "period": m.key.2, "period_kind": b.period,
+                        "threshold_percent": t.normalize().to_string(),
+                        "amount": b.amount.normalize().to_string(),
+                        "spent": m.after.normalize().to_string(), "action": b.action,
+                        "downgrade_class": b.downgrade_class,
+                        "limit_reached": *t >= Decimal::ONE_HUNDRED,
+                        "event_id": event_id, "request_id": request_id,
+                    }),
+                ));
+            }
+        }
+        out
+    }
 }
 
 impl TenantState {
@@ -67,6 +117,13 @@ pub fn rate_usage(
         let key = (u.tenant_id.clone(), s.name.clone(), period_of(at));
         let before = state.tiers.get(&key).cloned().unwrap_or_default();
         r = with_tier(r, s, &before, key.2.clone())?;
+        if let Some(t) = &r.tier {
+            let from = s.tier_of(before.units) as u32;
+            if t.tier > from {
+                let d = s.tiers[t.tier as usize].discount_percent;
+                moves.tier_crossed = Some((from, t.tier, s.id, d));
+            }
+        }
         moves.tier = r.tier.as_ref().map(|t| (key, t.advance(&before)));
     }
     if r.price > Decimal::ZERO && book.has_budgets(&u.tenant_id) {

@@ -128,25 +128,29 @@ impl Projections {
 /// book's stamp (newest price version and markup rule ids) read in the same round trip.
 pub type Locked = (HashMap<String, (i64, String)>, Option<BookStamp>);
 
-/// The newest price version, markup rule, tier schedule and budget ids: the price book
-/// changed when this did (all four tables are append-only).
-pub type BookStamp = (i64, i64, i64, i64);
+/// The sum of the newest ids of price versions, markup rules, tier schedules, budgets and
+/// routing classes: every one of those tables is append-only, so the sum grows exactly
+/// when the price book (with its terms) changed.
+pub type BookStamp = i64;
+
+/// The SQL expression of the book stamp.
+pub const BOOK_STAMP: &str = "(coalesce((select max(id) from price_versions), 0)
+  + coalesce((select max(id) from markup_rules), 0)
+  + coalesce((select max(id) from tier_schedules), 0)
+  + coalesce((select max(id) from budgets), 0)
+  + coalesce((select max(id) from routing_classes), 0))::int8";
 
 pub async fn lock_tenants(c: &mut PgConnection, tenants: &[String]) -> sqlx::Result<Locked> {
-    let rows: Vec<(String, i64, String, i64, i64, i64, i64)> = sqlx::query_as(
-        "select h.tenant_id, h.last_seq, t.currency::text,
-           coalesce((select max(id) from price_versions), 0),
-           coalesce((select max(id) from markup_rules), 0),
-           coalesce((select max(id) from tier_schedules), 0),
-           coalesce((select max(id) from budgets), 0)
+    let rows: Vec<(String, i64, String, i64)> = sqlx::query_as(&format!(
+        "select h.tenant_id, h.last_seq, t.currency::text, {BOOK_STAMP}
          from tenant_heads h
          join tenants t on t.id = h.tenant_id
-         where h.tenant_id = any($1) order by h.tenant_id for update of h",
-    )
+         where h.tenant_id = any($1) order by h.tenant_id for update of h"
+    ))
     .bind(tenants)
     .fetch_all(c)
     .await?;
-    let stamp = rows.first().map(|r| (r.3, r.4, r.5, r.6));
+    let stamp = rows.first().map(|r| r.3);
     Ok((
         rows.into_iter().map(|(t, s, c, ..)| (t, (s, c))).collect(),
         stamp,

@@ -11,7 +11,7 @@ use chrono::{DateTime, Utc};
 use sqlx::PgPool;
 
 use super::accounts::{adjustment_leg, usage_legs, Leg};
-use super::state::{rate_usage, BudgetMove, TenantState};
+use super::state::{rate_usage, TenantState};
 use super::store::{
     self, BookStamp, ConflictRows, DeadRows, EventRows, Projections, RatedUsage, TierPositions,
     TransferRows,
@@ -167,7 +167,7 @@ impl Writer {
             pool,
             subject_prefix: subject_prefix.to_string(),
             book: PriceBook::default(),
-            stamp: (-1, -1, -1, -1),
+            stamp: -1,
         }
     }
 
@@ -355,11 +355,18 @@ impl Writer {
             {
                 Ok((r, moves)) => {
                     known.state.apply(&moves);
+                    // alert facts: recorded once per unique key (the table keeps it so)
+                    for (type_, key, payload) in moves.alerts(&ev.id, &u.request_id) {
+                        b.alerts.tenant.push(u.tenant_id.clone());
+                        b.alerts.type_.push(type_.into());
+                        b.alerts.key.push(key);
+                        b.alerts.payload.push(payload.to_string());
+                        b.alerts.occurred_at.push(ev.time);
+                    }
                     if let Some((key, after)) = moves.tier {
                         b.tiers.insert(key, after);
                     }
                     for m in moves.budgets {
-                        stage_alerts(&mut b.alerts, ev, u, &m);
                         b.budgets.insert(m.key, m.after);
                     }
                     Ok((usage_legs(&u.provider, &r), Some(r)))
@@ -376,32 +383,6 @@ impl Writer {
             )),
             EventData::Adjustment(a) => Ok((vec![adjustment_leg(a)], None)),
         }
-    }
-}
-
-/// The alert facts for the thresholds an event crossed: once per budget, period and
-/// threshold (the table's unique key keeps it so across redeliveries and replays).
-fn stage_alerts(a: &mut store::AlertRows, ev: &Event, u: &UsageData, m: &BudgetMove) {
-    for t in &m.crossed {
-        let b = &m.budget;
-        a.tenant.push(u.tenant_id.clone());
-        a.type_.push("budget.threshold_crossed".into());
-        a.key
-            .push(format!("{}/{}/{}", b.name, m.key.2, t.normalize()));
-        a.occurred_at.push(ev.time);
-        a.payload.push(
-            serde_json::json!({
-                "budget": b.name, "budget_version": b.id, "scope": b.scope,
-                "scope_value": b.scope_value, "period": m.key.2, "period_kind": b.period,
-                "threshold_percent": t.normalize().to_string(),
-                "amount": b.amount.normalize().to_string(),
-                "spent": m.after.normalize().to_string(), "action": b.action,
-                "downgrade_class": b.downgrade_class,
-                "limit_reached": *t >= rust_decimal::Decimal::ONE_HUNDRED,
-                "event_id": ev.id, "request_id": u.request_id,
-            })
-            .to_string(),
-        );
     }
 }
 

@@ -1,6 +1,7 @@
 //! The price book: immutable, effective-dated price versions and markup rules.
 
 use super::budgets::Budget;
+use super::routing::RoutingClass;
 use super::tiers::TierSchedule;
 use std::collections::HashMap;
 
@@ -76,6 +77,8 @@ pub struct PriceBook {
     tiers: HashMap<String, Vec<TierSchedule>>,
     /// tenant -> that tenant's budget versions, by (effective_from, id)
     budgets: HashMap<String, Vec<Budget>>,
+    /// routing class versions, by (effective_from, id)
+    classes: Vec<RoutingClass>,
 }
 
 /// The last element whose `effective_from` is at or before `at` (slices sorted by it).
@@ -129,6 +132,46 @@ impl PriceBook {
             self.budgets.entry(b.tenant_id.clone()).or_default().push(b);
         }
         self
+    }
+
+    /// The same book with these routing class versions.
+    pub fn with_classes(mut self, mut classes: Vec<RoutingClass>) -> PriceBook {
+        classes.sort_by_key(|c| (c.effective_from, c.id));
+        self.classes = classes;
+        self
+    }
+
+    /// The routing class in force for a tenant at `at`: the tenant's own version of the
+    /// name if it has one in force, else the global one; none if retired.
+    pub fn class_at(
+        &self,
+        tenant_id: &str,
+        name: &str,
+        at: DateTime<Utc>,
+    ) -> Option<&RoutingClass> {
+        let latest = |own: bool| {
+            self.classes.iter().rev().find(|c| {
+                c.name == name
+                    && c.effective_from <= at
+                    && (c.tenant_id.as_deref() == Some(tenant_id)) == own
+                    && (own || c.tenant_id.is_none())
+            })
+        };
+        latest(true).or_else(|| latest(false)).filter(|c| c.active)
+    }
+
+    /// Names of the classes in force for a tenant at `at`.
+    pub fn class_names(&self, tenant_id: &str, at: DateTime<Utc>) -> Vec<String> {
+        let mut names: Vec<String> = self
+            .classes
+            .iter()
+            .filter(|c| c.tenant_id.is_none() || c.tenant_id.as_deref() == Some(tenant_id))
+            .map(|c| c.name.clone())
+            .collect();
+        names.sort();
+        names.dedup();
+        names.retain(|n| self.class_at(tenant_id, n, at).is_some());
+        names
     }
 
     /// Whether the tenant has any budget version at all.

@@ -5,6 +5,7 @@ mod book;
 pub mod budgets;
 pub mod import;
 mod rate;
+pub mod routing;
 pub mod tiers;
 
 pub use book::{MarkupRule, PriceBook, PriceVersion, RateSet, Side};

@@ -234,9 +234,10 @@ async fn rerate(
         }
     }
     drop(rows);
-    // every budget alert fact is one the replay raises, and the other way round
+    // every ledger alert fact is one the replay raises, and the other way round
     let recorded: std::collections::BTreeSet<AlertKey> = sqlx::query_as(
-        "select tenant_id, unique_key from alert_facts where type = 'budget.threshold_crossed'",
+        "select tenant_id, type || ' ' || unique_key from alert_facts
+         where type in ('budget.threshold_crossed', 'tier.crossed')",
     )
     .fetch_all(&mut *c)
     .await?
@@ -255,7 +256,7 @@ async fn rerate(
         if let Some((t, key)) = k {
             report
                 .differences
-                .push(format!("alert_facts: budget alert {t}/{key} {side}"));
+                .push(format!("alert_facts: {t}: {key} {side}"));
         }
     }
     Ok(())
@@ -293,7 +294,7 @@ fn same_versions(a: &Terms<'_>, b: &Terms<'_>) -> bool {
         }
 }
 
-/// (tenant, unique key) of a budget alert fact.
+/// (tenant, "type unique_key") of an alert fact.
 type AlertKey = (String, String);
 
 fn rerate_one(
@@ -356,11 +357,8 @@ fn rerate_one(
     match rate_usage(book, u, terms, r.occurred_at, state) {
         Ok((rt, moves)) => {
             state.apply(&moves);
-            for m in &moves.budgets {
-                for t in &m.crossed {
-                    let key = format!("{}/{}/{}", m.budget.name, m.key.2, t.normalize());
-                    alerts.insert((r.tenant_id.clone(), key));
-                }
+            for (type_, key, _) in moves.alerts(&r.id, u.request_id.as_str()) {
+                alerts.insert((r.tenant_id.clone(), format!("{type_} {key}")));
             }
             let credit = rt.tier.as_ref().and_then(|t| t.credit).unwrap_or_default();
             if rt.price == r.price && rt.cost == r.cost && credit == r.credit {

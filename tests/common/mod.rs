@@ -51,6 +51,8 @@ pub async fn fresh_settings() -> Settings {
     s.stream = format!("T{}", &id[..16]).to_uppercase();
     s.subject_prefix = format!("t{}", &id[..16]);
     s.consumer = "ledger-writer".into();
+    s.routing_bucket = format!("r{}", &id[..16]);
+    s.publish_interval = Duration::from_millis(100);
     s.roles = vec!["api".into(), "writer".into()];
     s.ack_wait = Duration::from_secs(2);
     s.fault_abort_after_commit = None;

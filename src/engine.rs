@@ -1,0 +1,367 @@
+//! The pricing engine: quotes, and ranked routing decisions published to a NATS KV bucket
+//! for the router, republished when something that changes a ranking happens.
+//!
+//! KV layout: bucket `TOKENLEDGER_ROUTING_BUCKET` (default `routing`), key
+//! `<tenant_id>.<class>` with the class name encoded by [`kv_token`] (`auto:budget` ->
+//! `auto=3Abudget`); a router watches `<tenant_id>.>` or everything. The value is a
+//! [`RoutingDecision`] as JSON.
+
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use async_nats::jetstream::kv;
+use chrono::{DateTime, Utc};
+use rust_decimal::Decimal;
+use serde::Serialize;
+use sqlx::PgPool;
+use tokio::sync::Mutex;
+use tokio_util::sync::CancellationToken;
+
+use crate::catalog::prices::load_book;
+use crate::ledger::store::{BookStamp, BOOK_STAMP};
+use crate::pricing::budgets::{period_key, BudgetAction, BudgetScope};
+use crate::pricing::routing::{eligible, kv_token, quote, QuoteContext, QuoteLine, TokenMix};
+use crate::pricing::{period_of, PriceBook, TierPosition};
+
+/// How long a loaded price book is trusted before its stamp is checked again.
+const BOOK_CHECK: Duration = Duration::from_millis(250);
+
+/// The price book (with every commercial term), shared and reloaded when it changes.
+#[derive(Clone)]
+pub struct Engine {
+    pool: PgPool,
+    cache: Arc<Mutex<Cached>>,
+}
+
+struct Cached {
+    checked: Option<Instant>,
+    stamp: BookStamp,
+    book: Arc<PriceBook>,
+}
+
+impl Engine {
+    pub fn new(pool: PgPool) -> Engine {
+        Engine {
+            pool,
+            cache: Arc::new(Mutex::new(Cached {
+                checked: None,
+                stamp: -1,
+                book: Arc::new(PriceBook::default()),
+            })),
+        }
+    }
+
+    pub fn pool(&self) -> &PgPool {
+        &self.pool
+    }
+
+    /// The current book and its stamp.
+    pub async fn book(&self) -> Result<(Arc<PriceBook>, BookStamp), sqlx::Error> {
+        let mut c = self.cache.lock().await;
+        if c.checked.is_some_and(|t| t.elapsed() < BOOK_CHECK) {
+            return Ok((c.book.clone(), c.stamp));
+        }
+        let mut conn = self.pool.acquire().await?;
+        let stamp: i64 = sqlx::query_scalar(&format!("select {BOOK_STAMP}"))
+            .fetch_one(&mut *conn)
+            .await?;
+        if stamp != c.stamp {
+            c.book = Arc::new(load_book(&mut conn).await?);
+            c.stamp = stamp;
+        }
+        c.checked = Some(Instant::now());
+        Ok((c.book.clone(), c.stamp))
+    }
+}
+
+/// What rankings depend on for one tenant now.
+#[derive(Clone, Debug, Default)]
+pub struct TenantView {
+    pub currency: String,
+    /// schedule name -> position in the current period
+    pub tiers: BTreeMap<String, TierPosition>,
+    /// budget name -> spend in its current period
+    pub spent: HashMap<String, Decimal>,
+}
+
+/// Read a tenant's currency, current tier positions and budget spend (none if the tenant
+/// does not exist).
+pub async fn tenant_view(
+    pool: &PgPool,
+    book: &PriceBook,
+    tenant: &str,
+    at: DateTime<Utc>,
+) -> Result<Option<TenantView>, sqlx::Error> {
+    let budgets = book.budgets_at(tenant, at);
+    let names: Vec<String> = budgets.iter().map(|b| b.name.clone()).collect();
+    let periods: Vec<String> = budgets.iter().map(|b| period_key(b.period, at)).collect();
+    let rows: Vec<(i32, String, Decimal, Decimal, Decimal)> = sqlx::query_as(
+        "select 0, currency::text, 0, 0, 0 from tenants where id = $1
+         union all
+         select 1, schedule, units, list, charged from tier_positions where tenant_id = $1 and period = $2
+         union all
+         select 2, s.budget, s.spent, 0, 0 from budget_spend s
+           join unnest($3::text[], $4::text[]) as k(b, p) on s.budget = k.b and s.period = k.p
+         where s.tenant_id = $1",
+    )
+    .bind(tenant)
+    .bind(period_of(at))
+    .bind(&names)
+    .bind(&periods)
+    .fetch_all(pool)
+    .await?;
+    let mut view = TenantView::default();
+    let mut found = false;
+    for (kind, name, a, list, charged) in rows {
+        match kind {
+            0 => {
+                found = true;
+                view.currency = name;
+            }
+            1 => {
+                view.tiers.insert(
+                    name,
+                    TierPosition {
+                        units: a,
+                        list,
+                        charged,
+                    },
+                );
+            }
+            _ => {
+                view.spent.insert(name, a);
+            }
+        }
+    }
+    Ok(found.then_some(view))
+}
+
+/// Value of a routing decision in the KV bucket (schema `tokenledger.routing_decision.v1`).
+#[derive(Clone, Debug, Serialize, utoipa::ToSchema)]
+pub struct RoutingDecision {
+    pub schema: &'static str,
+    pub tenant_id: String,
+    pub class: String,
+    pub class_version: i64,
+    #[schema(value_type = String)]
+    pub quality_floor: Decimal,
+    pub generated_at: DateTime<Utc>,
+    /// What caused this publication: `startup`, `price_book`, `period`, `tier_crossed`,
+    /// `budget_limit`, `request`.
+    pub trigger: String,
+    pub currency: String,
+    /// The token mix candidates are priced on.
+    pub reference_mix: TokenMix,
+    /// `ok`, `blocked` (a blocking tenant budget is at its limit: route nothing) or
+    /// `downgraded` (a downgrade budget is at its limit: `candidates` are the
+    /// `downgraded_to` class's).
+    pub status: &'static str,
+    pub blocked_by: Option<String>,
+    pub downgraded_to: Option<String>,
+    /// Ranked, cheapest effective price first; the router takes the first available one
+    /// and falls back down the list.
+    pub candidates: Vec<QuoteLine>,
+}
+
+/// The ranked decision for one tenant and class, or none if the class is not in force.
+pub fn decide(
+    book: &PriceBook,
+    view: &TenantView,
+    tenant: &str,
+    class: &str,
+    at: DateTime<Utc>,
+    trigger: &str,
+) -> Option<RoutingDecision> {
+    let c = book.class_at(tenant, class, at)?;
+    let ctx = QuoteContext {
+        book,
+        tenant_id: tenant,
+        currency: &view.currency,
+        tiers: &view.tiers,
+        at,
+    };
+    let mix = TokenMix::reference();
+    let mut d = RoutingDecision {
+        schema: "tokenledger.routing_decision.v1",
+        tenant_id: tenant.to_string(),
+        class: class.to_string(),
+        class_version: c.id,
+        quality_floor: c.quality_floor,
+        generated_at: at,
+        trigger: trigger.to_string(),
+        currency: view.currency.clone(),
+        reference_mix: mix.clone(),
+        status: "ok",
+        blocked_by: None,
+        downgraded_to: None,
+        candidates: Vec::new(),
+    };
+    let mut candidates = eligible(c);
+    // tenant-wide budgets at their limit change the decision; key and tag budgets act
+    // through /v1/authorize, which sees the request's key and tags
+    for b in book.budgets_at(tenant, at) {
+        let at_limit = b.scope == BudgetScope::Tenant
+            && view.spent.get(&b.name).is_some_and(|s| *s >= b.amount);
+        if !at_limit {
+            continue;
+        }
+        match (b.action, &b.downgrade_class) {
+            (BudgetAction::Block, _) => {
+                d.status = "blocked";
+                d.blocked_by = Some(b.name.clone());
+                return Some(d);
+            }
+            (BudgetAction::Downgrade, Some(to)) if d.status == "ok" => {
+                if let Some(dc) = book.class_at(tenant, to, at) {
+                    d.status = "downgraded";
+                    d.downgraded_to = Some(to.clone());
+                    candidates = eligible(dc);
+                } else {
+                    d.status = "blocked";
+                    d.blocked_by = Some(b.name.clone());
+                    return Some(d);
+                }
+            }
+            _ => {}
+        }
+    }
+    d.candidates = quote(&ctx, &mix, &candidates);
+    Some(d)
+}
+
+/// The KV key of a tenant's decision for a class.
+pub fn kv_key(tenant: &str, class: &str) -> String {
+    format!("{tenant}.{}", kv_token(class))
+}
+
+/// Open the decisions bucket, creating its stream if missing. The stream is created
+/// directly with the KV layout (what `create_key_value` would make: `KV_<bucket>` on
+/// `$KV.<bucket>.>`, one value per key, rollups allowed, deletes denied, direct gets) —
+/// `create_key_value` first reads the account's JetStream info, and that response does not
+/// parse with serde_json's `arbitrary_precision`, which this crate needs for exact money.
+async fn bucket(js: &async_nats::jetstream::Context, name: &str) -> anyhow::Result<kv::Store> {
+    use async_nats::jetstream::stream;
+    js.get_or_create_stream(stream::Config {
+        name: format!("KV_{name}"),
+        description: Some("tokenledger routing decisions".into()),
+        subjects: vec![format!("$KV.{name}.>")],
+        max_messages_per_subject: 1,
+        storage: stream::StorageType::File,
+        allow_rollup: true,
+        deny_delete: true,
+        allow_direct: true,
+        discard: stream::DiscardPolicy::New,
+        num_replicas: 1,
+        ..Default::default()
+    })
+    .await?;
+    Ok(js.get_key_value(name).await?)
+}
+
+/// Compute and publish every class's decision for one tenant.
+pub async fn publish_tenant(
+    engine: &Engine,
+    store: &kv::Store,
+    tenant: &str,
+    trigger: &str,
+) -> anyhow::Result<usize> {
+    let (book, _) = engine.book().await?;
+    let now = Utc::now();
+    let Some(view) = tenant_view(engine.pool(), &book, tenant, now).await? else {
+        return Ok(0);
+    };
+    let mut n = 0;
+    for class in book.class_names(tenant, now) {
+        if let Some(d) = decide(&book, &view, tenant, &class, now, trigger) {
+            store
+                .put(kv_key(tenant, &class), serde_json::to_vec(&d)?.into())
+                .await?;
+            n += 1;
+        }
+    }
+    Ok(n)
+}
+
+/// The pricing role: publish every decision at start, then republish when the price book
+/// or any term changes (every tenant), when the UTC day changes (periods roll over), and
+/// when a tenant crosses a tier or reaches a budget limit (alert facts: that tenant).
+pub async fn run_publisher(
+    engine: Engine,
+    js: async_nats::jetstream::Context,
+    bucket_name: String,
+    interval: Duration,
+    cancel: CancellationToken,
+) -> anyhow::Result<()> {
+    let mut store = None;
+    let mut last_alert: Option<i64> = None;
+    let mut last_stamp: BookStamp = -1;
+    let mut last_day = None;
+    let mut first = true;
+    loop {
+        if !first {
+            tokio::select! {
+                _ = cancel.cancelled() => return Ok(()),
+                _ = tokio::time::sleep(interval) => {}
+            }
+        }
+        first = false;
+        let r: anyhow::Result<()> = async {
+            if store.is_none() {
+                store = Some(bucket(&js, &bucket_name).await?);
+            }
+            let kv = store.as_ref().expect("bucket");
+            let pool = engine.pool();
+            let newest: i64 = sqlx::query_scalar("select coalesce(max(id), 0) from alert_facts")
+                .fetch_one(pool)
+                .await?;
+            let (_, stamp) = engine.book().await?;
+            let today = Utc::now().date_naive();
+            if stamp != last_stamp || last_day != Some(today) {
+                let trigger = match (last_stamp, last_day) {
+                    (-1, _) => "startup",
+                    (_, Some(d)) if d != today => "period",
+                    _ => "price_book",
+                };
+                let tenants: Vec<String> = sqlx::query_scalar("select id from tenants order by id")
+                    .fetch_all(pool)
+                    .await?;
+                for t in &tenants {
+                    publish_tenant(&engine, kv, t, trigger).await?;
+                }
+                last_stamp = stamp;
+                last_day = Some(today);
+                last_alert = Some(newest);
+                return Ok(());
+            }
+            let since = last_alert.unwrap_or(newest);
+            let rows: Vec<(String, String)> = sqlx::query_as(
+                "select tenant_id, type from alert_facts where id > $1 and id <= $2
+                   and (type = 'tier.crossed' or (type = 'budget.threshold_crossed'
+                        and (payload->>'limit_reached')::bool))
+                 order by id",
+            )
+            .bind(since)
+            .bind(newest)
+            .fetch_all(pool)
+            .await?;
+            let mut done = HashSet::new();
+            for (t, ty) in rows {
+                if done.insert(t.clone()) {
+                    let trigger = if ty == "tier.crossed" {
+                        "tier_crossed"
+                    } else {
+                        "budget_limit"
+                    };
+                    publish_tenant(&engine, kv, &t, trigger).await?;
+                }
+            }
+            last_alert = Some(newest);
+            Ok(())
+        }
+        .await;
+        if let Err(e) = r {
+            tracing::warn!(error = %e, "routing decision publication failed; retrying");
+        }
+    }
+}

@@ -1,0 +1,323 @@
+//! Routing classes and quotes (pure): each candidate's effective marginal price for a
+//! token mix, for one tenant at one instant, ranked.
+
+use std::collections::BTreeMap;
+
+use chrono::{DateTime, Utc};
+use rust_decimal::Decimal;
+use serde::{Deserialize, Serialize};
+
+use super::tiers::TierApplied;
+use super::{period_of, rate, with_tier, CustomerPrice, PriceBook, Side, Terms, TierPosition};
+use crate::events::{Status, UsageData};
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct Candidate {
+    pub provider: String,
+    pub model: String,
+    /// 0 to 1.
+    #[schema(value_type = String)]
+    pub quality: Decimal,
+}
+
+/// One immutable version of a routing class (global when `tenant_id` is none).
+#[derive(Clone, Debug, PartialEq, Serialize, utoipa::ToSchema)]
+pub struct RoutingClass {
+    pub id: i64,
+    pub tenant_id: Option<String>,
+    pub name: String,
+    pub effective_from: DateTime<Utc>,
+    pub active: bool,
+    #[schema(value_type = String)]
+    pub quality_floor: Decimal,
+    pub candidates: Vec<Candidate>,
+}
+
+impl RoutingClass {
+    pub fn check(&self) -> Result<(), String> {
+        let ok = !self.name.is_empty()
+            && self.name.len() <= 64
+            && self
+                .name
+                .bytes()
+                .next()
+                .is_some_and(|b| b.is_ascii_lowercase() || b.is_ascii_digit())
+            && self
+                .name
+                .bytes()
+                .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b":._-".contains(&b));
+        if !ok {
+            return Err("name must match [a-z0-9][a-z0-9:._-]{0,63}".into());
+        }
+        let unit = |d: Decimal| d >= Decimal::ZERO && d <= Decimal::ONE;
+        if !unit(self.quality_floor) {
+            return Err("quality_floor must be between 0 and 1".into());
+        }
+        if self.candidates.is_empty() || self.candidates.len() > 50 {
+            return Err("a class has 1 to 50 candidates".into());
+        }
+        for c in &self.candidates {
+            if c.provider.is_empty() || c.model.is_empty() || !unit(c.quality) {
+                return Err(
+                    "each candidate needs provider, model and a quality between 0 and 1".into(),
+                );
+            }
+        }
+        Ok(())
+    }
+}
+
+/// A token mix to price.
+#[derive(Clone, Debug, Default, Deserialize, Serialize, utoipa::ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct TokenMix {
+    pub input_tokens: u64,
+    #[serde(default)]
+    pub cached_input_tokens: u64,
+    #[serde(default)]
+    pub cache_write_tokens: u64,
+    pub output_tokens: u64,
+    #[serde(default)]
+    pub reasoning_tokens: u64,
+    #[serde(default)]
+    pub batch: bool,
+}
+
+impl TokenMix {
+    pub fn check(&self) -> Result<(), String> {
+        const CAP: u64 = 100_000_000;
+        if [self.input_tokens, self.output_tokens]
+            .iter()
+            .any(|n| *n > CAP)
+        {
+            return Err(format!("token counts are capped at {CAP}"));
+        }
+        if self.cached_input_tokens + self.cache_write_tokens > self.input_tokens {
+            return Err("cached_input_tokens + cache_write_tokens exceed input_tokens".into());
+        }
+        if self.reasoning_tokens > self.output_tokens {
+            return Err("reasoning_tokens exceed output_tokens".into());
+        }
+        Ok(())
+    }
+
+    /// The mix routing decisions are ranked on: one million input and 250,000 output tokens.
+    pub fn reference() -> TokenMix {
+        TokenMix {
+            input_tokens: 1_000_000,
+            output_tokens: 250_000,
+            ..Default::default()
+        }
+    }
+
+    fn usage(&self, tenant: &str, provider: &str, model: &str) -> UsageData {
+        UsageData {
+            tenant_id: tenant.to_string(),
+            api_key_id: None,
+            request_id: String::new(),
+            provider_request_id: None,
+            authorization_id: None,
+            model: model.to_string(),
+            provider: provider.to_string(),
+            region: None,
+            input_tokens: self.input_tokens,
+            cached_input_tokens: self.cached_input_tokens,
+            cache_write_tokens: self.cache_write_tokens,
+            output_tokens: self.output_tokens,
+            reasoning_tokens: self.reasoning_tokens,
+            batch: self.batch,
+            status: Status::Ok,
+            latency_ms: 0,
+            fallback_from: Vec::new(),
+            estimated: true,
+            estimate_method: None,
+            tags: BTreeMap::new(),
+        }
+    }
+}
+
+/// One candidate's price for the mix.
+#[derive(Clone, Debug, Serialize, utoipa::ToSchema)]
+pub struct QuoteLine {
+    pub rank: u32,
+    pub provider: String,
+    pub model: String,
+    #[schema(value_type = Option<String>)]
+    pub quality: Option<Decimal>,
+    /// Whether it can be priced (false: `reason` says why); unpriced candidates rank last.
+    pub available: bool,
+    pub reason: Option<String>,
+    /// Customer price at list rates, before batch and tier discounts.
+    #[schema(value_type = Option<String>)]
+    pub list_price: Option<Decimal>,
+    /// Taken off by the batch discount.
+    #[schema(value_type = Option<String>)]
+    pub batch_savings: Option<Decimal>,
+    /// Taken off because cached input is priced below fresh input.
+    #[schema(value_type = Option<String>)]
+    pub cache_savings: Option<Decimal>,
+    /// After batch, before tiers.
+    #[schema(value_type = Option<String>)]
+    pub price_before_tiers: Option<Decimal>,
+    /// The tenant's tier position applied to this mix as its next request.
+    pub tier: Option<TierApplied>,
+    /// What this mix would be charged now: the number candidates are ranked by.
+    #[schema(value_type = Option<String>)]
+    pub effective_price: Option<Decimal>,
+    /// Our provider cost at list rates (provider commitments are settled per period).
+    #[schema(value_type = Option<String>)]
+    pub cost: Option<Decimal>,
+    /// Not built yet: customer commitments and reserved capacity.
+    #[schema(value_type = Option<String>)]
+    pub commitment_remaining: Option<Decimal>,
+    pub reserved_headroom_tokens: Option<u64>,
+}
+
+/// What a quote needs of a tenant: its currency and tier positions (current period).
+pub struct QuoteContext<'a> {
+    pub book: &'a PriceBook,
+    pub tenant_id: &'a str,
+    pub currency: &'a str,
+    pub tiers: &'a BTreeMap<String, TierPosition>,
+    pub at: DateTime<Utc>,
+}
+
+fn price_one(
+    ctx: &QuoteContext<'_>,
+    mix: &TokenMix,
+    provider: &str,
+    model: &str,
+    quality: Option<Decimal>,
+) -> QuoteLine {
+    let mut line = QuoteLine {
+        rank: 0,
+        provider: provider.to_string(),
+        model: model.to_string(),
+        quality,
+        available: false,
+        reason: None,
+        list_price: None,
+        batch_savings: None,
+        cache_savings: None,
+        price_before_tiers: None,
+        tier: None,
+        effective_price: None,
+        cost: None,
+        commitment_remaining: None,
+        reserved_headroom_tokens: None,
+    };
+    let u = mix.usage(ctx.tenant_id, provider, model);
+    let book = ctx.book;
+    let Some(cost_v) = book.version_at(provider, model, None, Side::Cost, ctx.currency, ctx.at)
+    else {
+        line.reason = Some(format!("no {} price for {provider}/{model}", ctx.currency));
+        return line;
+    };
+    let price = match book.version_at(provider, model, None, Side::Price, ctx.currency, ctx.at) {
+        Some(p) => CustomerPrice::Explicit(p),
+        None => CustomerPrice::Markup(book.markup_at(ctx.tenant_id, ctx.at)),
+    };
+    let terms = Terms {
+        cost: cost_v,
+        price,
+    };
+    let r = match rate(&u, terms) {
+        Ok(r) => r,
+        Err(e) => {
+            line.reason = Some(e.to_string());
+            return line;
+        }
+    };
+    // what the cached tokens would have cost as fresh input
+    let fresh = {
+        let mut f = u.clone();
+        f.cached_input_tokens = 0;
+        rate(&f, terms).map(|x| x.price).unwrap_or(r.price)
+    };
+    let before_tiers = r.price;
+    let r = match book.tier_at(ctx.tenant_id, provider, model, ctx.at) {
+        Some(s) => {
+            let pos = ctx.tiers.get(&s.name).cloned().unwrap_or_default();
+            match with_tier(r, s, &pos, period_of(ctx.at)) {
+                Ok(r) => r,
+                Err(e) => {
+                    line.reason = Some(e.to_string());
+                    return line;
+                }
+            }
+        }
+        None => r,
+    };
+    line.available = true;
+    line.list_price = Some(r.price_list);
+    line.batch_savings = Some((r.price_list - before_tiers).normalize());
+    line.cache_savings = Some((fresh - before_tiers).max(Decimal::ZERO).normalize());
+    line.price_before_tiers = Some(before_tiers);
+    line.effective_price = Some(r.price);
+    line.cost = Some(r.cost);
+    line.tier = r.tier;
+    line
+}
+
+/// Price every candidate for the mix and rank them: cheapest effective price first, then
+/// higher quality, then name; unavailable ones last.
+pub fn quote(
+    ctx: &QuoteContext<'_>,
+    mix: &TokenMix,
+    candidates: &[(String, String, Option<Decimal>)],
+) -> Vec<QuoteLine> {
+    let mut lines: Vec<QuoteLine> = candidates
+        .iter()
+        .map(|(p, m, q)| price_one(ctx, mix, p, m, *q))
+        .collect();
+    lines.sort_by(|a, b| {
+        (!a.available)
+            .cmp(&!b.available)
+            .then(a.effective_price.cmp(&b.effective_price))
+            .then(b.quality.cmp(&a.quality))
+            .then((&a.provider, &a.model).cmp(&(&b.provider, &b.model)))
+    });
+    for (i, l) in lines.iter_mut().enumerate() {
+        l.rank = i as u32 + 1;
+    }
+    lines
+}
+
+/// A class's candidates at or above its quality floor.
+pub fn eligible(c: &RoutingClass) -> Vec<(String, String, Option<Decimal>)> {
+    c.candidates
+        .iter()
+        .filter(|x| x.quality >= c.quality_floor)
+        .map(|x| (x.provider.clone(), x.model.clone(), Some(x.quality)))
+        .collect()
+}
+
+/// A NATS KV key token for any string: bytes outside `[-/_a-zA-Z0-9]` become `=XX`
+/// (uppercase hex), so `auto:budget` is `auto=3Abudget`.
+pub fn kv_token(s: &str) -> String {
+    let mut out = String::with_capacity(s.len());
+    for b in s.bytes() {
+        if b.is_ascii_alphanumeric() || b"-/_".contains(&b) {
+            out.push(b as char);
+        } else {
+            out.push_str(&format!("={b:02X}"));
+        }
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn kv_tokens_use_only_allowed_characters() {
+        assert_eq!(kv_token("auto:budget"), "auto=3Abudget");
+        assert_eq!(kv_token("a.b=c"), "a=2Eb=3Dc");
+        assert_eq!(kv_token("plain-name_1/x"), "plain-name_1/x");
+        assert!(kv_token("ü 1")
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"-/_=".contains(&b)));
+    }
+}
