@@ -6,7 +6,7 @@
 //! writes per event, in batches of the same size on one connection; (c) a naive
 //! pipeline: NATS -> one plain row per event -> ack; (d) the real pipeline: publish ->
 //! rated, double-entry, projected, committed -> ack. Then publish->commit latency of
-//! (d) at a fixed rate.
+//! (d) at a fixed rate. The pricing engine's measurements are in `bench_terms`.
 
 use std::collections::HashMap;
 use std::time::{Duration, Instant};
@@ -34,12 +34,13 @@ pub struct BenchArgs {
     pub latency_secs: u64,
     #[arg(long, default_value_t = 50)]
     pub tenants: usize,
-    /// Run only these measurements (comma-separated of a, b, c, d, l); default all.
+    /// Run only these measurements (comma-separated of a, b, c, d, l, t, q, h, z);
+    /// default all.
     #[arg(long)]
     pub only: Option<String>,
 }
 
-fn events(n: u64, tenants: usize, run: &str) -> Vec<Event> {
+pub(crate) fn events(n: u64, tenants: usize, run: &str) -> Vec<Event> {
     let mut rng = rand::rngs::StdRng::seed_from_u64(7);
     (0..n)
         .map(|i| loadgen::synthetic(&mut rng, run, i, tenants, chrono::Utc::now()))
@@ -47,7 +48,7 @@ fn events(n: u64, tenants: usize, run: &str) -> Vec<Event> {
 }
 
 /// A fresh database and stream for one measurement.
-async fn fresh(
+pub(crate) async fn fresh(
     s: &Settings,
     name: &str,
     tenants: usize,
@@ -109,7 +110,7 @@ async fn fresh(
 
 /// Publish every event (at `rate`/s, or as fast as JetStream acks them if 0) in the
 /// background; returns each stream sequence's publish instant.
-fn publisher(
+pub(crate) fn publisher(
     b: Bus,
     s: Settings,
     evs: Vec<Event>,
@@ -176,8 +177,9 @@ pub async fn run(s0: &Settings, a: BenchArgs) -> anyhow::Result<()> {
     } else {
         None
     };
+    let mut rate_d = None;
     if only("d") {
-        let rate_d = real_pipeline(s0, &a).await?;
+        let rate_d = *rate_d.insert(real_pipeline(s0, &a).await?);
         for (name, base) in [
             ("(c) naive", rate_c),
             ("(b) plain Postgres", rate_b),
@@ -188,8 +190,23 @@ pub async fn run(s0: &Settings, a: BenchArgs) -> anyhow::Result<()> {
             }
         }
     }
+    if only("t") {
+        let rate_t = crate::bench_terms::terms_pipeline(s0, &a).await?;
+        if let Some(d) = rate_d {
+            println!("    ratio (t) / (d) = {:.2}", rate_t / d);
+        }
+    }
     if only("l") {
         latency(s0, &a).await?;
+    }
+    if only("q") {
+        crate::bench_terms::quote_latency(s0, &a).await?;
+    }
+    if only("h") {
+        crate::bench_terms::quote_http(s0, &a).await?;
+    }
+    if only("z") {
+        crate::bench_terms::authorizations(s0, &a).await?;
     }
     Ok(())
 }
@@ -302,7 +319,7 @@ async fn real_pipeline(s0: &Settings, a: &BenchArgs) -> anyhow::Result<f64> {
 }
 
 /// (p50, p99) in milliseconds.
-fn percentiles(mut ms: Vec<f64>) -> (f64, f64) {
+pub(crate) fn percentiles(mut ms: Vec<f64>) -> (f64, f64) {
     ms.sort_by(|x, y| x.partial_cmp(y).expect("finite"));
     let q = |p: f64| ms[((ms.len() as f64 - 1.0) * p) as usize];
     (q(0.5), q(0.99))
@@ -369,7 +386,12 @@ async fn latency(s0: &Settings, a: &BenchArgs) -> anyhow::Result<()> {
 
 /// The real writers (as `serve` runs them) until `n` messages are committed; returns
 /// the commit instant of every stream sequence.
-async fn real(b: &Bus, s: &Settings, pool: &PgPool, n: u64) -> anyhow::Result<Vec<(u64, Instant)>> {
+pub(crate) async fn real(
+    b: &Bus,
+    s: &Settings,
+    pool: &PgPool,
+    n: u64,
+) -> anyhow::Result<Vec<(u64, Instant)>> {
     let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
     let cancel = tokio_util::sync::CancellationToken::new();
     let task = tokio::spawn(bus::run_writer(

@@ -55,7 +55,7 @@ pub fn query_error(e: axum::extract::rejection::QueryRejection) -> ApiError {
         terms::add_tier_schedule, terms::list_tier_schedules, terms::positions,
         terms::add_budget, terms::list_budgets, terms::budget_versions, terms::retire_budget,
         terms::list_alerts, terms::authorize,
-        terms::quote, terms::routing_decision, terms::add_routing_class, terms::list_routing_classes,
+        terms::price_diff, terms::quote, terms::routing_decision, terms::add_routing_class, terms::list_routing_classes,
     ),
     components(schemas(crate::catalog::prices::NewPrice)),
     modifiers(&Security),
@@ -87,6 +87,7 @@ pub fn router(state: AppState) -> Router {
         .route("/v1/usage", get(reads::usage))
         .route("/v1/balances", get(reads::balances))
         .route("/v1/prices", get(admin::list_prices))
+        .route("/v1/prices/diff", get(terms::price_diff))
         .route(
             "/v1/admin/tenants",
             post(admin::create_tenant).get(admin::list_tenants),

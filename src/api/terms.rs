@@ -383,3 +383,45 @@ pub async fn list_routing_classes(
         data: crate::catalog::routing::list(&st.pool).await?,
     }))
 }
+
+#[derive(Deserialize, utoipa::IntoParams)]
+#[serde(deny_unknown_fields)]
+pub struct DiffQuery {
+    /// Two price version ids ...
+    pub from_id: Option<i64>,
+    pub to_id: Option<i64>,
+    /// ... or two instants: the book in force at each.
+    pub from: Option<chrono::DateTime<Utc>>,
+    pub to: Option<chrono::DateTime<Utc>>,
+    pub provider: Option<String>,
+    pub model: Option<String>,
+}
+
+#[derive(Serialize, utoipa::ToSchema)]
+pub struct PriceDiff {
+    pub data: Vec<crate::pricing::diff::KeyChange>,
+}
+
+/// Diff two price versions (`from_id`, `to_id`) or the price book at two instants
+/// (`from`, `to`): each key whose version changed, field by field.
+#[utoipa::path(get, path = "/v1/prices/diff", tag = "prices", params(DiffQuery),
+    responses((status = 200, body = PriceDiff), (status = 400, description = "bad query"),
+        (status = 404, description = "no such version")),
+    security(("bearer" = [])))]
+pub async fn price_diff(
+    State(st): State<AppState>,
+    _caller: Caller,
+    q: Result<Query<DiffQuery>, axum::extract::rejection::QueryRejection>,
+) -> Result<Json<PriceDiff>, ApiError> {
+    let Query(q) = q.map_err(super::query_error)?;
+    let (book, _) = st.engine.book().await.map_err(ApiError::internal)?;
+    let data = crate::pricing::diff::diff(
+        &book,
+        crate::pricing::diff::Between::from_query(q.from_id, q.to_id, q.from, q.to)
+            .map_err(|m| ApiError::bad_request("invalid_query", m))?,
+        q.provider.as_deref(),
+        q.model.as_deref(),
+    )
+    .map_err(ApiError::not_found)?;
+    Ok(Json(PriceDiff { data }))
+}

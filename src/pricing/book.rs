@@ -214,18 +214,16 @@ impl PriceBook {
     ) -> Option<&TierSchedule> {
         let list = self.tiers.get(tenant_id)?;
         let mut best: Option<&TierSchedule> = None;
-        // the latest version of each name at `at` (the list is in effective order)
-        let mut names: Vec<&str> = list.iter().map(|s| s.name.as_str()).collect();
-        names.sort_unstable();
-        names.dedup();
-        for name in names {
-            let Some(s) = list
-                .iter()
-                .rev()
-                .find(|s| s.name == name && s.effective_from <= at)
-            else {
+        // the latest version of each name at `at`: the list is in effective order, so
+        // walking it backwards the first version seen of a name is its latest
+        for (i, s) in list.iter().enumerate().rev() {
+            if s.effective_from > at
+                || list[i + 1..]
+                    .iter()
+                    .any(|later| later.name == s.name && later.effective_from <= at)
+            {
                 continue;
-            };
+            }
             if !s.matches(provider, model) {
                 continue;
             }
@@ -298,6 +296,11 @@ impl PriceBook {
 
     pub fn markup_by_id(&self, id: i64) -> Option<&MarkupRule> {
         self.markup_by_id.get(&id)
+    }
+
+    /// Every key's versions, each list in effective order.
+    pub fn all_versions(&self) -> impl Iterator<Item = &[PriceVersion]> {
+        self.versions.values().map(|v| v.as_slice())
     }
 
     /// Providers with a cost version for this model in force at `at`, in this currency

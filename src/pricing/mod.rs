@@ -3,6 +3,7 @@
 
 mod book;
 pub mod budgets;
+pub mod diff;
 pub mod import;
 mod rate;
 pub mod routing;

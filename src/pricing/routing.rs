@@ -8,7 +8,9 @@ use rust_decimal::Decimal;
 use serde::{Deserialize, Serialize};
 
 use super::tiers::TierApplied;
-use super::{period_of, rate, with_tier, CustomerPrice, PriceBook, Side, Terms, TierPosition};
+use super::{
+    period_of, rate, with_tier, CustomerPrice, PriceBook, Side, Terms, TierPosition, MTOK,
+};
 use crate::events::{Status, UsageData};
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
@@ -229,11 +231,11 @@ fn price_one(
             return line;
         }
     };
-    // what the cached tokens would have cost as fresh input
+    // what the cached tokens would have cost as fresh input, from the rated lines
     let fresh = {
-        let mut f = u.clone();
-        f.cached_input_tokens = 0;
-        rate(&f, terms).map(|x| x.price).unwrap_or(r.price)
+        let (input, cached) = (&r.lines[0], &r.lines[1]);
+        let per_token = (input.price_rate_per_mtok - cached.price_rate_per_mtok) / MTOK;
+        r.price + Decimal::from(cached.tokens) * per_token * (Decimal::ONE - r.price_batch_discount)
     };
     let before_tiers = r.price;
     let r = match book.tier_at(ctx.tenant_id, provider, model, ctx.at) {

@@ -228,3 +228,41 @@ proptest! {
         }
     }
 }
+
+#[test]
+fn price_diffs_name_each_changed_field_and_key() {
+    use crate::pricing::diff;
+    let t = |s: &str| s.parse::<chrono::DateTime<chrono::Utc>>().unwrap();
+    let v = |id: i64, from: &str, input: &str, output: &str| PriceVersion {
+        id,
+        provider: "openai".into(),
+        model: "m".into(),
+        region: String::new(),
+        side: Side::Cost,
+        currency: "USD".into(),
+        effective_from: t(from),
+        base: RateSet {
+            input: Some(input.parse().unwrap()),
+            output: Some(output.parse().unwrap()),
+            ..Default::default()
+        },
+        batch_discount: "0.5".parse().unwrap(),
+        long_context_threshold_tokens: None,
+        long: RateSet::default(),
+    };
+    let a = v(1, "2026-01-01T00:00:00Z", "2", "8");
+    let b = v(2, "2026-06-01T00:00:00Z", "2.5", "8");
+    let c = diff::versions(&a, &b);
+    assert_eq!(c.len(), 1);
+    assert_eq!(c[0].field, "input_per_mtok");
+    assert_eq!(c[0].change_percent, Some("25".parse().unwrap()));
+    let mut other = v(3, "2026-07-01T00:00:00Z", "1", "1");
+    other.model = "n".into();
+    let book = PriceBook::new(vec![a, b, other], vec![]);
+    let d = diff::books(&book, t("2026-02-01T00:00:00Z"), t("2026-08-01T00:00:00Z"));
+    assert_eq!(d.len(), 2);
+    assert_eq!((d[0].model.as_str(), d[0].kind), ("m", "changed"));
+    assert_eq!((d[0].from_version, d[0].to_version), (Some(1), Some(2)));
+    assert_eq!((d[1].model.as_str(), d[1].kind), ("n", "added"));
+    assert!(diff::books(&book, t("2026-02-01T00:00:00Z"), t("2026-03-01T00:00:00Z")).is_empty());
+}
