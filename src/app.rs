@@ -67,16 +67,13 @@ impl App {
             tasks.spawn(async move { bus::run_writer(bus, pool, s, m, c, None).await });
         }
         if self.state.settings.has_role("pricing") {
-            let (engine, js, s, c) = (
+            let (engine, bus, s, c) = (
                 self.state.engine.clone(),
-                self.state.bus.js.clone(),
+                self.state.bus.clone(),
                 self.state.settings.clone(),
                 self.cancel.clone(),
             );
-            tasks.spawn(async move {
-                crate::engine::run_publisher(engine, js, s.routing_bucket, s.publish_interval, c)
-                    .await
-            });
+            tasks.spawn(async move { crate::engine::run_publisher(engine, bus, s, c).await });
         }
         if let Some(listener) = self.listener {
             let router = api::router(self.state.clone());

@@ -253,6 +253,7 @@ async fn plain_postgres(s0: &Settings, a: &BenchArgs) -> anyhow::Result<f64> {
             budgets: &Default::default(),
             alerts: &Default::default(),
             settlements: &Default::default(),
+            commitments: &Default::default(),
         };
         store::append(&mut tx, rows).await?;
         tx.commit().await?;

@@ -1,5 +1,5 @@
 //! Benchmarks of the pricing engine, each beside a baseline measured in the same run:
-//! (t) the real pipeline with every tenant on a tier schedule and budgets, against (d)
+//! (t) the real pipeline with every tenant on a tier schedule, a commitment and budgets, against (d)
 //! without; (q) a quote in process, against one plain rating; (h) quotes over HTTP,
 //! against `/healthz` over the same connections; (z) authorisations against one hot
 //! blocking budget, against one durable round trip per request on a hot row.
@@ -66,7 +66,7 @@ fn budget(
     }
 }
 
-/// Give every tenant a tier schedule, a tenant budget and a key budget.
+/// Give every tenant a tier schedule, a commitment, a tenant budget and a key budget.
 async fn with_terms(pool: &sqlx::PgPool, tenants: usize) -> anyhow::Result<()> {
     let skew = chrono::Duration::minutes(5);
     for i in 0..tenants {
@@ -121,7 +121,7 @@ pub async fn terms_pipeline(s0: &Settings, a: &BenchArgs) -> anyhow::Result<f64>
         .unwrap_or_else(Instant::now);
     let rate = n as f64 / (last - t).as_secs_f64();
     b.delete_stream().await?;
-    println!("(t) real pipeline, tiers + 2 budgets per tenant: {rate:>9.0} events/s");
+    println!("(t) real pipeline, tiers + commitment + 2 budgets per tenant: {rate:>9.0} events/s");
     Ok(rate)
 }
 

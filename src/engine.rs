@@ -283,16 +283,20 @@ pub async fn publish_tenant(
     Ok(n)
 }
 
-/// The pricing role: publish every decision at start, then republish when the price book
+/// The pricing role. The clock: publish each ended month's close for tenants with a
+/// commitment. Routing decisions: publish every decision at start, then republish when the price book
 /// or any term changes (every tenant), when the UTC day changes (periods roll over), and
 /// when a tenant crosses a tier or reaches a budget limit (alert facts: that tenant).
 pub async fn run_publisher(
     engine: Engine,
-    js: async_nats::jetstream::Context,
-    bucket_name: String,
-    interval: Duration,
+    bus: crate::bus::Bus,
+    settings: crate::settings::Settings,
     cancel: CancellationToken,
 ) -> anyhow::Result<()> {
+    let js = bus.js.clone();
+    let bucket_name = settings.routing_bucket.clone();
+    let interval = settings.publish_interval;
+    let mut closed = HashSet::new();
     let mut store = None;
     let mut last_alert: Option<i64> = None;
     let mut last_stamp: BookStamp = -1;
@@ -306,6 +310,9 @@ pub async fn run_publisher(
             }
         }
         first = false;
+        if let Err(e) = close_ended_periods(&engine, &bus, &settings, &mut closed).await {
+            tracing::warn!(error = %e, "publishing period closes failed; retrying");
+        }
         let r: anyhow::Result<()> = async {
             if store.is_none() {
                 store = Some(bucket(&js, &bucket_name).await?);
@@ -364,4 +371,84 @@ pub async fn run_publisher(
             tracing::warn!(error = %e, "routing decision publication failed; retrying");
         }
     }
+}
+
+/// The id of a tenant's close event for a period: deterministic, so the clock and an
+/// operator can both publish it and the ledger records it once.
+pub fn close_event_id(period: &str) -> String {
+    format!("period-close:{period}")
+}
+
+/// Publish a tenant's `period_close` system event for a period that has ended; returns
+/// its id. Waits for JetStream's ack.
+pub async fn publish_period_close(
+    bus: &crate::bus::Bus,
+    settings: &crate::settings::Settings,
+    tenant: &str,
+    period: &str,
+) -> anyhow::Result<String> {
+    use crate::events::{Event, EventData, SystemData};
+    let end = crate::pricing::tiers::period_end(period)
+        .ok_or_else(|| anyhow::anyhow!("period must be YYYY-MM"))?;
+    anyhow::ensure!(end <= Utc::now(), "period {period} has not ended");
+    let ev = Event::new(
+        close_event_id(period),
+        "tokenledger/clock".into(),
+        end,
+        EventData::System(SystemData {
+            tenant_id: tenant.to_string(),
+            kind: "period_close".into(),
+            period: period.to_string(),
+        }),
+    );
+    bus.publish_with_id(
+        settings.usage_subject(tenant),
+        ev.canonical.clone().into(),
+        &ev.msg_id(),
+    )
+    .await?
+    .await?;
+    Ok(ev.id)
+}
+
+/// The clock: once a month has ended, publish its close for every tenant with a
+/// commitment in force at its end (skipping closes already recorded).
+async fn close_ended_periods(
+    engine: &Engine,
+    bus: &crate::bus::Bus,
+    settings: &crate::settings::Settings,
+    done: &mut HashSet<(String, String)>,
+) -> anyhow::Result<()> {
+    let (book, _) = engine.book().await?;
+    let now = Utc::now();
+    let start = chrono::NaiveDate::from_ymd_opt(
+        chrono::Datelike::year(&now),
+        chrono::Datelike::month(&now),
+        1,
+    )
+    .and_then(|d| d.and_hms_opt(0, 0, 0))
+    .map(|t| t.and_utc())
+    .ok_or_else(|| anyhow::anyhow!("calendar"))?;
+    let last = start - chrono::Duration::nanoseconds(1);
+    let period = period_of(last);
+    let tenants: Vec<String> = book
+        .committed_tenants()
+        .filter(|t| book.commitment_at(t, last).is_some())
+        .filter(|t| !done.contains(&(t.to_string(), period.clone())))
+        .map(str::to_string)
+        .collect();
+    for t in tenants {
+        let recorded: bool = sqlx::query_scalar(
+            "select exists (select 1 from events where tenant_id = $1 and id = $2)",
+        )
+        .bind(&t)
+        .bind(close_event_id(&period))
+        .fetch_one(engine.pool())
+        .await?;
+        if !recorded {
+            publish_period_close(bus, settings, &t, &period).await?;
+        }
+        done.insert((t, period.clone()));
+    }
+    Ok(())
 }

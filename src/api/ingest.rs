@@ -112,7 +112,10 @@ fn validate_all(caller: &Caller, items: Vec<Value>) -> Result<Vec<Event>, ApiErr
     for (index, item) in items.into_iter().enumerate() {
         match events::parse(item, now) {
             Ok(ev) => {
-                if let Caller::Tenant { tenant_id, .. } = caller {
+                if matches!(ev.data, EventData::System(_)) {
+                    forbidden.push(json!({"index": index, "id": ev.id,
+                        "reason": "system events are appended by the service only"}));
+                } else if let Caller::Tenant { tenant_id, .. } = caller {
                     if matches!(ev.data, EventData::Adjustment(_)) {
                         forbidden.push(json!({"index": index, "id": ev.id,
                             "reason": "adjustments are operator-only"}));

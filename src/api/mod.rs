@@ -55,6 +55,7 @@ pub fn query_error(e: axum::extract::rejection::QueryRejection) -> ApiError {
         terms::add_tier_schedule, terms::list_tier_schedules, terms::positions,
         terms::add_budget, terms::list_budgets, terms::budget_versions, terms::retire_budget,
         terms::list_alerts, terms::authorize,
+        terms::add_commitment, terms::list_commitments, terms::commitment_positions, terms::period_close,
         terms::price_diff, terms::quote, terms::routing_decision, terms::add_routing_class, terms::list_routing_classes,
     ),
     components(schemas(crate::catalog::prices::NewPrice)),
@@ -107,6 +108,15 @@ pub fn router(state: AppState) -> Router {
             post(terms::add_tier_schedule).get(terms::list_tier_schedules),
         )
         .route("/v1/tiers", get(terms::positions))
+        .route("/v1/commitments", get(terms::commitment_positions))
+        .route(
+            "/v1/admin/tenants/{tenant_id}/commitments",
+            post(terms::add_commitment).get(terms::list_commitments),
+        )
+        .route(
+            "/v1/admin/tenants/{tenant_id}/period-close",
+            post(terms::period_close),
+        )
         .route(
             "/v1/budgets",
             post(terms::add_budget).get(terms::list_budgets),

@@ -12,10 +12,12 @@ use super::error::parse_json;
 use super::{ApiError, AppState, Caller};
 use crate::authorize::{AuthDecision, AuthError, AuthRequest};
 use crate::catalog::budgets::{self, AlertFact, BudgetStatus, NewBudget};
+use crate::catalog::commitments::NewCommitment;
 use crate::catalog::routing::NewRoutingClass;
 use crate::catalog::tiers::{self, NewTierSchedule, Position};
 use crate::engine::RoutingDecision;
 use crate::pricing::budgets::Budget;
+use crate::pricing::commitments::Commitment;
 use crate::pricing::routing::{QuoteContext, QuoteLine, RoutingClass, TokenMix};
 use crate::pricing::TierSchedule;
 
@@ -424,4 +426,108 @@ pub async fn price_diff(
     )
     .map_err(ApiError::not_found)?;
     Ok(Json(PriceDiff { data }))
+}
+
+/// Publish a new version of a tenant's commitment (committed spend per month).
+#[utoipa::path(post, path = "/v1/admin/tenants/{tenant_id}/commitments", tag = "terms",
+    params(("tenant_id" = String, Path)), request_body = NewCommitment,
+    responses((status = 201, body = Commitment), (status = 422, description = "invalid commitment")),
+    security(("bearer" = [])))]
+pub async fn add_commitment(
+    State(st): State<AppState>,
+    caller: Caller,
+    Path(tenant_id): Path<String>,
+    body: Bytes,
+) -> Result<(StatusCode, Json<Commitment>), ApiError> {
+    caller.require_admin()?;
+    let new: NewCommitment = parse_json(&body)?;
+    let c =
+        crate::catalog::commitments::add(&st.pool, &tenant_id, new, Utc::now(), st.skew()).await?;
+    Ok((StatusCode::CREATED, Json(c)))
+}
+
+#[derive(Serialize, utoipa::ToSchema)]
+pub struct CommitmentPage {
+    pub data: Vec<Commitment>,
+}
+
+/// A tenant's commitment versions, newest first.
+#[utoipa::path(get, path = "/v1/admin/tenants/{tenant_id}/commitments", tag = "terms",
+    params(("tenant_id" = String, Path)),
+    responses((status = 200, body = CommitmentPage)), security(("bearer" = [])))]
+pub async fn list_commitments(
+    State(st): State<AppState>,
+    caller: Caller,
+    Path(tenant_id): Path<String>,
+) -> Result<Json<CommitmentPage>, ApiError> {
+    caller.require_admin()?;
+    Ok(Json(CommitmentPage {
+        data: crate::catalog::commitments::list(&st.pool, &tenant_id).await?,
+    }))
+}
+
+#[derive(Serialize, utoipa::ToSchema)]
+pub struct CommitmentPositionPage {
+    pub data: Vec<crate::catalog::commitments::Position>,
+}
+
+/// The tenant's commitment positions per period: drawn so far, and whether closed.
+#[utoipa::path(get, path = "/v1/commitments", tag = "terms", params(TenantQuery),
+    responses((status = 200, body = CommitmentPositionPage)), security(("bearer" = [])))]
+pub async fn commitment_positions(
+    State(st): State<AppState>,
+    caller: Caller,
+    q: Result<Query<TenantQuery>, axum::extract::rejection::QueryRejection>,
+) -> Result<Json<CommitmentPositionPage>, ApiError> {
+    let Query(q) = q.map_err(super::query_error)?;
+    let tenant = caller.tenant(q.tenant_id.as_deref())?;
+    Ok(Json(CommitmentPositionPage {
+        data: crate::catalog::commitments::positions(&st.pool, &tenant).await?,
+    }))
+}
+
+#[derive(Deserialize, utoipa::ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct PeriodClose {
+    /// `YYYY-MM`, a month that has ended.
+    pub period: String,
+}
+
+/// Publish a tenant's period close now (the clock does it by itself once a month has
+/// ended); the ledger records it once.
+#[utoipa::path(post, path = "/v1/admin/tenants/{tenant_id}/period-close", tag = "terms",
+    params(("tenant_id" = String, Path)), request_body = PeriodClose,
+    responses((status = 202, body = Object), (status = 422, description = "not an ended period")),
+    security(("bearer" = [])))]
+pub async fn period_close(
+    State(st): State<AppState>,
+    caller: Caller,
+    Path(tenant_id): Path<String>,
+    body: Bytes,
+) -> Result<(StatusCode, Json<serde_json::Value>), ApiError> {
+    caller.require_admin()?;
+    let p: PeriodClose = parse_json(&body)?;
+    let exists: bool = sqlx::query_scalar("select exists (select 1 from tenants where id = $1)")
+        .bind(&tenant_id)
+        .fetch_one(&st.pool)
+        .await
+        .map_err(ApiError::internal)?;
+    if !exists {
+        return Err(ApiError::not_found("tenant"));
+    }
+    let invalid = |m: String| ApiError::new(StatusCode::UNPROCESSABLE_ENTITY, "invalid_period", m);
+    match crate::pricing::tiers::period_end(&p.period) {
+        Some(end) if p.period.len() == 7 && end <= Utc::now() => {}
+        Some(_) if p.period.len() == 7 => {
+            return Err(invalid(format!("period {} has not ended", p.period)))
+        }
+        _ => return Err(invalid("period must be YYYY-MM".into())),
+    }
+    let id = crate::engine::publish_period_close(&st.bus, &st.settings, &tenant_id, &p.period)
+        .await
+        .map_err(ApiError::internal)?;
+    Ok((
+        StatusCode::ACCEPTED,
+        Json(serde_json::json!({ "event_id": id })),
+    ))
 }

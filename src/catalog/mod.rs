@@ -1,6 +1,7 @@
 //! Configuration the ledger reads: tenants, API keys, price versions and markup rules.
 
 pub mod budgets;
+pub mod commitments;
 pub mod keys;
 pub mod prices;
 pub mod routing;

@@ -87,6 +87,7 @@ pub async fn load_book(c: &mut sqlx::PgConnection) -> Result<PriceBook, sqlx::Er
     let tiers = super::tiers::load_all(&mut *c).await?;
     let budgets = super::budgets::load_all(&mut *c).await?;
     let classes = super::routing::load_all(&mut *c).await?;
+    let commitments = super::commitments::load_all(&mut *c).await?;
     Ok(PriceBook::new(
         rows.into_iter().map(PriceVersion::from).collect(),
         markups
@@ -101,7 +102,8 @@ pub async fn load_book(c: &mut sqlx::PgConnection) -> Result<PriceBook, sqlx::Er
     )
     .with_tiers(tiers)
     .with_budgets(budgets)
-    .with_classes(classes))
+    .with_classes(classes)
+    .with_commitments(commitments))
 }
 
 /// A new price version, as an operator submits it (rates per million tokens).

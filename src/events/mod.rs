@@ -18,6 +18,9 @@ pub use validate::{parse, parse_bytes, parse_bytes_slow, FieldError, Rejection};
 
 pub const USAGE_V1: &str = "tokenledger.usage.v1";
 pub const ADJUSTMENT_V1: &str = "tokenledger.adjustment.v1";
+/// What the clock causes, appended by the service to a tenant's log (never accepted
+/// through the ingest API).
+pub const SYSTEM_V1: &str = "tokenledger.system.v1";
 pub const SPEC_VERSION: &str = "1.0";
 /// Largest token count accepted in any one field of a usage event. The largest context
 /// windows today are a few million tokens; anything above this is a producer bug.
@@ -110,11 +113,22 @@ pub struct AdjustmentData {
     pub corrects_event_id: Option<String>,
 }
 
+/// A clock-driven fact in a tenant's log (`tokenledger.system.v1`). The one kind so far:
+/// `period_close` — the cut-off of a billing period (a UTC month, `period` = `YYYY-MM`):
+/// commitments are billed and trued up; usage of that period ordered after it is late.
+#[derive(Clone, Debug, PartialEq, Serialize)]
+pub struct SystemData {
+    pub tenant_id: String,
+    pub kind: String,
+    pub period: String,
+}
+
 #[derive(Clone, Debug, PartialEq, Serialize)]
 #[serde(untagged)]
 pub enum EventData {
     Usage(UsageData),
     Adjustment(AdjustmentData),
+    System(SystemData),
 }
 
 /// A validated event in canonical form.
@@ -173,13 +187,14 @@ impl Event {
         match &self.data {
             EventData::Usage(u) => &u.tenant_id,
             EventData::Adjustment(a) => &a.tenant_id,
+            EventData::System(x) => &x.tenant_id,
         }
     }
 
     pub fn request_id(&self) -> Option<&str> {
         match &self.data {
             EventData::Usage(u) => Some(&u.request_id),
-            EventData::Adjustment(_) => None,
+            EventData::Adjustment(_) | EventData::System(_) => None,
         }
     }
 
@@ -200,6 +215,7 @@ fn type_of(data: &EventData) -> &'static str {
     match data {
         EventData::Usage(_) => USAGE_V1,
         EventData::Adjustment(_) => ADJUSTMENT_V1,
+        EventData::System(_) => SYSTEM_V1,
     }
 }
 

@@ -347,11 +347,12 @@ pub fn parse(value: Value, now: DateTime<Utc>) -> Result<Event, Rejection> {
         (Some(ADJUSTMENT_V1), Some(Value::Object(m))) => {
             adjustment(m, &mut errors).map(EventData::Adjustment)
         }
+        (Some(SYSTEM_V1), Some(Value::Object(m))) => system(m, &mut errors).map(EventData::System),
         (Some(other), Some(_)) => {
             errors.push(err(
                 "type",
                 "unknown_type",
-                format!("{other:?} is not one of {USAGE_V1}, {ADJUSTMENT_V1}"),
+                format!("{other:?} is not one of {USAGE_V1}, {ADJUSTMENT_V1}, {SYSTEM_V1}"),
             ));
             None
         }
@@ -465,6 +466,38 @@ fn tenant(f: &mut Fields<'_>) -> Option<String> {
         );
         None
     }
+}
+
+fn system(map: Map<String, Value>, errors: &mut Vec<FieldError>) -> Option<SystemData> {
+    let mut f = Fields {
+        prefix: "data.",
+        map,
+        errors,
+    };
+    let tenant_id = tenant(&mut f);
+    let kind = f.string("kind", true, 32);
+    if kind.as_deref().is_some_and(|k| k != "period_close") {
+        f.fail("kind", "unknown_kind", "must be period_close");
+    }
+    let period = f.string("period", true, 7);
+    let month_ok = |p: &str| {
+        p.len() == 7
+            && p.as_bytes()[4] == b'-'
+            && p[..4].bytes().all(|b| b.is_ascii_digit())
+            && p[5..].parse::<u32>().is_ok_and(|m| (1..=12).contains(&m))
+    };
+    if period.as_deref().is_some_and(|p| !month_ok(p)) {
+        f.fail("period", "invalid_period", "must be a month, YYYY-MM");
+    }
+    f.finish();
+    if kind.as_deref() != Some("period_close") || !period.as_deref().is_some_and(month_ok) {
+        return None;
+    }
+    Some(SystemData {
+        tenant_id: tenant_id?,
+        kind: kind?,
+        period: period?,
+    })
 }
 
 fn adjustment(map: Map<String, Value>, errors: &mut Vec<FieldError>) -> Option<AdjustmentData> {

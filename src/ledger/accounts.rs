@@ -35,7 +35,25 @@ pub struct Leg {
 /// the request reached a higher tier. Zero amounts move nothing.
 pub fn usage_legs(provider: &str, r: &Rating) -> Vec<Leg> {
     let mut legs = Vec::with_capacity(2);
-    if r.price > Decimal::ZERO {
+    if let Some(c) = &r.commitment {
+        // the overage is billed; the drawdown comes out of the commitment account
+        if c.overage > Decimal::ZERO {
+            legs.push(Leg {
+                kind: "usage_price",
+                debit: RECEIVABLE.into(),
+                credit: REVENUE.into(),
+                amount: c.overage,
+            });
+        }
+        if c.drawdown > Decimal::ZERO {
+            legs.push(Leg {
+                kind: "commitment_drawdown",
+                debit: commitment(&c.commitment),
+                credit: REVENUE.into(),
+                amount: c.drawdown,
+            });
+        }
+    } else if r.price > Decimal::ZERO {
         legs.push(Leg {
             kind: "usage_price",
             debit: RECEIVABLE.into(),
@@ -57,6 +75,32 @@ pub fn usage_legs(provider: &str, r: &Rating) -> Vec<Leg> {
             debit: DISCOUNTS.into(),
             credit: RECEIVABLE.into(),
             amount: c,
+        });
+    }
+    legs
+}
+
+/// A tenant's commitment account: debited by drawdowns during the period, credited with
+/// the commitment when the period closes and debited with the true-up; zero after a close.
+pub fn commitment(name: &str) -> String {
+    format!("commitment:{name}")
+}
+
+/// The transfers of a period's close for one commitment: bill it (receivable ->
+/// commitment account), then recognise the unused remainder (commitment -> revenue).
+pub fn close_legs(line: &super::state::CloseLine) -> Vec<Leg> {
+    let mut legs = vec![Leg {
+        kind: "commitment_billed",
+        debit: RECEIVABLE.into(),
+        credit: commitment(&line.commitment),
+        amount: line.amount,
+    }];
+    if line.true_up > Decimal::ZERO {
+        legs.push(Leg {
+            kind: "commitment_true_up",
+            debit: commitment(&line.commitment),
+            credit: REVENUE.into(),
+            amount: line.true_up,
         });
     }
     legs

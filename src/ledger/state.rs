@@ -1,4 +1,4 @@
-//! A tenant's rating state before an event (tier positions, budget spend) and the full
+//! A tenant's rating state before an event (tier, commitment and budget positions) and the full
 //! rating of a usage event from it. Pure; the writer and `verify` share it, so replay
 //! computes exactly what the writer did.
 
@@ -9,8 +9,10 @@ use rust_decimal::Decimal;
 
 use crate::events::UsageData;
 use crate::pricing::budgets::{period_key, Budget, BudgetCount};
+use crate::pricing::commitments::{true_up, CommitmentPosition};
 use crate::pricing::{
-    period_of, rate, with_tier, PriceBook, PricingError, Rating, Terms, TierPosition,
+    period_of, rate, with_commitment, with_tier, PriceBook, PricingError, Rating, Terms,
+    TierPosition,
 };
 
 /// (tenant, schedule or budget name, period)
@@ -20,6 +22,7 @@ pub type Key = (String, String, String);
 pub struct TenantState {
     pub tiers: HashMap<Key, TierPosition>,
     pub budgets: HashMap<Key, Decimal>,
+    pub commitments: HashMap<Key, CommitmentPosition>,
 }
 
 /// A budget an event counted toward: its spend after the event and the thresholds the
@@ -40,6 +43,8 @@ pub struct Moves {
     /// (from tier, to tier, schedule version, the reached tier's discount) when the event
     /// moved the tenant into a higher tier.
     pub tier_crossed: Option<(u32, u32, i64, Decimal)>,
+    /// The commitment position after the event.
+    pub commitment: Option<(Key, CommitmentPosition)>,
     pub budgets: Vec<BudgetMove>,
 }
 
@@ -98,6 +103,9 @@ impl TenantState {
         for b in &m.budgets {
             self.budgets.insert(b.key.clone(), b.after);
         }
+        if let Some((k, p)) = &m.commitment {
+            self.commitments.insert(k.clone(), p.clone());
+        }
     }
 }
 
@@ -126,6 +134,18 @@ pub fn rate_usage(
         }
         moves.tier = r.tier.as_ref().map(|t| (key, t.advance(&before)));
     }
+    if let Some(c) = book.commitment_at(&u.tenant_id, at) {
+        let key = (u.tenant_id.clone(), c.name.clone(), period_of(at));
+        let before = state.commitments.get(&key).cloned().unwrap_or_default();
+        r = with_commitment(r, c, &before, key.2.clone())?;
+        if let Some(a) = &r.commitment {
+            let after = CommitmentPosition {
+                drawn: before.drawn + a.drawdown,
+                closed: before.closed,
+            };
+            moves.commitment = Some((key, after));
+        }
+    }
     if r.price > Decimal::ZERO && book.has_budgets(&u.tenant_id) {
         for b in book.budgets_at(&u.tenant_id, at) {
             if !b.matches(u.api_key_id.as_deref(), &u.tags) {
@@ -150,4 +170,55 @@ pub fn rate_usage(
         }
     }
     Ok((r, moves))
+}
+
+/// What a period's close bills for one commitment; stored as the close event's breakdown.
+#[derive(Clone, Debug, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct CloseLine {
+    pub commitment: String,
+    pub version: i64,
+    pub period: String,
+    pub amount: Decimal,
+    pub drawn: Decimal,
+    pub true_up: Decimal,
+}
+
+/// The close of a tenant's period: the commitment in force at the period's last instant
+/// is billed in full and its unused remainder trued up; its position is closed (usage of
+/// that period ordered after this is late: on demand, no drawdown). Nothing if there is
+/// no commitment or the period is already closed.
+pub fn close_period(
+    book: &PriceBook,
+    tenant: &str,
+    period: &str,
+    state: &TenantState,
+) -> (Option<CloseLine>, Moves) {
+    let mut moves = Moves::default();
+    let Some(end) = crate::pricing::tiers::period_end(period) else {
+        return (None, moves);
+    };
+    let Some(c) = book.commitment_at(tenant, end - chrono::Duration::nanoseconds(1)) else {
+        return (None, moves);
+    };
+    let key = (tenant.to_string(), c.name.clone(), period.to_string());
+    let pos = state.commitments.get(&key).cloned().unwrap_or_default();
+    if pos.closed {
+        return (None, moves);
+    }
+    let line = CloseLine {
+        commitment: c.name.clone(),
+        version: c.id,
+        period: period.to_string(),
+        amount: c.amount.normalize(),
+        drawn: pos.drawn.normalize(),
+        true_up: true_up(c, &pos).normalize(),
+    };
+    moves.commitment = Some((
+        key,
+        CommitmentPosition {
+            drawn: pos.drawn,
+            closed: true,
+        },
+    ));
+    (Some(line), moves)
 }

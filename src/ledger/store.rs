@@ -8,6 +8,7 @@ use rust_decimal::Decimal;
 use sqlx::PgConnection;
 
 use super::state::TenantState;
+use crate::pricing::commitments::CommitmentPosition;
 use crate::pricing::TierPosition;
 
 /// Rows of `events`, column by column.
@@ -138,7 +139,8 @@ pub const BOOK_STAMP: &str = "(coalesce((select max(id) from price_versions), 0)
   + coalesce((select max(id) from markup_rules), 0)
   + coalesce((select max(id) from tier_schedules), 0)
   + coalesce((select max(id) from budgets), 0)
-  + coalesce((select max(id) from routing_classes), 0))::int8";
+  + coalesce((select max(id) from routing_classes), 0)
+  + coalesce((select max(id) from commitments), 0))::int8";
 
 pub async fn lock_tenants(c: &mut PgConnection, tenants: &[String]) -> sqlx::Result<Locked> {
     let rows: Vec<(String, i64, String, i64)> = sqlx::query_as(&format!(
@@ -239,6 +241,7 @@ pub struct Rows<'a> {
     pub budgets: &'a BudgetSpends,
     pub alerts: &'a AlertRows,
     pub settlements: &'a SettlementRows,
+    pub commitments: &'a CommitmentPositions,
 }
 
 /// One statement appends the whole batch: events, transfers, conflicts, dead letters,
@@ -292,7 +295,11 @@ const APPEND: &str = concat!("with
   st as (insert into auth_settlements (hold_id, tenant_id, event_id)
          select h, t, e from unnest($80::uuid[], $81::text[], $82::text[]) as x(h, t, e)
          where exists (select 1 from authorizations a where a.id = x.h and a.tenant_id = x.t)
-         on conflict (hold_id) do nothing)
+         on conflict (hold_id) do nothing),
+  cp as (insert into commitment_positions as p (tenant_id, commitment, period, drawn, closed)
+         select * from unnest($83::text[], $84::text[], $85::text[], $86::numeric[], $87::bool[])
+         on conflict (tenant_id, commitment, period) do update set drawn = excluded.drawn,
+           closed = excluded.closed)
 select 1");
 
 /// Settlements of pre-authorisation holds by the usage events carrying their ids.
@@ -323,37 +330,57 @@ pub async fn load_state(
     c: &mut PgConnection,
     tiered: &[String],
     budgeted: &[String],
+    committed: &[String],
     periods: &[String],
 ) -> sqlx::Result<TenantState> {
-    let rows: Vec<(bool, String, String, String, Decimal, Decimal, Decimal)> = sqlx::query_as(
-        "select true, tenant_id, schedule, period, units, list, charged from tier_positions
-         where tenant_id = any($1) and period = any($3)
+    let rows: Vec<(i32, String, String, String, Decimal, Decimal, Decimal)> = sqlx::query_as(
+        "select 0, tenant_id, schedule, period, units, list, charged from tier_positions
+         where tenant_id = any($1) and period = any($4)
          union all
-         select false, tenant_id, budget, period, spent, 0, 0 from budget_spend
-         where tenant_id = any($2) and period = any($3)",
+         select 1, tenant_id, budget, period, spent, 0, 0 from budget_spend
+         where tenant_id = any($2) and period = any($4)
+         union all
+         select 2, tenant_id, commitment, period, drawn, case when closed then 1 else 0 end, 0
+         from commitment_positions where tenant_id = any($3) and period = any($4)",
     )
     .bind(tiered)
     .bind(budgeted)
+    .bind(committed)
     .bind(periods)
     .fetch_all(c)
     .await?;
     let mut st = TenantState::default();
-    for (tier, t, name, p, a, list, charged) in rows {
-        if tier {
-            st.tiers.insert(
-                (t, name, p),
-                TierPosition {
-                    units: a,
-                    list,
-                    charged,
-                },
-            );
-        } else {
-            st.budgets.insert((t, name, p), a);
+    for (kind, t, name, p, a, list, charged) in rows {
+        match kind {
+            0 => {
+                st.tiers.insert(
+                    (t, name, p),
+                    TierPosition {
+                        units: a,
+                        list,
+                        charged,
+                    },
+                );
+            }
+            1 => {
+                st.budgets.insert((t, name, p), a);
+            }
+            _ => {
+                st.commitments.insert(
+                    (t, name, p),
+                    CommitmentPosition {
+                        drawn: a,
+                        closed: !list.is_zero(),
+                    },
+                );
+            }
         }
     }
     Ok(st)
 }
+
+/// Commitment positions after a batch: absolute values.
+pub type CommitmentPositions = HashMap<(String, String, String), CommitmentPosition>;
 
 /// Tier positions after a batch, keyed (tenant, schedule name, period): absolute values,
 /// computed under the tenant's lock from the position before the batch.
@@ -456,6 +483,14 @@ pub async fn append(c: &mut PgConnection, r: Rows<'_>) -> sqlx::Result<()> {
         .bind(&r.settlements.hold)
         .bind(&r.settlements.tenant)
         .bind(&r.settlements.event_id);
+    let ck: Vec<_> = r.commitments.keys().collect();
+    let cv: Vec<_> = r.commitments.values().collect();
+    let q = q
+        .bind(ck.iter().map(|k| k.0.clone()).collect::<Vec<_>>())
+        .bind(ck.iter().map(|k| k.1.clone()).collect::<Vec<_>>())
+        .bind(ck.iter().map(|k| k.2.clone()).collect::<Vec<_>>())
+        .bind(cv.iter().map(|p| p.drawn).collect::<Vec<_>>())
+        .bind(cv.iter().map(|p| p.closed).collect::<Vec<_>>());
     q.execute(c).await?;
     Ok(())
 }

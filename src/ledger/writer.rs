@@ -10,8 +10,8 @@ use std::collections::HashMap;
 use chrono::{DateTime, Utc};
 use sqlx::PgPool;
 
-use super::accounts::{adjustment_leg, usage_legs, Leg};
-use super::state::{rate_usage, TenantState};
+use super::accounts::{adjustment_leg, close_legs, usage_legs, Leg};
+use super::state::{close_period, rate_usage, TenantState};
 use super::store::{
     self, BookStamp, ConflictRows, DeadRows, EventRows, Projections, RatedUsage, TierPositions,
     TransferRows,
@@ -70,6 +70,14 @@ pub fn terms_for<'b>(
     Ok(Terms { cost, price })
 }
 
+/// What an event charges: its transfers, its rating (usage), and for other events what
+/// their first transfer records as the breakdown.
+struct Charge {
+    legs: Vec<Leg>,
+    rating: Option<Rating>,
+    note: Option<String>,
+}
+
 /// Why an event cannot apply: a dead-letter reason code and a sentence.
 type Rejected = (&'static str, String);
 
@@ -89,6 +97,8 @@ struct Batch {
     budgets: store::BudgetSpends,
     alerts: store::AlertRows,
     settlements: store::SettlementRows,
+    /// Commitment positions this batch moved (values after it).
+    commitments: store::CommitmentPositions,
 }
 
 impl Batch {
@@ -104,6 +114,7 @@ impl Batch {
             budgets: &self.budgets,
             alerts: &self.alerts,
             settlements: &self.settlements,
+            commitments: &self.commitments,
         };
         store::append(tx, rows).await
     }
@@ -203,8 +214,17 @@ impl Writer {
         // tier positions and budget spend, read only for tenants that have terms
         let mut tiered: Vec<String> = Vec::new();
         let mut budgeted: Vec<String> = Vec::new();
+        let mut committed: Vec<String> = Vec::new();
         let mut periods: Vec<String> = Vec::new();
         for (_, e) in &parsed {
+            if known.tenants.contains_key(e.tenant_id()) && self.book.has_commitments(e.tenant_id())
+            {
+                committed.push(e.tenant_id().to_string());
+                periods.push(match &e.data {
+                    EventData::System(x) => x.period.clone(),
+                    _ => period_of(e.time),
+                });
+            }
             if let EventData::Usage(u) = &e.data {
                 if !known.tenants.contains_key(&u.tenant_id) {
                     continue;
@@ -221,12 +241,13 @@ impl Writer {
                 }
             }
         }
-        if !tiered.is_empty() || !budgeted.is_empty() {
-            for v in [&mut tiered, &mut budgeted, &mut periods] {
+        if !tiered.is_empty() || !budgeted.is_empty() || !committed.is_empty() {
+            for v in [&mut tiered, &mut budgeted, &mut committed, &mut periods] {
                 v.sort();
                 v.dedup();
             }
-            known.state = store::load_state(&mut tx, &tiered, &budgeted, &periods).await?;
+            known.state =
+                store::load_state(&mut tx, &tiered, &budgeted, &committed, &periods).await?;
         }
         for (i, ev) in parsed {
             outcomes[i] = self.stage(&mut b, &mut known, &msgs[i], ev);
@@ -305,7 +326,7 @@ impl Writer {
             conflict(&mut b.conflicts, &ev, "request_id_taken", owner);
             return Outcome::Conflict;
         }
-        let (legs, rating) = match self.legs(&ev, currency, known, b) {
+        let charge = match self.legs(&ev, currency, known, b) {
             Ok(x) => x,
             Err((reason, detail)) => {
                 dead(&mut b.dead, m, reason, detail, Some(&ev), None);
@@ -315,7 +336,7 @@ impl Writer {
         let head = b.heads.entry(tenant.clone()).or_insert(last_seq);
         *head += 1;
         let seq = *head;
-        if let (EventData::Usage(u), Some(r)) = (&ev.data, &rating) {
+        if let (EventData::Usage(u), Some(r)) = (&ev.data, &charge.rating) {
             stage_usage(b, &ev, u, r, seq);
         }
         // the hold this usage settles (an id that is no hold of this tenant settles nothing)
@@ -327,8 +348,8 @@ impl Writer {
             }
         }
         stage_event(&mut b.events, &ev, seq);
-        for (n, leg) in legs.iter().enumerate() {
-            stage_transfer(b, &ev, seq, n as i16, currency, leg, rating.as_ref());
+        for (n, leg) in charge.legs.iter().enumerate() {
+            stage_transfer(b, &ev, seq, n as i16, currency, leg, &charge);
         }
         known.events.insert(key, ev.payload_hash.to_vec());
         if let Some(r) = ev.request_id() {
@@ -348,7 +369,7 @@ impl Writer {
         currency: &str,
         known: &mut Known,
         b: &mut Batch,
-    ) -> Result<(Vec<Leg>, Option<Rating>), Rejected> {
+    ) -> Result<Charge, Rejected> {
         match &ev.data {
             EventData::Usage(u) => match terms_for(&self.book, u, currency, ev.time)
                 .and_then(|t| rate_usage(&self.book, u, t, ev.time, &known.state))
@@ -369,7 +390,14 @@ impl Writer {
                     for m in moves.budgets {
                         b.budgets.insert(m.key, m.after);
                     }
-                    Ok((usage_legs(&u.provider, &r), Some(r)))
+                    if let Some((key, after)) = moves.commitment {
+                        b.commitments.insert(key, after);
+                    }
+                    Ok(Charge {
+                        legs: usage_legs(&u.provider, &r),
+                        rating: Some(r),
+                        note: None,
+                    })
                 }
                 Err(e @ PricingError::Unpriced { .. }) => Err(("unpriced_model", e.to_string())),
                 Err(e) => Err(("rating_failed", e.to_string())),
@@ -381,7 +409,30 @@ impl Writer {
                     a.currency
                 ),
             )),
-            EventData::Adjustment(a) => Ok((vec![adjustment_leg(a)], None)),
+            EventData::Adjustment(a) => Ok(Charge {
+                legs: vec![adjustment_leg(a)],
+                rating: None,
+                note: Some(serde_json::to_string(a).expect("adjustment serialises")),
+            }),
+            EventData::System(x) => {
+                let (line, moves) = close_period(&self.book, &x.tenant_id, &x.period, &known.state);
+                known.state.apply(&moves);
+                if let Some((key, after)) = moves.commitment {
+                    b.commitments.insert(key, after);
+                }
+                Ok(match line {
+                    Some(l) => Charge {
+                        legs: close_legs(&l),
+                        rating: None,
+                        note: Some(serde_json::to_string(&l).expect("close line serialises")),
+                    },
+                    None => Charge {
+                        legs: Vec::new(),
+                        rating: None,
+                        note: None,
+                    },
+                })
+            }
         }
     }
 }
@@ -425,7 +476,7 @@ pub fn stage_event(r: &mut EventRows, ev: &Event, seq: i64) {
     r.hash.push(ev.payload_hash.to_vec());
     let u = match &ev.data {
         EventData::Usage(u) => Some(u),
-        EventData::Adjustment(_) => None,
+        EventData::Adjustment(_) | EventData::System(_) => None,
     };
     r.request_id.push(u.map(|u| u.request_id.clone()));
     r.model.push(u.map(|u| u.model.clone()));
@@ -479,8 +530,9 @@ fn stage_transfer(
     n: i16,
     currency: &str,
     leg: &Leg,
-    rating: Option<&Rating>,
+    charge: &Charge,
 ) {
+    let (rating, note) = (charge.rating.as_ref(), charge.note.as_deref());
     let t = &mut b.transfers;
     let tenant = ev.tenant_id();
     t.tenant.push(tenant.into());
@@ -496,13 +548,9 @@ fn stage_transfer(
         .push(rating.and_then(|r| r.price_version_id));
     t.markup_rule.push(rating.and_then(|r| r.markup_rule_id));
     // the breakdown is stored once per event, on its first leg
-    let breakdown = match (n, &ev.data, rating) {
-        (0, _, Some(r)) => {
-            Some(serde_json::to_string(&r.breakdown()).expect("breakdown serialises"))
-        }
-        (0, EventData::Adjustment(a), None) => {
-            Some(serde_json::to_string(a).expect("adjustment serialises"))
-        }
+    let breakdown = match (n, rating) {
+        (0, Some(r)) => Some(serde_json::to_string(&r.breakdown()).expect("breakdown serialises")),
+        (0, None) => note.map(str::to_string),
         _ => None,
     };
     t.breakdown.push(breakdown);

@@ -1,6 +1,7 @@
 //! The price book: immutable, effective-dated price versions and markup rules.
 
 use super::budgets::Budget;
+use super::commitments::Commitment;
 use super::routing::RoutingClass;
 use super::tiers::TierSchedule;
 use std::collections::HashMap;
@@ -79,6 +80,8 @@ pub struct PriceBook {
     budgets: HashMap<String, Vec<Budget>>,
     /// routing class versions, by (effective_from, id)
     classes: Vec<RoutingClass>,
+    /// tenant -> commitment versions, by (effective_from, id)
+    commitments: HashMap<String, Vec<Commitment>>,
 }
 
 /// The last element whose `effective_from` is at or before `at` (slices sorted by it).
@@ -132,6 +135,39 @@ impl PriceBook {
             self.budgets.entry(b.tenant_id.clone()).or_default().push(b);
         }
         self
+    }
+
+    /// The same book with these commitment versions.
+    pub fn with_commitments(mut self, mut list: Vec<Commitment>) -> PriceBook {
+        list.sort_by_key(|c| (c.effective_from, c.id));
+        self.commitments.clear();
+        for c in list {
+            self.commitments
+                .entry(c.tenant_id.clone())
+                .or_default()
+                .push(c);
+        }
+        self
+    }
+
+    pub fn has_commitments(&self, tenant_id: &str) -> bool {
+        self.commitments.contains_key(tenant_id)
+    }
+
+    /// The tenant's commitment in force at `at`: of the latest active version of each
+    /// name, the first by name (a tenant has one commitment at a time).
+    pub fn commitment_at(&self, tenant_id: &str, at: DateTime<Utc>) -> Option<&Commitment> {
+        let list = self.commitments.get(tenant_id)?;
+        let mut latest: std::collections::BTreeMap<&str, &Commitment> = Default::default();
+        for c in list.iter().filter(|c| c.effective_from <= at) {
+            latest.insert(c.name.as_str(), c);
+        }
+        latest.into_values().find(|c| c.active)
+    }
+
+    /// Tenants with any commitment version.
+    pub fn committed_tenants(&self) -> impl Iterator<Item = &str> {
+        self.commitments.keys().map(|k| k.as_str())
     }
 
     /// The same book with these routing class versions.

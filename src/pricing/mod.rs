@@ -3,6 +3,7 @@
 
 mod book;
 pub mod budgets;
+pub mod commitments;
 pub mod diff;
 pub mod import;
 mod rate;
@@ -10,7 +11,9 @@ pub mod routing;
 pub mod tiers;
 
 pub use book::{MarkupRule, PriceBook, PriceVersion, RateSet, Side};
-pub use rate::{rate, with_tier, Breakdown, CustomerPrice, Line, Rating, Terms, TokenClass};
+pub use rate::{
+    rate, with_commitment, with_tier, Breakdown, CustomerPrice, Line, Rating, Terms, TokenClass,
+};
 pub use tiers::{period_of, TierApplied, TierPosition, TierSchedule};
 
 use rust_decimal::Decimal;

@@ -5,6 +5,7 @@ use rust_decimal::Decimal;
 use serde::{Deserialize, Serialize};
 
 use super::budgets::BudgetCount;
+use super::commitments::CommitmentApplied;
 use super::tiers::{self, TierApplied, TierInput, TierPosition, TierSchedule};
 use super::{MarkupRule, PriceVersion, PricingError, RateSet, MTOK};
 use crate::events::UsageData;
@@ -75,6 +76,9 @@ pub struct Rating {
     /// The tier schedule that priced this request, with its slices.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub tier: Option<TierApplied>,
+    /// The commitment this request drew down (and its overage).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub commitment: Option<CommitmentApplied>,
     /// The budgets this charge counted toward.
     #[serde(skip_serializing_if = "Vec::is_empty")]
     pub budgets: Vec<BudgetCount>,
@@ -182,8 +186,25 @@ pub fn rate(u: &UsageData, terms: Terms<'_>) -> Result<Rating, PricingError> {
         price_version_id,
         markup_rule_id,
         tier: None,
+        commitment: None,
         budgets: Vec::new(),
     })
+}
+
+/// Step 7: take a rated request (after tiers) under the tenant's commitment.
+pub fn with_commitment(
+    r: Rating,
+    c: &super::commitments::Commitment,
+    pos: &super::commitments::CommitmentPosition,
+    period: String,
+) -> Result<Rating, PricingError> {
+    if r.price.is_zero() {
+        return Ok(r);
+    }
+    let applied = super::commitments::apply(c, pos, period, r.price)?;
+    let mut b = r.breakdown();
+    b.commitment = Some(applied);
+    assemble(b)
 }
 
 /// Step 6: price a rated request under the tier schedule in force, from the tenant's
@@ -232,6 +253,8 @@ pub struct Breakdown {
     pub markup_rule_id: Option<i64>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub tier: Option<TierApplied>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub commitment: Option<CommitmentApplied>,
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub budgets: Vec<BudgetCount>,
 }
@@ -260,6 +283,7 @@ impl Rating {
             price_version_id: self.price_version_id,
             markup_rule_id: self.markup_rule_id,
             tier: self.tier.clone(),
+            commitment: self.commitment.clone(),
             budgets: self.budgets.clone(),
         }
     }
@@ -298,6 +322,9 @@ fn assemble(b: Breakdown) -> Result<Rating, PricingError> {
     if let Some(t) = &b.tier {
         price = t.price;
     }
+    if let Some(c) = &b.commitment {
+        price = c.drawdown + c.overage;
+    }
     Ok(Rating {
         lines,
         long_context: b.long_context,
@@ -316,6 +343,7 @@ fn assemble(b: Breakdown) -> Result<Rating, PricingError> {
         price_version_id: b.price_version_id,
         markup_rule_id: b.markup_rule_id,
         tier: b.tier,
+        commitment: b.commitment,
         budgets: b.budgets,
     })
 }

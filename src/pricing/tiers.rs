@@ -212,6 +212,16 @@ pub fn period_of(at: DateTime<Utc>) -> String {
     format!("{:04}-{:02}", at.year(), at.month())
 }
 
+/// The first instant after a `YYYY-MM` period (UTC).
+pub fn period_end(period: &str) -> Option<DateTime<Utc>> {
+    let (y, m) = period.split_once('-')?;
+    let (y, m): (i32, u32) = (y.parse().ok()?, m.parse().ok()?);
+    let (y, m) = if m == 12 { (y + 1, 1) } else { (y, m + 1) };
+    chrono::NaiveDate::from_ymd_opt(y, m, 1)
+        .and_then(|d| d.and_hms_opt(0, 0, 0))
+        .map(|t| t.and_utc())
+}
+
 /// What one request brings to a schedule: its tokens per class (in rating order) and the
 /// customer's per-class rates per million tokens after the batch discount.
 pub struct TierInput {

@@ -8,7 +8,7 @@ use sqlx::{Executor, PgConnection, PgPool};
 
 use crate::catalog::prices::load_book;
 use crate::events::{self, EventData};
-use crate::ledger::state::{rate_usage, TenantState};
+use crate::ledger::state::{close_period, rate_usage, CloseLine, TenantState};
 use crate::ledger::writer::terms_for;
 use crate::pricing::{Breakdown, CustomerPrice, PriceBook, Terms};
 
@@ -79,7 +79,8 @@ async fn populate(c: &mut PgConnection, prefix: &str, delta: bool) -> sqlx::Resu
              select x.tenant_id, b->>'budget', b->>'period', sum(p.amount)
              from transfers x
              cross join lateral json_array_elements(x.breakdown->'budgets') b
-             join transfers p on p.tenant_id = x.tenant_id and p.seq = x.seq and p.kind = 'usage_price'
+             join transfers p on p.tenant_id = x.tenant_id and p.seq = x.seq
+               and p.kind in ('usage_price', 'commitment_drawdown')
              where x.leg = 0 and x.kind <> 'adjustment' and x.breakdown->'budgets' is not null{}
              group by 1, 2, 3
              on conflict (tenant_id, budget, period) do update set spent = s.spent + excluded.spent",
@@ -88,14 +89,37 @@ async fn populate(c: &mut PgConnection, prefix: &str, delta: bool) -> sqlx::Resu
         .as_str(),
     )
     .await?;
+    // commitment positions: drawdowns from usage breakdowns, closes from close lines
+    let f = tfilter.replacen(" where", " and", 1);
+    c.execute(
+        format!(
+            "insert into {prefix}commitment_positions as p
+             select tenant_id, c, per, sum(drawn), bool_or(closed) from (
+               select x.tenant_id, x.breakdown->'commitment'->>'commitment' as c,
+                 x.breakdown->'commitment'->>'period' as per,
+                 (x.breakdown->'commitment'->>'drawdown')::numeric as drawn, false as closed
+               from transfers x
+               where x.leg = 0 and x.kind not in ('adjustment', 'commitment_billed')
+                 and x.breakdown->'commitment' is not null{f}
+               union all
+               select x.tenant_id, x.breakdown->>'commitment', x.breakdown->>'period', 0, true
+               from transfers x where x.leg = 0 and x.kind = 'commitment_billed'{f}
+             ) q group by 1, 2, 3
+             on conflict (tenant_id, commitment, period) do update set drawn = p.drawn + excluded.drawn,
+               closed = p.closed or excluded.closed"
+        )
+        .as_str(),
+    )
+    .await?;
     Ok(())
 }
 
-const TABLES: [&str; 4] = [
+const TABLES: [&str; 5] = [
     "usage_rollups",
     "account_balances",
     "tier_positions",
     "budget_spend",
+    "commitment_positions",
 ];
 
 /// Rebuild every projection into shadow tables and swap them in. Safe while `serve`
@@ -195,6 +219,8 @@ struct Recorded {
     currency: String,
     breakdown: Option<String>,
     price: Decimal,
+    billed: Decimal,
+    true_up: Decimal,
     cost: Decimal,
     credit: Decimal,
     legs: i64,
@@ -209,13 +235,15 @@ async fn rerate(
         "select e.tenant_id, e.id, e.occurred_at, e.envelope, t.currency::text as currency,
            (select b.breakdown::text from transfers b
              where b.tenant_id = e.tenant_id and b.seq = e.seq and b.leg = 0) as breakdown,
-           coalesce(sum(x.amount) filter (where x.kind = 'usage_price'), 0) as price,
+           coalesce(sum(x.amount) filter (where x.kind in ('usage_price', 'commitment_drawdown')), 0) as price,
+           coalesce(sum(x.amount) filter (where x.kind = 'commitment_billed'), 0) as billed,
+           coalesce(sum(x.amount) filter (where x.kind = 'commitment_true_up'), 0) as true_up,
            coalesce(sum(x.amount) filter (where x.kind = 'usage_cost'), 0) as cost,
            coalesce(sum(x.amount) filter (where x.kind = 'tier_credit'), 0) as credit,
            count(x.leg) as legs
          from events e join tenants t on t.id = e.tenant_id
          left join transfers x on x.tenant_id = e.tenant_id and x.seq = e.seq
-         where e.type = 'tokenledger.usage.v1'
+         where e.type in ('tokenledger.usage.v1', 'tokenledger.system.v1')
          group by e.tenant_id, e.id, e.seq, e.occurred_at, e.envelope, t.currency
          order by e.tenant_id, e.seq",
     )
@@ -314,8 +342,28 @@ fn rerate_one(
             ))
         }
     };
-    let EventData::Usage(u) = &ev.data else {
-        return None;
+    let u = match &ev.data {
+        EventData::Usage(u) => u,
+        EventData::System(x) => {
+            // a period's close: replay it and compare with what it billed
+            let (line, moves) = close_period(book, &x.tenant_id, &x.period, state);
+            state.apply(&moves);
+            let (billed, true_up) = line
+                .as_ref()
+                .map_or((Decimal::ZERO, Decimal::ZERO), |l| (l.amount, l.true_up));
+            let stored: Option<CloseLine> = r
+                .breakdown
+                .as_deref()
+                .and_then(|b| serde_json::from_str(b).ok());
+            if stored != line || billed != r.billed || true_up != r.true_up {
+                return Some(format!(
+                    "{who}: replaying the period close gives billed {billed} true-up {true_up}, recorded billed {} true-up {}",
+                    r.billed, r.true_up
+                ));
+            }
+            return None;
+        }
+        EventData::Adjustment(_) => return None,
     };
     let in_force = terms_for(book, u, &r.currency, r.occurred_at);
     let terms = match (&r.breakdown, r.legs) {
