@@ -55,3 +55,42 @@ grant select, insert on commitments to tokenledger_app;
 grant usage, select on sequence commitments_id_seq to tokenledger_app;
 grant select, insert, update on commitment_positions to tokenledger_app;
 grant select on request_views to tokenledger_app;
+
+-- Reserved throughput: reservation versions (commercial terms) and covered tokens per
+-- reservation and UTC minute (a projection, the utilisation record).
+create table reservations (
+  id bigserial primary key,
+  tenant_id text collate "C" not null references tenants (id),
+  name text collate "C" not null check (name ~ '^[A-Za-z0-9._-]{1,64}$'),
+  effective_from timestamptz not null,
+  active boolean not null default true,
+  provider text collate "C" not null,
+  model text collate "C" not null,
+  units integer not null check (units > 0),
+  tokens_per_minute_per_unit bigint not null check (tokens_per_minute_per_unit > 0),
+  price_per_unit_hour numeric not null check (price_per_unit_hour >= 0),
+  created_at timestamptz not null default now()
+);
+create index reservations_tenant on reservations (tenant_id, effective_from);
+create trigger reservations_no_update before update or delete on reservations
+  for each row execute function refuse_change();
+create trigger reservations_no_truncate before truncate on reservations
+  for each statement execute function refuse_change();
+
+create table reservation_usage (
+  tenant_id text collate "C" not null,
+  reservation text collate "C" not null,
+  minute text collate "C" not null, -- YYYY-MM-DDTHH:MM (UTC)
+  covered bigint not null,
+  primary key (tenant_id, reservation, minute)
+) with (fillfactor = 70);
+
+alter table transfers drop constraint transfers_kind_check;
+alter table transfers add constraint transfers_kind_check
+  check (kind in ('usage_price', 'usage_cost', 'adjustment', 'tier_credit',
+                  'commitment_drawdown', 'commitment_billed', 'commitment_true_up',
+                  'reservation_fee'));
+
+grant select, insert on reservations to tokenledger_app;
+grant usage, select on sequence reservations_id_seq to tokenledger_app;
+grant select, insert, update on reservation_usage to tokenledger_app;

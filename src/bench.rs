@@ -254,6 +254,7 @@ async fn plain_postgres(s0: &Settings, a: &BenchArgs) -> anyhow::Result<f64> {
             alerts: &Default::default(),
             settlements: &Default::default(),
             commitments: &Default::default(),
+            reservations: &Default::default(),
         };
         store::append(&mut tx, rows).await?;
         tx.commit().await?;

@@ -21,6 +21,7 @@ use tokio_util::sync::CancellationToken;
 use crate::catalog::prices::load_book;
 use crate::ledger::store::{BookStamp, BOOK_STAMP};
 use crate::pricing::budgets::{period_key, BudgetAction, BudgetScope};
+use crate::pricing::commitments::CommitmentPosition;
 use crate::pricing::routing::{eligible, kv_token, quote, QuoteContext, QuoteLine, TokenMix};
 use crate::pricing::{period_of, PriceBook, TierPosition};
 
@@ -83,6 +84,10 @@ pub struct TenantView {
     pub tiers: BTreeMap<String, TierPosition>,
     /// budget name -> spend in its current period
     pub spent: HashMap<String, Decimal>,
+    /// reservation name -> covered tokens this minute
+    pub reserved: BTreeMap<String, u64>,
+    /// commitment name -> position this period
+    pub commitments: BTreeMap<String, CommitmentPosition>,
 }
 
 /// Read a tenant's currency, current tier positions and budget spend (none if the tenant
@@ -103,12 +108,19 @@ pub async fn tenant_view(
          union all
          select 2, s.budget, s.spent, 0, 0 from budget_spend s
            join unnest($3::text[], $4::text[]) as k(b, p) on s.budget = k.b and s.period = k.p
-         where s.tenant_id = $1",
+         where s.tenant_id = $1
+         union all
+         select 3, reservation, covered, 0, 0 from reservation_usage
+         where tenant_id = $1 and minute = $5
+         union all
+         select 4, commitment, drawn, case when closed then 1 else 0 end, 0
+         from commitment_positions where tenant_id = $1 and period = $2",
     )
     .bind(tenant)
     .bind(period_of(at))
     .bind(&names)
     .bind(&periods)
+    .bind(crate::pricing::reservations::minute_of(at))
     .fetch_all(pool)
     .await?;
     let mut view = TenantView::default();
@@ -129,8 +141,21 @@ pub async fn tenant_view(
                     },
                 );
             }
-            _ => {
+            2 => {
                 view.spent.insert(name, a);
+            }
+            3 => {
+                view.reserved
+                    .insert(name, u64::try_from(a).unwrap_or_default());
+            }
+            _ => {
+                view.commitments.insert(
+                    name,
+                    CommitmentPosition {
+                        drawn: a,
+                        closed: !list.is_zero(),
+                    },
+                );
             }
         }
     }
@@ -179,6 +204,8 @@ pub fn decide(
         tenant_id: tenant,
         currency: &view.currency,
         tiers: &view.tiers,
+        reserved: &view.reserved,
+        commitments: &view.commitments,
         at,
     };
     let mix = TokenMix::reference();
@@ -412,7 +439,7 @@ pub async fn publish_period_close(
 }
 
 /// The clock: once a month has ended, publish its close for every tenant with a
-/// commitment in force at its end (skipping closes already recorded).
+/// commitment in force at its end or any reservation (skipping closes already recorded).
 async fn close_ended_periods(
     engine: &Engine,
     bus: &crate::bus::Bus,
@@ -431,12 +458,15 @@ async fn close_ended_periods(
     .ok_or_else(|| anyhow::anyhow!("calendar"))?;
     let last = start - chrono::Duration::nanoseconds(1);
     let period = period_of(last);
-    let tenants: Vec<String> = book
+    let mut tenants: Vec<String> = book
         .committed_tenants()
         .filter(|t| book.commitment_at(t, last).is_some())
+        .chain(book.reserving_tenants())
         .filter(|t| !done.contains(&(t.to_string(), period.clone())))
         .map(str::to_string)
         .collect();
+    tenants.sort();
+    tenants.dedup();
     for t in tenants {
         let recorded: bool = sqlx::query_scalar(
             "select exists (select 1 from events where tenant_id = $1 and id = $2)",

@@ -231,7 +231,7 @@ async fn commitments_draw_down_overage_and_true_up_at_the_close() {
 }
 
 #[tokio::test]
-async fn verify_passes_with_tiers_commitments_and_budgets_on_a_mixed_workload() {
+async fn verify_passes_with_tiers_commitments_reservations_and_budgets_on_a_mixed_workload() {
     use rand::{Rng, SeedableRng};
     let mut app = TestApp::spawn().await;
     let key = app.tenant("acme").await;
@@ -263,6 +263,14 @@ async fn verify_passes_with_tiers_commitments_and_budgets_on_a_mixed_workload() 
                     &json!({"name": "c", "amount": "1.5", "discount_percent": "10",
                     "overage_rate_percent": "110", "effective_from": past}),
                 ),
+            )
+            .await;
+        assert_eq!(r.status(), 201);
+        let r = app
+            .admin_post(
+                &format!("/v1/admin/tenants/{t}/reservations"),
+                Some(&json!({"name": "mini", "provider": "openai", "model": "gpt-4o-mini", "units": 2,
+                    "tokens_per_minute_per_unit": 20000, "price_per_unit_hour": "0.1", "effective_from": past})),
             )
             .await;
         assert_eq!(r.status(), 201);
@@ -330,6 +338,12 @@ async fn verify_passes_with_tiers_commitments_and_budgets_on_a_mixed_workload() 
             > 0
     );
     assert!(app.count("select count(*) from alert_facts").await > 0);
+    assert!(app.count("select count(*) from reservation_usage").await > 0);
+    assert!(
+        app.count("select count(*) from transfers where kind = 'reservation_fee'")
+            .await
+            > 0
+    );
     let report = tokenledger::projections::rebuild::verify(&app.owner)
         .await
         .unwrap();

@@ -55,6 +55,7 @@ pub fn query_error(e: axum::extract::rejection::QueryRejection) -> ApiError {
         terms::add_tier_schedule, terms::list_tier_schedules, terms::positions,
         terms::add_budget, terms::list_budgets, terms::budget_versions, terms::retire_budget,
         terms::list_alerts, terms::authorize,
+        terms::add_reservation, terms::list_reservations, terms::utilisation,
         terms::add_commitment, terms::list_commitments, terms::commitment_positions, terms::period_close,
         terms::price_diff, terms::quote, terms::routing_decision, terms::add_routing_class, terms::list_routing_classes,
     ),
@@ -109,6 +110,11 @@ pub fn router(state: AppState) -> Router {
         )
         .route("/v1/tiers", get(terms::positions))
         .route("/v1/commitments", get(terms::commitment_positions))
+        .route("/v1/reservations/utilisation", get(terms::utilisation))
+        .route(
+            "/v1/admin/tenants/{tenant_id}/reservations",
+            post(terms::add_reservation).get(terms::list_reservations),
+        )
         .route(
             "/v1/admin/tenants/{tenant_id}/commitments",
             post(terms::add_commitment).get(terms::list_commitments),

@@ -13,11 +13,13 @@ use super::{ApiError, AppState, Caller};
 use crate::authorize::{AuthDecision, AuthError, AuthRequest};
 use crate::catalog::budgets::{self, AlertFact, BudgetStatus, NewBudget};
 use crate::catalog::commitments::NewCommitment;
+use crate::catalog::reservations::NewReservation;
 use crate::catalog::routing::NewRoutingClass;
 use crate::catalog::tiers::{self, NewTierSchedule, Position};
 use crate::engine::RoutingDecision;
 use crate::pricing::budgets::Budget;
 use crate::pricing::commitments::Commitment;
+use crate::pricing::reservations::Reservation;
 use crate::pricing::routing::{QuoteContext, QuoteLine, RoutingClass, TokenMix};
 use crate::pricing::TierSchedule;
 
@@ -319,6 +321,8 @@ pub async fn quote(
         tenant_id: &tenant,
         currency: &view.currency,
         tiers: &view.tiers,
+        reserved: &view.reserved,
+        commitments: &view.commitments,
         at: now,
     };
     Ok(Json(QuoteResponse {
@@ -530,4 +534,120 @@ pub async fn period_close(
         StatusCode::ACCEPTED,
         Json(serde_json::json!({ "event_id": id })),
     ))
+}
+
+/// Publish a new version of a tenant's reservation (reserved throughput for a model).
+#[utoipa::path(post, path = "/v1/admin/tenants/{tenant_id}/reservations", tag = "terms",
+    params(("tenant_id" = String, Path)), request_body = NewReservation,
+    responses((status = 201, body = Reservation), (status = 422, description = "invalid reservation")),
+    security(("bearer" = [])))]
+pub async fn add_reservation(
+    State(st): State<AppState>,
+    caller: Caller,
+    Path(tenant_id): Path<String>,
+    body: Bytes,
+) -> Result<(StatusCode, Json<Reservation>), ApiError> {
+    caller.require_admin()?;
+    let new: NewReservation = parse_json(&body)?;
+    let r =
+        crate::catalog::reservations::add(&st.pool, &tenant_id, new, Utc::now(), st.skew()).await?;
+    Ok((StatusCode::CREATED, Json(r)))
+}
+
+#[derive(Serialize, utoipa::ToSchema)]
+pub struct ReservationPage {
+    pub data: Vec<Reservation>,
+}
+
+/// A tenant's reservation versions, newest first.
+#[utoipa::path(get, path = "/v1/admin/tenants/{tenant_id}/reservations", tag = "terms",
+    params(("tenant_id" = String, Path)),
+    responses((status = 200, body = ReservationPage)), security(("bearer" = [])))]
+pub async fn list_reservations(
+    State(st): State<AppState>,
+    caller: Caller,
+    Path(tenant_id): Path<String>,
+) -> Result<Json<ReservationPage>, ApiError> {
+    caller.require_admin()?;
+    Ok(Json(ReservationPage {
+        data: crate::catalog::reservations::list(&st.pool, &tenant_id).await?,
+    }))
+}
+
+#[derive(Deserialize, utoipa::IntoParams)]
+#[serde(deny_unknown_fields)]
+pub struct UtilisationQuery {
+    /// Operator calls only: the tenant.
+    pub tenant_id: Option<String>,
+    /// From this instant (inclusive, hour-aligned), default 24 hours ago.
+    pub from: Option<chrono::DateTime<Utc>>,
+    /// To this instant (exclusive), default now.
+    pub to: Option<chrono::DateTime<Utc>>,
+}
+
+#[derive(Serialize, utoipa::ToSchema)]
+pub struct UtilisationRow {
+    pub reservation: String,
+    pub hour: String,
+    pub covered_tokens: i64,
+    pub active_minutes: i64,
+    /// Tokens the reservation could cover in the hour (capacity x 60), by the version in
+    /// force at the hour's start.
+    pub capacity_tokens: Option<u64>,
+    /// covered / capacity, in percent.
+    #[schema(value_type = Option<String>)]
+    pub utilisation_percent: Option<rust_decimal::Decimal>,
+}
+
+#[derive(Serialize, utoipa::ToSchema)]
+pub struct UtilisationPage {
+    pub data: Vec<UtilisationRow>,
+}
+
+/// Reservation utilisation per reservation and UTC hour (hours without use are absent).
+#[utoipa::path(get, path = "/v1/reservations/utilisation", tag = "terms", params(UtilisationQuery),
+    responses((status = 200, body = UtilisationPage)), security(("bearer" = [])))]
+pub async fn utilisation(
+    State(st): State<AppState>,
+    caller: Caller,
+    q: Result<Query<UtilisationQuery>, axum::extract::rejection::QueryRejection>,
+) -> Result<Json<UtilisationPage>, ApiError> {
+    let Query(q) = q.map_err(super::query_error)?;
+    let tenant = caller.tenant(q.tenant_id.as_deref())?;
+    let to = q.to.unwrap_or_else(Utc::now);
+    let from = q.from.unwrap_or(to - chrono::Duration::hours(24));
+    let fmt = |t: chrono::DateTime<Utc>| crate::pricing::reservations::minute_of(t);
+    let rows =
+        crate::catalog::reservations::utilisation(&st.pool, &tenant, &fmt(from), &fmt(to)).await?;
+    let (book, _) = st.engine.book().await.map_err(ApiError::internal)?;
+    let versions = book.reservation_versions(&tenant);
+    let data = rows
+        .into_iter()
+        .map(|r| {
+            let start: Option<chrono::DateTime<Utc>> = format!("{}:00:00Z", r.hour).parse().ok();
+            let cap = start.and_then(|s| {
+                versions.get(r.reservation.as_str()).and_then(|vs| {
+                    vs.iter()
+                        .rev()
+                        .find(|v| v.effective_from <= s)
+                        .filter(|v| v.active)
+                        .map(|v| v.capacity() * 60)
+                })
+            });
+            UtilisationRow {
+                utilisation_percent: cap.filter(|c| *c > 0).map(|c| {
+                    (rust_decimal::Decimal::from(r.covered_tokens)
+                        * rust_decimal::Decimal::ONE_HUNDRED
+                        / rust_decimal::Decimal::from(c))
+                    .round_dp(2)
+                }),
+                capacity_tokens: cap,
+                reservation: r.reservation,
+                hour: r.hour,
+                covered_tokens: r.covered_tokens,
+                active_minutes: r.active_minutes,
+            }
+        })
+        .collect();
+    Ok(Json(UtilisationPage { data }))
 }

@@ -88,6 +88,7 @@ pub async fn load_book(c: &mut sqlx::PgConnection) -> Result<PriceBook, sqlx::Er
     let budgets = super::budgets::load_all(&mut *c).await?;
     let classes = super::routing::load_all(&mut *c).await?;
     let commitments = super::commitments::load_all(&mut *c).await?;
+    let reservations = super::reservations::load_all(&mut *c).await?;
     Ok(PriceBook::new(
         rows.into_iter().map(PriceVersion::from).collect(),
         markups
@@ -103,7 +104,8 @@ pub async fn load_book(c: &mut sqlx::PgConnection) -> Result<PriceBook, sqlx::Er
     .with_tiers(tiers)
     .with_budgets(budgets)
     .with_classes(classes)
-    .with_commitments(commitments))
+    .with_commitments(commitments)
+    .with_reservations(reservations))
 }
 
 /// A new price version, as an operator submits it (rates per million tokens).

@@ -88,19 +88,31 @@ pub fn commitment(name: &str) -> String {
 
 /// The transfers of a period's close for one commitment: bill it (receivable ->
 /// commitment account), then recognise the unused remainder (commitment -> revenue).
-pub fn close_legs(line: &super::state::CloseLine) -> Vec<Leg> {
-    let mut legs = vec![Leg {
-        kind: "commitment_billed",
-        debit: RECEIVABLE.into(),
-        credit: commitment(&line.commitment),
-        amount: line.amount,
-    }];
-    if line.true_up > Decimal::ZERO {
+/// Reservation fees are billed as they accrue (receivable -> revenue).
+pub fn close_legs(record: &super::state::CloseRecord) -> Vec<Leg> {
+    let mut legs = Vec::new();
+    if let Some(line) = &record.commitment {
         legs.push(Leg {
-            kind: "commitment_true_up",
-            debit: commitment(&line.commitment),
+            kind: "commitment_billed",
+            debit: RECEIVABLE.into(),
+            credit: commitment(&line.commitment),
+            amount: line.amount,
+        });
+        if line.true_up > Decimal::ZERO {
+            legs.push(Leg {
+                kind: "commitment_true_up",
+                debit: commitment(&line.commitment),
+                credit: REVENUE.into(),
+                amount: line.true_up,
+            });
+        }
+    }
+    for r in &record.reservations {
+        legs.push(Leg {
+            kind: "reservation_fee",
+            debit: RECEIVABLE.into(),
             credit: REVENUE.into(),
-            amount: line.true_up,
+            amount: r.fee,
         });
     }
     legs

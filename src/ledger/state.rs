@@ -10,9 +10,10 @@ use rust_decimal::Decimal;
 use crate::events::UsageData;
 use crate::pricing::budgets::{period_key, Budget, BudgetCount};
 use crate::pricing::commitments::{true_up, CommitmentPosition};
+use crate::pricing::reservations::{fee, minute_of};
 use crate::pricing::{
-    period_of, rate, with_commitment, with_tier, PriceBook, PricingError, Rating, Terms,
-    TierPosition,
+    period_of, rate, with_commitment, with_reservation, with_tier, PriceBook, PricingError, Rating,
+    Terms, TierPosition,
 };
 
 /// (tenant, schedule or budget name, period)
@@ -23,6 +24,8 @@ pub struct TenantState {
     pub tiers: HashMap<Key, TierPosition>,
     pub budgets: HashMap<Key, Decimal>,
     pub commitments: HashMap<Key, CommitmentPosition>,
+    /// (tenant, reservation, minute) -> covered tokens
+    pub reservations: HashMap<Key, u64>,
 }
 
 /// A budget an event counted toward: its spend after the event and the thresholds the
@@ -45,6 +48,8 @@ pub struct Moves {
     pub tier_crossed: Option<(u32, u32, i64, Decimal)>,
     /// The commitment position after the event.
     pub commitment: Option<(Key, CommitmentPosition)>,
+    /// Covered tokens of the reservation's minute after the event.
+    pub reservation: Option<(Key, u64)>,
     pub budgets: Vec<BudgetMove>,
 }
 
@@ -106,6 +111,9 @@ impl TenantState {
         if let Some((k, p)) = &m.commitment {
             self.commitments.insert(k.clone(), p.clone());
         }
+        if let Some((k, n)) = &m.reservation {
+            self.reservations.insert(k.clone(), *n);
+        }
     }
 }
 
@@ -121,6 +129,14 @@ pub fn rate_usage(
 ) -> Result<(Rating, Moves), PricingError> {
     let mut r = rate(u, terms)?;
     let mut moves = Moves::default();
+    if let Some(res) = book.reservation_at(&u.tenant_id, &u.provider, &u.model, at) {
+        let key = (u.tenant_id.clone(), res.name.clone(), minute_of(at));
+        let used = state.reservations.get(&key).copied().unwrap_or_default();
+        r = with_reservation(r, res, used, key.2.clone())?;
+        if let Some(a) = &r.reservation {
+            moves.reservation = Some((key, used + a.covered_tokens()));
+        }
+    }
     if let Some(s) = book.tier_at(&u.tenant_id, &u.provider, &u.model, at) {
         let key = (u.tenant_id.clone(), s.name.clone(), period_of(at));
         let before = state.tiers.get(&key).cloned().unwrap_or_default();
@@ -172,7 +188,7 @@ pub fn rate_usage(
     Ok((r, moves))
 }
 
-/// What a period's close bills for one commitment; stored as the close event's breakdown.
+/// What a period's close bills for the commitment.
 #[derive(Clone, Debug, PartialEq, serde::Serialize, serde::Deserialize)]
 pub struct CloseLine {
     pub commitment: String,
@@ -183,42 +199,82 @@ pub struct CloseLine {
     pub true_up: Decimal,
 }
 
-/// The close of a tenant's period: the commitment in force at the period's last instant
-/// is billed in full and its unused remainder trued up; its position is closed (usage of
-/// that period ordered after this is late: on demand, no drawdown). Nothing if there is
-/// no commitment or the period is already closed.
+/// A reservation's fee for the period: units x price per unit-hour x hours in force.
+#[derive(Clone, Debug, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct ReservationFee {
+    pub reservation: String,
+    pub versions: Vec<i64>,
+    pub fee: Decimal,
+}
+
+/// Everything a period's close charges; stored as the close event's breakdown.
+#[derive(Clone, Debug, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct CloseRecord {
+    pub period: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub commitment: Option<CloseLine>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub reservations: Vec<ReservationFee>,
+}
+
+/// The close of a tenant's period. The commitment in force at the period's last instant
+/// is billed in full and its unused remainder trued up, and its position closed (usage
+/// of that period ordered after this is late: on demand, no drawdown); each reservation's
+/// unit-hour fees for the hours its versions were in force in the period accrue. Nothing
+/// if there is nothing to charge or the commitment's period is already closed.
 pub fn close_period(
     book: &PriceBook,
     tenant: &str,
     period: &str,
     state: &TenantState,
-) -> (Option<CloseLine>, Moves) {
+) -> (Option<CloseRecord>, Moves) {
     let mut moves = Moves::default();
-    let Some(end) = crate::pricing::tiers::period_end(period) else {
+    let (Some(start), Some(end)) = (
+        crate::pricing::tiers::period_start(period),
+        crate::pricing::tiers::period_end(period),
+    ) else {
         return (None, moves);
     };
-    let Some(c) = book.commitment_at(tenant, end - chrono::Duration::nanoseconds(1)) else {
-        return (None, moves);
+    let mut record = CloseRecord {
+        period: period.to_string(),
+        commitment: None,
+        reservations: Vec::new(),
     };
-    let key = (tenant.to_string(), c.name.clone(), period.to_string());
-    let pos = state.commitments.get(&key).cloned().unwrap_or_default();
-    if pos.closed {
+    if let Some(c) = book.commitment_at(tenant, end - chrono::Duration::nanoseconds(1)) {
+        let key = (tenant.to_string(), c.name.clone(), period.to_string());
+        let pos = state.commitments.get(&key).cloned().unwrap_or_default();
+        if pos.closed {
+            // this period was closed already: a second close charges nothing
+            return (None, moves);
+        }
+        record.commitment = Some(CloseLine {
+            commitment: c.name.clone(),
+            version: c.id,
+            period: period.to_string(),
+            amount: c.amount.normalize(),
+            drawn: pos.drawn.normalize(),
+            true_up: true_up(c, &pos).normalize(),
+        });
+        moves.commitment = Some((
+            key,
+            CommitmentPosition {
+                drawn: pos.drawn,
+                closed: true,
+            },
+        ));
+    }
+    for (name, versions) in book.reservation_versions(tenant) {
+        let f = fee(&versions, start, end);
+        if f > Decimal::ZERO {
+            record.reservations.push(ReservationFee {
+                reservation: name.to_string(),
+                versions: versions.iter().map(|v| v.id).collect(),
+                fee: f,
+            });
+        }
+    }
+    if record.commitment.is_none() && record.reservations.is_empty() {
         return (None, moves);
     }
-    let line = CloseLine {
-        commitment: c.name.clone(),
-        version: c.id,
-        period: period.to_string(),
-        amount: c.amount.normalize(),
-        drawn: pos.drawn.normalize(),
-        true_up: true_up(c, &pos).normalize(),
-    };
-    moves.commitment = Some((
-        key,
-        CommitmentPosition {
-            drawn: pos.drawn,
-            closed: true,
-        },
-    ));
-    (Some(line), moves)
+    (Some(record), moves)
 }

@@ -140,7 +140,8 @@ pub const BOOK_STAMP: &str = "(coalesce((select max(id) from price_versions), 0)
   + coalesce((select max(id) from tier_schedules), 0)
   + coalesce((select max(id) from budgets), 0)
   + coalesce((select max(id) from routing_classes), 0)
-  + coalesce((select max(id) from commitments), 0))::int8";
+  + coalesce((select max(id) from commitments), 0)
+  + coalesce((select max(id) from reservations), 0))::int8";
 
 pub async fn lock_tenants(c: &mut PgConnection, tenants: &[String]) -> sqlx::Result<Locked> {
     let rows: Vec<(String, i64, String, i64)> = sqlx::query_as(&format!(
@@ -242,6 +243,7 @@ pub struct Rows<'a> {
     pub alerts: &'a AlertRows,
     pub settlements: &'a SettlementRows,
     pub commitments: &'a CommitmentPositions,
+    pub reservations: &'a ReservationMinutes,
 }
 
 /// One statement appends the whole batch: events, transfers, conflicts, dead letters,
@@ -299,7 +301,10 @@ const APPEND: &str = concat!("with
   cp as (insert into commitment_positions as p (tenant_id, commitment, period, drawn, closed)
          select * from unnest($83::text[], $84::text[], $85::text[], $86::numeric[], $87::bool[])
          on conflict (tenant_id, commitment, period) do update set drawn = excluded.drawn,
-           closed = excluded.closed)
+           closed = excluded.closed),
+  ru2 as (insert into reservation_usage as u (tenant_id, reservation, minute, covered)
+         select * from unnest($88::text[], $89::text[], $90::text[], $91::int8[])
+         on conflict (tenant_id, reservation, minute) do update set covered = excluded.covered)
 select 1");
 
 /// Settlements of pre-authorisation holds by the usage events carrying their ids.
@@ -326,27 +331,37 @@ pub struct AlertRows {
 
 /// Tier positions of `tiered` tenants and budget spend of `budgeted` tenants in these
 /// periods, in one round trip.
-pub async fn load_state(
-    c: &mut PgConnection,
-    tiered: &[String],
-    budgeted: &[String],
-    committed: &[String],
-    periods: &[String],
-) -> sqlx::Result<TenantState> {
+/// Whose state a batch needs: tenants with tier schedules, budgets, commitments and
+/// reservations, and the periods and minutes its events fall in.
+pub struct StateKeys<'a> {
+    pub tiered: &'a [String],
+    pub budgeted: &'a [String],
+    pub committed: &'a [String],
+    pub reserving: &'a [String],
+    pub periods: &'a [String],
+    pub minutes: &'a [String],
+}
+
+pub async fn load_state(c: &mut PgConnection, k: StateKeys<'_>) -> sqlx::Result<TenantState> {
     let rows: Vec<(i32, String, String, String, Decimal, Decimal, Decimal)> = sqlx::query_as(
         "select 0, tenant_id, schedule, period, units, list, charged from tier_positions
-         where tenant_id = any($1) and period = any($4)
+         where tenant_id = any($1) and period = any($5)
          union all
          select 1, tenant_id, budget, period, spent, 0, 0 from budget_spend
-         where tenant_id = any($2) and period = any($4)
+         where tenant_id = any($2) and period = any($5)
          union all
          select 2, tenant_id, commitment, period, drawn, case when closed then 1 else 0 end, 0
-         from commitment_positions where tenant_id = any($3) and period = any($4)",
+         from commitment_positions where tenant_id = any($3) and period = any($5)
+         union all
+         select 3, tenant_id, reservation, minute, covered, 0, 0
+         from reservation_usage where tenant_id = any($4) and minute = any($6)",
     )
-    .bind(tiered)
-    .bind(budgeted)
-    .bind(committed)
-    .bind(periods)
+    .bind(k.tiered)
+    .bind(k.budgeted)
+    .bind(k.committed)
+    .bind(k.reserving)
+    .bind(k.periods)
+    .bind(k.minutes)
     .fetch_all(c)
     .await?;
     let mut st = TenantState::default();
@@ -365,6 +380,10 @@ pub async fn load_state(
             1 => {
                 st.budgets.insert((t, name, p), a);
             }
+            3 => {
+                st.reservations
+                    .insert((t, name, p), u64::try_from(a).unwrap_or_default());
+            }
             _ => {
                 st.commitments.insert(
                     (t, name, p),
@@ -378,6 +397,9 @@ pub async fn load_state(
     }
     Ok(st)
 }
+
+/// Covered tokens per (tenant, reservation, minute) after a batch: absolute values.
+pub type ReservationMinutes = HashMap<(String, String, String), u64>;
 
 /// Commitment positions after a batch: absolute values.
 pub type CommitmentPositions = HashMap<(String, String, String), CommitmentPosition>;
@@ -491,6 +513,17 @@ pub async fn append(c: &mut PgConnection, r: Rows<'_>) -> sqlx::Result<()> {
         .bind(ck.iter().map(|k| k.2.clone()).collect::<Vec<_>>())
         .bind(cv.iter().map(|p| p.drawn).collect::<Vec<_>>())
         .bind(cv.iter().map(|p| p.closed).collect::<Vec<_>>());
+    let rk: Vec<_> = r.reservations.keys().collect();
+    let q = q
+        .bind(rk.iter().map(|k| k.0.clone()).collect::<Vec<_>>())
+        .bind(rk.iter().map(|k| k.1.clone()).collect::<Vec<_>>())
+        .bind(rk.iter().map(|k| k.2.clone()).collect::<Vec<_>>())
+        .bind(
+            r.reservations
+                .values()
+                .map(|n| *n as i64)
+                .collect::<Vec<_>>(),
+        );
     q.execute(c).await?;
     Ok(())
 }

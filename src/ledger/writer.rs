@@ -19,6 +19,7 @@ use super::store::{
 use crate::catalog::prices::load_book;
 use crate::events::{parse_bytes, Event, EventData, UsageData};
 use crate::pricing::budgets::{period_key, BudgetPeriod};
+use crate::pricing::reservations::minute_of;
 use crate::pricing::{period_of, CustomerPrice, PriceBook, PricingError, Rating, Side, Terms};
 
 /// One message as it came off the bus.
@@ -99,6 +100,8 @@ struct Batch {
     settlements: store::SettlementRows,
     /// Commitment positions this batch moved (values after it).
     commitments: store::CommitmentPositions,
+    /// Reservation minutes this batch moved (covered tokens after it).
+    reservations: store::ReservationMinutes,
 }
 
 impl Batch {
@@ -115,6 +118,7 @@ impl Batch {
             alerts: &self.alerts,
             settlements: &self.settlements,
             commitments: &self.commitments,
+            reservations: &self.reservations,
         };
         store::append(tx, rows).await
     }
@@ -215,6 +219,8 @@ impl Writer {
         let mut tiered: Vec<String> = Vec::new();
         let mut budgeted: Vec<String> = Vec::new();
         let mut committed: Vec<String> = Vec::new();
+        let mut reserving: Vec<String> = Vec::new();
+        let mut minutes: Vec<String> = Vec::new();
         let mut periods: Vec<String> = Vec::new();
         for (_, e) in &parsed {
             if known.tenants.contains_key(e.tenant_id()) && self.book.has_commitments(e.tenant_id())
@@ -229,6 +235,10 @@ impl Writer {
                 if !known.tenants.contains_key(&u.tenant_id) {
                     continue;
                 }
+                if self.book.has_reservations(&u.tenant_id) {
+                    reserving.push(u.tenant_id.clone());
+                    minutes.push(minute_of(e.time));
+                }
                 if self.book.has_tiers(&u.tenant_id) {
                     tiered.push(u.tenant_id.clone());
                     periods.push(period_of(e.time));
@@ -241,13 +251,31 @@ impl Writer {
                 }
             }
         }
-        if !tiered.is_empty() || !budgeted.is_empty() || !committed.is_empty() {
-            for v in [&mut tiered, &mut budgeted, &mut committed, &mut periods] {
+        if !tiered.is_empty()
+            || !budgeted.is_empty()
+            || !committed.is_empty()
+            || !reserving.is_empty()
+        {
+            for v in [
+                &mut tiered,
+                &mut budgeted,
+                &mut committed,
+                &mut reserving,
+                &mut periods,
+                &mut minutes,
+            ] {
                 v.sort();
                 v.dedup();
             }
-            known.state =
-                store::load_state(&mut tx, &tiered, &budgeted, &committed, &periods).await?;
+            let who = store::StateKeys {
+                tiered: &tiered,
+                budgeted: &budgeted,
+                committed: &committed,
+                reserving: &reserving,
+                periods: &periods,
+                minutes: &minutes,
+            };
+            known.state = store::load_state(&mut tx, who).await?;
         }
         for (i, ev) in parsed {
             outcomes[i] = self.stage(&mut b, &mut known, &msgs[i], ev);
@@ -392,6 +420,9 @@ impl Writer {
                     }
                     if let Some((key, after)) = moves.commitment {
                         b.commitments.insert(key, after);
+                    }
+                    if let Some((key, n)) = moves.reservation {
+                        b.reservations.insert(key, n);
                     }
                     Ok(Charge {
                         legs: usage_legs(&u.provider, &r),

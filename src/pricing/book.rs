@@ -2,6 +2,7 @@
 
 use super::budgets::Budget;
 use super::commitments::Commitment;
+use super::reservations::Reservation;
 use super::routing::RoutingClass;
 use super::tiers::TierSchedule;
 use std::collections::HashMap;
@@ -82,6 +83,8 @@ pub struct PriceBook {
     classes: Vec<RoutingClass>,
     /// tenant -> commitment versions, by (effective_from, id)
     commitments: HashMap<String, Vec<Commitment>>,
+    /// tenant -> reservation versions, by (effective_from, id)
+    reservations: HashMap<String, Vec<Reservation>>,
 }
 
 /// The last element whose `effective_from` is at or before `at` (slices sorted by it).
@@ -168,6 +171,59 @@ impl PriceBook {
     /// Tenants with any commitment version.
     pub fn committed_tenants(&self) -> impl Iterator<Item = &str> {
         self.commitments.keys().map(|k| k.as_str())
+    }
+
+    /// The same book with these reservation versions.
+    pub fn with_reservations(mut self, mut list: Vec<Reservation>) -> PriceBook {
+        list.sort_by_key(|r| (r.effective_from, r.id));
+        self.reservations.clear();
+        for r in list {
+            self.reservations
+                .entry(r.tenant_id.clone())
+                .or_default()
+                .push(r);
+        }
+        self
+    }
+
+    pub fn has_reservations(&self, tenant_id: &str) -> bool {
+        self.reservations.contains_key(tenant_id)
+    }
+
+    /// The reservation covering this tenant's requests to (provider, model) at `at`: of
+    /// the latest active version of each name that matches, the first by name.
+    pub fn reservation_at(
+        &self,
+        tenant_id: &str,
+        provider: &str,
+        model: &str,
+        at: DateTime<Utc>,
+    ) -> Option<&Reservation> {
+        let list = self.reservations.get(tenant_id)?;
+        let mut latest: std::collections::BTreeMap<&str, &Reservation> = Default::default();
+        for r in list.iter().filter(|r| r.effective_from <= at) {
+            latest.insert(r.name.as_str(), r);
+        }
+        latest
+            .into_values()
+            .find(|r| r.active && r.provider == provider && r.model == model)
+    }
+
+    /// Every version of a tenant's reservations, grouped by name (each in effective order).
+    pub fn reservation_versions(
+        &self,
+        tenant_id: &str,
+    ) -> std::collections::BTreeMap<&str, Vec<&Reservation>> {
+        let mut out: std::collections::BTreeMap<&str, Vec<&Reservation>> = Default::default();
+        for r in self.reservations.get(tenant_id).into_iter().flatten() {
+            out.entry(r.name.as_str()).or_default().push(r);
+        }
+        out
+    }
+
+    /// Tenants with any reservation version.
+    pub fn reserving_tenants(&self) -> impl Iterator<Item = &str> {
+        self.reservations.keys().map(|k| k.as_str())
     }
 
     /// The same book with these routing class versions.

@@ -7,12 +7,14 @@ pub mod commitments;
 pub mod diff;
 pub mod import;
 mod rate;
+pub mod reservations;
 pub mod routing;
 pub mod tiers;
 
 pub use book::{MarkupRule, PriceBook, PriceVersion, RateSet, Side};
 pub use rate::{
-    rate, with_commitment, with_tier, Breakdown, CustomerPrice, Line, Rating, Terms, TokenClass,
+    rate, with_commitment, with_reservation, with_tier, Breakdown, CustomerPrice, Line, Rating,
+    Terms, TokenClass,
 };
 pub use tiers::{period_of, TierApplied, TierPosition, TierSchedule};
 

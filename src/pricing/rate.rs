@@ -6,6 +6,7 @@ use serde::{Deserialize, Serialize};
 
 use super::budgets::BudgetCount;
 use super::commitments::CommitmentApplied;
+use super::reservations::{Reservation, ReservationApplied};
 use super::tiers::{self, TierApplied, TierInput, TierPosition, TierSchedule};
 use super::{MarkupRule, PriceVersion, PricingError, RateSet, MTOK};
 use crate::events::UsageData;
@@ -73,6 +74,9 @@ pub struct Rating {
     pub cost_version_id: i64,
     pub price_version_id: Option<i64>,
     pub markup_rule_id: Option<i64>,
+    /// The reservation that covered part of this request (those tokens cost nothing).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub reservation: Option<ReservationApplied>,
     /// The tier schedule that priced this request, with its slices.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub tier: Option<TierApplied>,
@@ -185,10 +189,34 @@ pub fn rate(u: &UsageData, terms: Terms<'_>) -> Result<Rating, PricingError> {
         cost_version_id: terms.cost.id,
         price_version_id,
         markup_rule_id,
+        reservation: None,
         tier: None,
         commitment: None,
         budgets: Vec::new(),
     })
+}
+
+/// Step 5: cover what fits of the request in the reservation's capacity this minute.
+pub fn with_reservation(
+    r: Rating,
+    res: &Reservation,
+    used_before: u64,
+    minute: String,
+) -> Result<Rating, PricingError> {
+    let applied = super::reservations::apply(
+        res,
+        used_before,
+        minute,
+        std::array::from_fn(|i| r.lines[i].tokens),
+        std::array::from_fn(|i| r.lines[i].price_rate_per_mtok),
+        Decimal::ONE - r.price_batch_discount,
+    );
+    if applied.covered_tokens() == 0 {
+        return Ok(r);
+    }
+    let mut b = r.breakdown();
+    b.reservation = Some(applied);
+    assemble(b)
 }
 
 /// Step 7: take a rated request (after tiers) under the tenant's commitment.
@@ -219,8 +247,10 @@ pub fn with_tier(
     if r.price.is_zero() && r.cost.is_zero() {
         return Ok(r);
     }
+    // tokens a reservation covered count toward no tier
+    let covered = r.reservation.as_ref().map_or([0; 5], |x| x.covered);
     let input = TierInput {
-        tokens: std::array::from_fn(|i| r.lines[i].tokens),
+        tokens: std::array::from_fn(|i| r.lines[i].tokens - covered[i]),
         rates: std::array::from_fn(|i| r.lines[i].price_rate_per_mtok),
         keep: Decimal::ONE - r.price_batch_discount,
         list: r.price,
@@ -252,6 +282,8 @@ pub struct Breakdown {
     pub price_version_id: Option<i64>,
     pub markup_rule_id: Option<i64>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reservation: Option<ReservationApplied>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub tier: Option<TierApplied>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub commitment: Option<CommitmentApplied>,
@@ -282,6 +314,7 @@ impl Rating {
             cost_version_id: self.cost_version_id,
             price_version_id: self.price_version_id,
             markup_rule_id: self.markup_rule_id,
+            reservation: self.reservation.clone(),
             tier: self.tier.clone(),
             commitment: self.commitment.clone(),
             budgets: self.budgets.clone(),
@@ -318,6 +351,9 @@ fn assemble(b: Breakdown) -> Result<Rating, PricingError> {
             price: p.normalize(),
         });
     }
+    if let Some(r) = &b.reservation {
+        price -= r.covered_price;
+    }
     let before_tiers = price;
     if let Some(t) = &b.tier {
         price = t.price;
@@ -342,6 +378,7 @@ fn assemble(b: Breakdown) -> Result<Rating, PricingError> {
         cost_version_id: b.cost_version_id,
         price_version_id: b.price_version_id,
         markup_rule_id: b.markup_rule_id,
+        reservation: b.reservation,
         tier: b.tier,
         commitment: b.commitment,
         budgets: b.budgets,

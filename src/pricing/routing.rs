@@ -7,9 +7,11 @@ use chrono::{DateTime, Utc};
 use rust_decimal::Decimal;
 use serde::{Deserialize, Serialize};
 
+use super::commitments::CommitmentPosition;
 use super::tiers::TierApplied;
 use super::{
-    period_of, rate, with_tier, CustomerPrice, PriceBook, Side, Terms, TierPosition, MTOK,
+    period_of, rate, with_commitment, with_reservation, with_tier, CustomerPrice, PriceBook, Side,
+    Terms, TierPosition, MTOK,
 };
 use crate::events::{Status, UsageData};
 
@@ -170,9 +172,11 @@ pub struct QuoteLine {
     /// Our provider cost at list rates (provider commitments are settled per period).
     #[schema(value_type = Option<String>)]
     pub cost: Option<Decimal>,
-    /// Not built yet: customer commitments and reserved capacity.
+    /// What is left of the tenant's commitment this period (its drawdown is at the
+    /// commitment's discount).
     #[schema(value_type = Option<String>)]
     pub commitment_remaining: Option<Decimal>,
+    /// Tokens the tenant's reservation for this model can still cover this minute.
     pub reserved_headroom_tokens: Option<u64>,
 }
 
@@ -182,6 +186,10 @@ pub struct QuoteContext<'a> {
     pub tenant_id: &'a str,
     pub currency: &'a str,
     pub tiers: &'a BTreeMap<String, TierPosition>,
+    /// reservation name -> covered tokens this minute
+    pub reserved: &'a BTreeMap<String, u64>,
+    /// commitment name -> position this period
+    pub commitments: &'a BTreeMap<String, CommitmentPosition>,
     pub at: DateTime<Utc>,
 }
 
@@ -237,11 +245,43 @@ fn price_one(
         let per_token = (input.price_rate_per_mtok - cached.price_rate_per_mtok) / MTOK;
         r.price + Decimal::from(cached.tokens) * per_token * (Decimal::ONE - r.price_batch_discount)
     };
+    // step 5: what is left of a reservation this minute covers tokens at no price
+    let r = match book.reservation_at(ctx.tenant_id, provider, model, ctx.at) {
+        Some(res) => {
+            let used = ctx.reserved.get(&res.name).copied().unwrap_or_default();
+            line.reserved_headroom_tokens = Some(res.capacity().saturating_sub(used));
+            match with_reservation(r, res, used, super::reservations::minute_of(ctx.at)) {
+                Ok(r) => r,
+                Err(e) => {
+                    line.reason = Some(e.to_string());
+                    return line;
+                }
+            }
+        }
+        None => r,
+    };
     let before_tiers = r.price;
     let r = match book.tier_at(ctx.tenant_id, provider, model, ctx.at) {
         Some(s) => {
             let pos = ctx.tiers.get(&s.name).cloned().unwrap_or_default();
             match with_tier(r, s, &pos, period_of(ctx.at)) {
+                Ok(r) => r,
+                Err(e) => {
+                    line.reason = Some(e.to_string());
+                    return line;
+                }
+            }
+        }
+        None => r,
+    };
+    // step 7: the commitment's remainder at its discount, overage past it
+    let r = match book.commitment_at(ctx.tenant_id, ctx.at) {
+        Some(c) => {
+            let pos = ctx.commitments.get(&c.name).cloned().unwrap_or_default();
+            if !pos.closed {
+                line.commitment_remaining = Some((c.amount - pos.drawn).max(Decimal::ZERO));
+            }
+            match with_commitment(r, c, &pos, period_of(ctx.at)) {
                 Ok(r) => r,
                 Err(e) => {
                     line.reason = Some(e.to_string());

@@ -212,6 +212,14 @@ pub fn period_of(at: DateTime<Utc>) -> String {
     format!("{:04}-{:02}", at.year(), at.month())
 }
 
+/// The first instant of a `YYYY-MM` period (UTC).
+pub fn period_start(period: &str) -> Option<DateTime<Utc>> {
+    let (y, m) = period.split_once('-')?;
+    chrono::NaiveDate::from_ymd_opt(y.parse().ok()?, m.parse().ok()?, 1)
+        .and_then(|d| d.and_hms_opt(0, 0, 0))
+        .map(|t| t.and_utc())
+}
+
 /// The first instant after a `YYYY-MM` period (UTC).
 pub fn period_end(period: &str) -> Option<DateTime<Utc>> {
     let (y, m) = period.split_once('-')?;

@@ -8,7 +8,7 @@ use sqlx::{Executor, PgConnection, PgPool};
 
 use crate::catalog::prices::load_book;
 use crate::events::{self, EventData};
-use crate::ledger::state::{close_period, rate_usage, CloseLine, TenantState};
+use crate::ledger::state::{close_period, rate_usage, CloseRecord, TenantState};
 use crate::ledger::writer::terms_for;
 use crate::pricing::{Breakdown, CustomerPrice, PriceBook, Terms};
 
@@ -99,10 +99,10 @@ async fn populate(c: &mut PgConnection, prefix: &str, delta: bool) -> sqlx::Resu
                  x.breakdown->'commitment'->>'period' as per,
                  (x.breakdown->'commitment'->>'drawdown')::numeric as drawn, false as closed
                from transfers x
-               where x.leg = 0 and x.kind not in ('adjustment', 'commitment_billed')
+               where x.leg = 0 and x.kind not in ('adjustment', 'commitment_billed', 'reservation_fee')
                  and x.breakdown->'commitment' is not null{f}
                union all
-               select x.tenant_id, x.breakdown->>'commitment', x.breakdown->>'period', 0, true
+               select x.tenant_id, x.breakdown->'commitment'->>'commitment', x.breakdown->>'period', 0, true
                from transfers x where x.leg = 0 and x.kind = 'commitment_billed'{f}
              ) q group by 1, 2, 3
              on conflict (tenant_id, commitment, period) do update set drawn = p.drawn + excluded.drawn,
@@ -111,15 +111,32 @@ async fn populate(c: &mut PgConnection, prefix: &str, delta: bool) -> sqlx::Resu
         .as_str(),
     )
     .await?;
+    // reservation usage: covered tokens per minute from usage breakdowns
+    c.execute(
+        format!(
+            "insert into {prefix}reservation_usage as u
+             select x.tenant_id, x.breakdown->'reservation'->>'reservation',
+               x.breakdown->'reservation'->>'minute',
+               sum((select sum(v::int8) from json_array_elements_text(x.breakdown->'reservation'->'covered') v))
+             from transfers x
+             where x.leg = 0 and x.kind not in ('adjustment', 'commitment_billed', 'reservation_fee')
+               and x.breakdown->'reservation' is not null{f}
+             group by 1, 2, 3
+             on conflict (tenant_id, reservation, minute) do update set covered = u.covered + excluded.covered"
+        )
+        .as_str(),
+    )
+    .await?;
     Ok(())
 }
 
-const TABLES: [&str; 5] = [
+const TABLES: [&str; 6] = [
     "usage_rollups",
     "account_balances",
     "tier_positions",
     "budget_spend",
     "commitment_positions",
+    "reservation_usage",
 ];
 
 /// Rebuild every projection into shadow tables and swap them in. Safe while `serve`
@@ -221,6 +238,7 @@ struct Recorded {
     price: Decimal,
     billed: Decimal,
     true_up: Decimal,
+    fees: Decimal,
     cost: Decimal,
     credit: Decimal,
     legs: i64,
@@ -238,6 +256,7 @@ async fn rerate(
            coalesce(sum(x.amount) filter (where x.kind in ('usage_price', 'commitment_drawdown')), 0) as price,
            coalesce(sum(x.amount) filter (where x.kind = 'commitment_billed'), 0) as billed,
            coalesce(sum(x.amount) filter (where x.kind = 'commitment_true_up'), 0) as true_up,
+           coalesce(sum(x.amount) filter (where x.kind = 'reservation_fee'), 0) as fees,
            coalesce(sum(x.amount) filter (where x.kind = 'usage_cost'), 0) as cost,
            coalesce(sum(x.amount) filter (where x.kind = 'tier_credit'), 0) as credit,
            count(x.leg) as legs
@@ -348,17 +367,22 @@ fn rerate_one(
             // a period's close: replay it and compare with what it billed
             let (line, moves) = close_period(book, &x.tenant_id, &x.period, state);
             state.apply(&moves);
-            let (billed, true_up) = line
-                .as_ref()
-                .map_or((Decimal::ZERO, Decimal::ZERO), |l| (l.amount, l.true_up));
-            let stored: Option<CloseLine> = r
+            let c = line.as_ref().and_then(|l| l.commitment.as_ref());
+            let (billed, true_up) =
+                c.map_or((Decimal::ZERO, Decimal::ZERO), |c| (c.amount, c.true_up));
+            let fees: Decimal = line
+                .iter()
+                .flat_map(|l| &l.reservations)
+                .map(|f| f.fee)
+                .sum();
+            let stored: Option<CloseRecord> = r
                 .breakdown
                 .as_deref()
                 .and_then(|b| serde_json::from_str(b).ok());
-            if stored != line || billed != r.billed || true_up != r.true_up {
+            if stored != line || billed != r.billed || true_up != r.true_up || fees != r.fees {
                 return Some(format!(
-                    "{who}: replaying the period close gives billed {billed} true-up {true_up}, recorded billed {} true-up {}",
-                    r.billed, r.true_up
+                    "{who}: replaying the period close gives billed {billed} true-up {true_up} reservation fees {fees}, recorded billed {} true-up {} fees {}",
+                    r.billed, r.true_up, r.fees
                 ));
             }
             return None;

@@ -1,0 +1,175 @@
+//! Persistence of reservation versions, and utilisation reports.
+
+use chrono::{DateTime, Utc};
+use rust_decimal::Decimal;
+use serde::{Deserialize, Serialize};
+use sqlx::PgPool;
+
+use super::CatalogError;
+use crate::pricing::reservations::Reservation;
+
+/// A reservation version as an operator submits it.
+#[derive(Clone, Debug, Deserialize, Serialize, utoipa::ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct NewReservation {
+    pub name: String,
+    pub provider: String,
+    pub model: String,
+    pub units: u32,
+    pub tokens_per_minute_per_unit: u64,
+    #[schema(value_type = String)]
+    pub price_per_unit_hour: Decimal,
+    /// False ends the reservation from `effective_from`.
+    #[serde(default = "yes")]
+    pub active: bool,
+    /// Defaults to now plus the accepted clock skew.
+    pub effective_from: Option<DateTime<Utc>>,
+}
+
+fn yes() -> bool {
+    true
+}
+
+type Row = (
+    i64,
+    String,
+    String,
+    DateTime<Utc>,
+    bool,
+    String,
+    String,
+    i32,
+    i64,
+    Decimal,
+);
+
+fn from_row(r: Row) -> Reservation {
+    Reservation {
+        id: r.0,
+        tenant_id: r.1,
+        name: r.2,
+        effective_from: r.3,
+        active: r.4,
+        provider: r.5,
+        model: r.6,
+        units: r.7 as u32,
+        tokens_per_minute_per_unit: r.8 as u64,
+        price_per_unit_hour: r.9,
+    }
+}
+
+const COLUMNS: &str = "id, tenant_id, name, effective_from, active, provider, model, units,
+    tokens_per_minute_per_unit, price_per_unit_hour";
+
+pub async fn load_all(c: &mut sqlx::PgConnection) -> Result<Vec<Reservation>, sqlx::Error> {
+    let rows: Vec<Row> = sqlx::query_as(&format!("select {COLUMNS} from reservations"))
+        .fetch_all(&mut *c)
+        .await?;
+    Ok(rows.into_iter().map(from_row).collect())
+}
+
+/// Record a new version: effective no earlier than now plus the skew, unless the tenant
+/// has no events yet.
+pub async fn add(
+    pool: &PgPool,
+    tenant_id: &str,
+    new: NewReservation,
+    now: DateTime<Utc>,
+    skew: chrono::Duration,
+) -> Result<Reservation, CatalogError> {
+    let earliest = now + skew;
+    let mut r = Reservation {
+        id: 0,
+        tenant_id: tenant_id.to_string(),
+        name: new.name,
+        effective_from: earliest,
+        active: new.active,
+        provider: new.provider,
+        model: new.model,
+        units: new.units,
+        tokens_per_minute_per_unit: new.tokens_per_minute_per_unit,
+        price_per_unit_hour: new.price_per_unit_hour,
+    };
+    r.check().map_err(CatalogError::InvalidTerms)?;
+    let charged: bool =
+        sqlx::query_scalar("select exists (select 1 from events where tenant_id = $1)")
+            .bind(tenant_id)
+            .fetch_one(pool)
+            .await?;
+    r.effective_from = match new.effective_from {
+        Some(t) if charged && t < earliest => {
+            return Err(CatalogError::EffectiveInPast {
+                earliest: earliest.to_rfc3339(),
+            })
+        }
+        Some(t) => t,
+        None => earliest,
+    };
+    let (id,): (i64,) = sqlx::query_as(
+        "insert into reservations (tenant_id, name, effective_from, active, provider, model, units,
+           tokens_per_minute_per_unit, price_per_unit_hour)
+         values ($1, $2, $3, $4, $5, $6, $7, $8, $9) returning id",
+    )
+    .bind(tenant_id)
+    .bind(&r.name)
+    .bind(r.effective_from)
+    .bind(r.active)
+    .bind(&r.provider)
+    .bind(&r.model)
+    .bind(r.units as i32)
+    .bind(r.tokens_per_minute_per_unit as i64)
+    .bind(r.price_per_unit_hour)
+    .fetch_one(pool)
+    .await
+    .map_err(
+        |e| match e.as_database_error().and_then(|d| d.code()).as_deref() {
+            Some("23503") => CatalogError::TenantNotFound(tenant_id.to_string()),
+            _ => CatalogError::Db(e),
+        },
+    )?;
+    r.id = id;
+    Ok(r)
+}
+
+pub async fn list(pool: &PgPool, tenant_id: &str) -> Result<Vec<Reservation>, CatalogError> {
+    let rows: Vec<Row> = sqlx::query_as(&format!(
+        "select {COLUMNS} from reservations where tenant_id = $1 order by id desc"
+    ))
+    .bind(tenant_id)
+    .fetch_all(pool)
+    .await?;
+    Ok(rows.into_iter().map(from_row).collect())
+}
+
+/// Utilisation of one reservation in one UTC hour.
+#[derive(Clone, Debug, Serialize, sqlx::FromRow, utoipa::ToSchema)]
+pub struct HourUtilisation {
+    pub reservation: String,
+    /// `YYYY-MM-DDTHH` (UTC).
+    pub hour: String,
+    /// Tokens covered in the hour.
+    pub covered_tokens: i64,
+    /// Minutes of the hour with any covered tokens.
+    pub active_minutes: i64,
+}
+
+/// Covered tokens per reservation and hour in `[from, to)` (UTC hours `YYYY-MM-DDTHH`).
+pub async fn utilisation(
+    pool: &PgPool,
+    tenant_id: &str,
+    from: &str,
+    to: &str,
+) -> Result<Vec<HourUtilisation>, CatalogError> {
+    Ok(sqlx::query_as(
+        "select reservation, left(minute, 13) as hour, sum(covered)::int8 as covered_tokens,
+           count(*)::int8 as active_minutes
+         from reservation_usage
+         where tenant_id = $1 and minute >= $2 and minute < $3
+         group by 1, 2 order by 1, 2",
+    )
+    .bind(tenant_id)
+    .bind(from)
+    .bind(to)
+    .fetch_all(pool)
+    .await?)
+}
