@@ -94,3 +94,7 @@ alter table transfers add constraint transfers_kind_check
 grant select, insert on reservations to tokenledger_app;
 grant usage, select on sequence reservations_id_seq to tokenledger_app;
 grant select, insert, update on reservation_usage to tokenledger_app;
+
+-- the most output tokens a model may produce (from the price map's max_output_tokens):
+-- pre-authorisation holds a request without max_tokens for this many
+alter table price_versions add column max_output_tokens bigint check (max_output_tokens > 0);

@@ -39,12 +39,15 @@ pub struct AuthRequest {
     pub api_key_id: Option<String>,
     #[serde(default)]
     pub tags: BTreeMap<String, String>,
+    /// A model, or a routing class (then the cheapest of its candidates at or above its
+    /// quality floor whose worst case fits).
     pub model: String,
     /// Absent: the cheapest provider priced for the model.
     pub provider: Option<String>,
     pub region: Option<String>,
     pub estimated_input_tokens: u64,
-    /// The most output tokens the request may produce.
+    /// The most output tokens the request may produce; absent: the model's maximum output
+    /// from the price book.
     pub max_tokens: Option<u64>,
 }
 
@@ -230,25 +233,58 @@ pub fn decide(
     now: DateTime<Utc>,
     ttl: chrono::Duration,
 ) -> Result<(AuthDecision, Vec<(Key, Decimal)>), AuthError> {
-    let max_tokens = req.max_tokens.ok_or_else(|| {
-        AuthError::Invalid(
-            "max_tokens is required (the model's maximum output is not in the price book)".into(),
-        )
-    })?;
-    let providers: Vec<String> = match &req.provider {
-        Some(p) => vec![p.clone()],
-        None => book.providers_for(&req.model, currency, now),
+    // candidates: a routing class's (at or above its floor), or the model on the named
+    // provider, or on every provider priced for it
+    let class = match &req.provider {
+        None => book.class_at(tenant, &req.model, now),
+        Some(_) => None,
     };
-    let mut best: Option<(Decimal, String)> = None;
+    let candidates: Vec<(String, String)> = match (class, &req.provider) {
+        (Some(c), _) => crate::pricing::routing::eligible(c)
+            .into_iter()
+            .map(|(p, m, _)| (p, m))
+            .collect(),
+        (None, Some(p)) => vec![(p.clone(), req.model.clone())],
+        (None, None) => book
+            .providers_for(&req.model, currency, now)
+            .into_iter()
+            .map(|p| (p, req.model.clone()))
+            .collect(),
+    };
+    // the most output a request may produce: max_tokens, else the model's maximum
+    let max_out = |p: &str, m: &str| {
+        req.max_tokens.or_else(|| {
+            book.version_at(
+                p,
+                m,
+                req.region.as_deref(),
+                crate::pricing::Side::Cost,
+                currency,
+                now,
+            )
+            .and_then(|v| v.max_output_tokens)
+        })
+    };
+    let mut best: Option<(Decimal, String, String)> = None;
     let mut why = format!("no price for model {:?} in {currency}", req.model);
-    for p in providers {
-        match worst_case(book, tenant, currency, &p, req, max_tokens, now) {
-            Ok(c) if best.as_ref().is_none_or(|(b, _)| c < *b) => best = Some((c, p)),
+    for (p, m) in &candidates {
+        let Some(max_tokens) = max_out(p, m) else {
+            why = format!(
+                "max_tokens is required: the maximum output of {p}/{m} is not in the price book"
+            );
+            continue;
+        };
+        let mut alt = req.clone();
+        alt.model = m.clone();
+        match worst_case(book, tenant, currency, p, &alt, max_tokens, now) {
+            Ok(c) if best.as_ref().is_none_or(|(b, _, _)| c < *b) => {
+                best = Some((c, p.clone(), m.clone()))
+            }
             Ok(_) => {}
             Err(e) => why = e,
         }
     }
-    let Some((cost, provider)) = best else {
+    let Some((cost, provider, chosen)) = best else {
         return Err(AuthError::Invalid(why));
     };
     let budgets: Vec<&Budget> = book
@@ -275,7 +311,7 @@ pub fn decide(
     let mut verdict = Verdict::Allow;
     let mut denied_by = None;
     let mut reason = "within every budget in scope".to_string();
-    let (mut cost, mut provider, mut model) = (cost, provider, req.model.clone());
+    let (mut cost, mut provider, mut model) = (cost, provider, chosen);
     if let Some(b) = exceeded(cost, standings) {
         let s = standings.get(&key(b)).copied().unwrap_or_default();
         denied_by = Some(b.name.clone());
@@ -291,6 +327,9 @@ pub fn decide(
                 for (p, m, _) in crate::pricing::routing::eligible(c) {
                     let mut alt = req.clone();
                     alt.model = m.clone();
+                    let Some(max_tokens) = max_out(&p, &m) else {
+                        continue;
+                    };
                     if let Ok(w) = worst_case(book, tenant, currency, &p, &alt, max_tokens, now) {
                         if exceeded(w, standings).is_none()
                             && best.as_ref().is_none_or(|(x, _, _)| w < *x)

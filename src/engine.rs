@@ -173,6 +173,7 @@ pub struct RoutingDecision {
     pub quality_floor: Decimal,
     pub generated_at: DateTime<Utc>,
     /// What caused this publication: `startup`, `price_book`, `period`, `tier_crossed`,
+    /// `commitment_exhausted`, `reservation_exhausted`, `reservation_minute`,
     /// `budget_limit`, `request`.
     pub trigger: String,
     pub currency: String,
@@ -324,6 +325,8 @@ pub async fn run_publisher(
     let bucket_name = settings.routing_bucket.clone();
     let interval = settings.publish_interval;
     let mut closed = HashSet::new();
+    // tenants whose reservation ran out in a minute: republish once that minute is over
+    let mut refill: HashMap<String, String> = HashMap::new();
     let mut store = None;
     let mut last_alert: Option<i64> = None;
     let mut last_stamp: BookStamp = -1;
@@ -371,8 +374,8 @@ pub async fn run_publisher(
             let since = last_alert.unwrap_or(newest);
             let rows: Vec<(String, String)> = sqlx::query_as(
                 "select tenant_id, type from alert_facts where id > $1 and id <= $2
-                   and (type = 'tier.crossed' or (type = 'budget.threshold_crossed'
-                        and (payload->>'limit_reached')::bool))
+                   and (type in ('tier.crossed', 'commitment.exhausted', 'reservation.exhausted')
+                        or (type = 'budget.threshold_crossed' and (payload->>'limit_reached')::bool))
                  order by id",
             )
             .bind(since)
@@ -380,14 +383,31 @@ pub async fn run_publisher(
             .fetch_all(pool)
             .await?;
             let mut done = HashSet::new();
+            let minute = crate::pricing::reservations::minute_of(Utc::now());
             for (t, ty) in rows {
+                if ty == "reservation.exhausted" {
+                    // headroom returns with the next minute: publish again then
+                    refill.insert(t.clone(), minute.clone());
+                }
                 if done.insert(t.clone()) {
-                    let trigger = if ty == "tier.crossed" {
-                        "tier_crossed"
-                    } else {
-                        "budget_limit"
+                    let trigger = match ty.as_str() {
+                        "tier.crossed" => "tier_crossed",
+                        "commitment.exhausted" => "commitment_exhausted",
+                        "reservation.exhausted" => "reservation_exhausted",
+                        _ => "budget_limit",
                     };
                     publish_tenant(&engine, kv, &t, trigger).await?;
+                }
+            }
+            let due: Vec<String> = refill
+                .iter()
+                .filter(|(_, m)| **m < minute)
+                .map(|(t, _)| t.clone())
+                .collect();
+            for t in due {
+                refill.remove(&t);
+                if done.insert(t.clone()) {
+                    publish_tenant(&engine, kv, &t, "reservation_minute").await?;
                 }
             }
             last_alert = Some(newest);

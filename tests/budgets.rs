@@ -333,6 +333,17 @@ async fn concurrent_authorisations_never_take_a_blocking_budget_past_its_limit()
         "spend + holds {total} within the limit"
     );
 
+    // without max_tokens the model's maximum output from the price book is held:
+    // 1,000 input at 0.18 + 16,384 output at 0.72 per million
+    let (s, d) = authorize(
+        &app,
+        &key,
+        &json!({"model": "gpt-4o-mini", "provider": "openai", "estimated_input_tokens": 1000}),
+    )
+    .await;
+    assert_eq!(s, 200, "{d}");
+    assert_eq!(dec(&d["estimated_cost"]), "0.01197648".parse().unwrap());
+
     // bad requests: a clear error, nothing recorded
     let n = app.count("select count(*) from authorizations").await;
     let (s, p) = authorize(

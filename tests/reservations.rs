@@ -92,6 +92,11 @@ async fn reservations_cover_tokens_per_minute_and_accrue_fees() {
     // covered tokens count toward no tier
     assert_eq!(d["breakdown"]["tier"]["units"], "500");
     assert_eq!(d["breakdown"]["tier"]["units_before"], "0");
+    // e2 used up the minute's capacity: recorded once, for the router to re-rank
+    assert_eq!(
+        app.count("select count(*) from alert_facts where type = 'reservation.exhausted' and unique_key = 'gpu/2026-10-10T12:00'").await,
+        1
+    );
     // e3: a new minute, covered again
     let d: Value = app
         .get(&key, "/v1/requests/req-e3")

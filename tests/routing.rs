@@ -265,5 +265,20 @@ async fn a_downgrade_budget_routes_to_its_class_when_the_request_would_not_fit()
         assert!(n < 10);
     }
     assert_eq!(n, 3, "one above plus three more fit in 0.05");
+    // a routing class may be authorised directly: its cheapest candidate that fits
+    let r = app
+        .http
+        .post(app.url("/v1/authorize"))
+        .bearer_auth(&key)
+        .json(&json!({"model": "test:cheap", "estimated_input_tokens": 10, "max_tokens": 10}))
+        .send()
+        .await
+        .unwrap();
+    let d: Value = r.json().await.unwrap();
+    assert_eq!(
+        (d["decision"].as_str(), d["model"].as_str()),
+        (Some("allow"), Some("r-cheap")),
+        "{d}"
+    );
     app.stop().await;
 }

@@ -33,6 +33,7 @@ struct Row {
     long_cache_write_per_mtok: Option<Decimal>,
     long_output_per_mtok: Option<Decimal>,
     long_reasoning_per_mtok: Option<Decimal>,
+    max_output_tokens: Option<i64>,
 }
 
 impl From<Row> for PriceVersion {
@@ -65,6 +66,7 @@ impl From<Row> for PriceVersion {
                 output: r.long_output_per_mtok,
                 reasoning: r.long_reasoning_per_mtok,
             },
+            max_output_tokens: r.max_output_tokens.map(|t| t as u64),
         }
     }
 }
@@ -74,7 +76,7 @@ const COLUMNS: &str =
     input_per_mtok, cached_input_per_mtok, cache_write_per_mtok, output_per_mtok,
     reasoning_per_mtok, batch_discount, long_context_threshold_tokens, long_input_per_mtok,
     long_cached_input_per_mtok, long_cache_write_per_mtok, long_output_per_mtok,
-    long_reasoning_per_mtok";
+    long_reasoning_per_mtok, max_output_tokens";
 
 pub async fn load_book(c: &mut sqlx::PgConnection) -> Result<PriceBook, sqlx::Error> {
     let rows: Vec<Row> = sqlx::query_as(&format!("select {COLUMNS} from price_versions"))
@@ -145,6 +147,8 @@ pub struct NewPrice {
     pub long_output_per_mtok: Option<Decimal>,
     #[schema(value_type = Option<String>)]
     pub long_reasoning_per_mtok: Option<Decimal>,
+    /// The most output tokens the model produces (pre-authorisation's default).
+    pub max_output_tokens: Option<u64>,
     #[serde(default)]
     pub source: String,
 }
@@ -178,6 +182,12 @@ impl NewPrice {
         }
         if self.long_context_threshold_tokens == Some(0) {
             return bad("long_context_threshold_tokens must be positive");
+        }
+        if self
+            .max_output_tokens
+            .is_some_and(|n| n == 0 || n > i64::MAX as u64)
+        {
+            return bad("max_output_tokens must be positive");
         }
         match self.side.as_str() {
             "cost" => Ok(Side::Cost),
@@ -221,8 +231,8 @@ pub async fn add_price(
            input_per_mtok, cached_input_per_mtok, cache_write_per_mtok, output_per_mtok,
            reasoning_per_mtok, batch_discount, long_context_threshold_tokens, long_input_per_mtok,
            long_cached_input_per_mtok, long_cache_write_per_mtok, long_output_per_mtok,
-           long_reasoning_per_mtok, source)
-         values ($1,$2,$3,$4,$5,$6,$7,$8,$9,$10,$11,$12,$13,$14,$15,$16,$17,$18,$19)
+           long_reasoning_per_mtok, source, max_output_tokens)
+         values ($1,$2,$3,$4,$5,$6,$7,$8,$9,$10,$11,$12,$13,$14,$15,$16,$17,$18,$19,$20)
          returning {COLUMNS}"
     ))
     .bind(&p.provider)
@@ -244,6 +254,7 @@ pub async fn add_price(
     .bind(p.long_output_per_mtok)
     .bind(p.long_reasoning_per_mtok)
     .bind(&p.source)
+    .bind(p.max_output_tokens.map(|t| t as i64))
     .fetch_one(&mut **tx)
     .await?;
     Ok(row.into())
@@ -314,6 +325,7 @@ pub async fn import(
             long_cache_write_per_mtok: p.long.cache_write,
             long_output_per_mtok: p.long.output,
             long_reasoning_per_mtok: p.long.reasoning,
+            max_output_tokens: p.max_output_tokens,
             source: o.source.into(),
         };
         add_price(&mut tx, &new, now, skew).await?;

@@ -50,6 +50,10 @@ pub struct Moves {
     pub commitment: Option<(Key, CommitmentPosition)>,
     /// Covered tokens of the reservation's minute after the event.
     pub reservation: Option<(Key, u64)>,
+    /// The event used up the reservation's capacity for its minute: (capacity).
+    pub reservation_exhausted: Option<u64>,
+    /// The event used up the commitment for its period: (amount).
+    pub commitment_exhausted: Option<Decimal>,
     pub budgets: Vec<BudgetMove>,
 }
 
@@ -74,6 +78,30 @@ impl Moves {
                     "discount_percent": discount.normalize().to_string(),
                     "units": pos.units.normalize().to_string(),
                     "event_id": event_id, "request_id": request_id,
+                }),
+            ));
+        }
+        if let (Some((key, pos)), Some(amount)) = (&self.commitment, &self.commitment_exhausted) {
+            out.push((
+                "commitment.exhausted",
+                format!("{}/{}", key.1, key.2),
+                serde_json::json!({
+                    "commitment": key.1, "period": key.2,
+                    "amount": amount.normalize().to_string(),
+                    "drawn": pos.drawn.normalize().to_string(),
+                    "event_id": event_id, "request_id": request_id,
+                }),
+            ));
+        }
+        if let (Some((key, used)), Some(capacity)) =
+            (&self.reservation, &self.reservation_exhausted)
+        {
+            out.push((
+                "reservation.exhausted",
+                format!("{}/{}", key.1, key.2),
+                serde_json::json!({
+                    "reservation": key.1, "minute": key.2, "capacity": capacity,
+                    "covered": used, "event_id": event_id, "request_id": request_id,
                 }),
             ));
         }
@@ -134,7 +162,11 @@ pub fn rate_usage(
         let used = state.reservations.get(&key).copied().unwrap_or_default();
         r = with_reservation(r, res, used, key.2.clone())?;
         if let Some(a) = &r.reservation {
-            moves.reservation = Some((key, used + a.covered_tokens()));
+            let after = used + a.covered_tokens();
+            if after >= res.capacity() {
+                moves.reservation_exhausted = Some(res.capacity());
+            }
+            moves.reservation = Some((key, after));
         }
     }
     if let Some(s) = book.tier_at(&u.tenant_id, &u.provider, &u.model, at) {
@@ -159,6 +191,9 @@ pub fn rate_usage(
                 drawn: before.drawn + a.drawdown,
                 closed: before.closed,
             };
+            if !before.closed && before.drawn < c.amount && after.drawn >= c.amount {
+                moves.commitment_exhausted = Some(c.amount);
+            }
             moves.commitment = Some((key, after));
         }
     }

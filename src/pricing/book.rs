@@ -54,6 +54,8 @@ pub struct PriceVersion {
     pub batch_discount: Decimal,
     pub long_context_threshold_tokens: Option<u64>,
     pub long: RateSet,
+    /// The most output tokens the model produces, when known.
+    pub max_output_tokens: Option<u64>,
 }
 
 #[derive(Clone, Debug, PartialEq, Serialize)]

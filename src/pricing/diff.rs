@@ -18,7 +18,7 @@ pub struct FieldChange {
     pub change_percent: Option<Decimal>,
 }
 
-fn fields(v: &PriceVersion) -> [(&'static str, Option<Decimal>); 12] {
+fn fields(v: &PriceVersion) -> [(&'static str, Option<Decimal>); 13] {
     [
         ("input_per_mtok", v.base.input),
         ("cached_input_per_mtok", v.base.cached_input),
@@ -35,6 +35,7 @@ fn fields(v: &PriceVersion) -> [(&'static str, Option<Decimal>); 12] {
         ("long_cache_write_per_mtok", v.long.cache_write),
         ("long_output_per_mtok", v.long.output),
         ("long_reasoning_per_mtok", v.long.reasoning),
+        ("max_output_tokens", v.max_output_tokens.map(Decimal::from)),
     ]
 }
 

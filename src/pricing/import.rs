@@ -27,6 +27,8 @@ pub struct ImportedPrice {
     pub batch_discount: Decimal,
     pub long_context_threshold_tokens: Option<u64>,
     pub long: RateSet,
+    /// `max_output_tokens` (or `max_tokens`) of the entry.
+    pub max_output_tokens: Option<u64>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -160,6 +162,10 @@ pub fn parse_litellm(text: &str) -> Result<Vec<ImportedPrice>, ImportError> {
             .find(|(from, _)| *from == provider)
             .map(|(_, to)| to.to_string())
             .unwrap_or_else(|| provider.to_string());
+        let max_output_tokens = ["max_output_tokens", "max_tokens"]
+            .iter()
+            .find_map(|k| entry.get(*k).and_then(Value::as_u64))
+            .filter(|n| *n > 0);
         out.push(ImportedPrice {
             provider,
             model,
@@ -167,6 +173,7 @@ pub fn parse_litellm(text: &str) -> Result<Vec<ImportedPrice>, ImportError> {
             batch_discount,
             long_context_threshold_tokens: threshold,
             long,
+            max_output_tokens,
         });
     }
     out.sort_by(|a, b| (&a.provider, &a.model).cmp(&(&b.provider, &b.model)));

@@ -35,6 +35,7 @@ fn version(id: i64, side: Side, input: &str, output: &str) -> PriceVersion {
             output: Some(d("20")),
             ..Default::default()
         },
+        max_output_tokens: None,
     }
 }
 
@@ -249,6 +250,7 @@ fn price_diffs_name_each_changed_field_and_key() {
         batch_discount: "0.5".parse().unwrap(),
         long_context_threshold_tokens: None,
         long: RateSet::default(),
+        max_output_tokens: None,
     };
     let a = v(1, "2026-01-01T00:00:00Z", "2", "8");
     let b = v(2, "2026-06-01T00:00:00Z", "2.5", "8");

@@ -284,7 +284,8 @@ async fn rerate(
     // every ledger alert fact is one the replay raises, and the other way round
     let recorded: std::collections::BTreeSet<AlertKey> = sqlx::query_as(
         "select tenant_id, type || ' ' || unique_key from alert_facts
-         where type in ('budget.threshold_crossed', 'tier.crossed')",
+         where type in ('budget.threshold_crossed', 'tier.crossed', 'commitment.exhausted',
+           'reservation.exhausted')",
     )
     .fetch_all(&mut *c)
     .await?
