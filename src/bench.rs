@@ -255,6 +255,7 @@ async fn plain_postgres(s0: &Settings, a: &BenchArgs) -> anyhow::Result<f64> {
             settlements: &Default::default(),
             commitments: &Default::default(),
             reservations: &Default::default(),
+            provider_minutes: &Default::default(),
         };
         store::append(&mut tx, rows).await?;
         tx.commit().await?;

@@ -139,7 +139,7 @@ pub async fn quote_latency(s0: &Settings, _a: &BenchArgs) -> anyhow::Result<()> 
         .class_at(&tenant, "auto:balanced", now)
         .ok_or_else(|| anyhow::anyhow!("no auto:balanced class"))?;
     let candidates = eligible(class);
-    let (positions, reserved, commitments) = Default::default();
+    let (positions, reserved, commitments, provider_minute) = Default::default();
     let ctx = QuoteContext {
         book: &book,
         tenant_id: &tenant,
@@ -147,6 +147,7 @@ pub async fn quote_latency(s0: &Settings, _a: &BenchArgs) -> anyhow::Result<()> 
         tiers: &positions,
         reserved: &reserved,
         commitments: &commitments,
+        provider_minute: &provider_minute,
         at: now,
     };
     let mix = TokenMix {

@@ -88,6 +88,8 @@ pub struct TenantView {
     pub reserved: BTreeMap<String, u64>,
     /// commitment name -> position this period
     pub commitments: BTreeMap<String, CommitmentPosition>,
+    /// (provider, model) -> tokens this minute under our provider reservations
+    pub provider_minute: BTreeMap<(String, String), u64>,
 }
 
 /// Read a tenant's currency, current tier positions and budget spend (none if the tenant
@@ -114,7 +116,10 @@ pub async fn tenant_view(
          where tenant_id = $1 and minute = $5
          union all
          select 4, commitment, drawn, case when closed then 1 else 0 end, 0
-         from commitment_positions where tenant_id = $1 and period = $2",
+         from commitment_positions where tenant_id = $1 and period = $2
+         union all
+         select 5, provider || '/' || model, tokens, 0, 0 from provider_usage_minutes
+         where minute = $5",
     )
     .bind(tenant)
     .bind(period_of(at))
@@ -147,6 +152,14 @@ pub async fn tenant_view(
             3 => {
                 view.reserved
                     .insert(name, u64::try_from(a).unwrap_or_default());
+            }
+            5 => {
+                if let Some((p, m)) = name.split_once('/') {
+                    view.provider_minute.insert(
+                        (p.to_string(), m.to_string()),
+                        u64::try_from(a).unwrap_or_default(),
+                    );
+                }
             }
             _ => {
                 view.commitments.insert(
@@ -207,6 +220,7 @@ pub fn decide(
         tiers: &view.tiers,
         reserved: &view.reserved,
         commitments: &view.commitments,
+        provider_minute: &view.provider_minute,
         at,
     };
     let mix = TokenMix::reference();

@@ -199,3 +199,82 @@ async fn reservations_cover_tokens_per_minute_and_accrue_fees() {
     assert_eq!(r.status(), 422);
     app.stop().await;
 }
+
+#[tokio::test]
+async fn our_provider_reservation_lowers_marginal_cost_by_its_live_headroom() {
+    let mut s = common::fresh_settings().await;
+    s.clock_skew = std::time::Duration::ZERO; // the reservation takes effect at once
+    let mut app = TestApp::start(s).await;
+    app.seed_prices().await;
+    for (model, rate) in [("p-res", "1"), ("p-plain", "1")] {
+        let r = app
+            .admin_post(
+                "/v1/admin/prices",
+                Some(&json!({"provider": "openai", "model": model, "side": "cost", "currency": "USD",
+                    "effective_from": "2020-01-01T00:00:00Z", "input_per_mtok": rate, "output_per_mtok": rate})),
+            )
+            .await;
+        assert_eq!(r.status(), 201);
+    }
+    let r = app
+        .admin_post(
+            "/v1/admin/provider-reservations",
+            Some(
+                &json!({"name": "ptu", "provider": "openai", "model": "p-res", "units": 1,
+                "tokens_per_minute_per_unit": 1000000, "price_per_unit_hour": "10"}),
+            ),
+        )
+        .await;
+    assert_eq!(r.status(), 201, "{}", r.text().await.unwrap());
+    let key = app.tenant("acme").await;
+    let quote = |app: &TestApp, key: String| {
+        let (http, url) = (app.http.clone(), app.url("/v1/quote"));
+        async move {
+            http.post(url)
+                .bearer_auth(key)
+                .json(&json!({"candidates": [{"provider": "openai", "model": "p-plain"},
+                    {"provider": "openai", "model": "p-res"}], "input_tokens": 1000, "output_tokens": 0}))
+                .send()
+                .await
+                .unwrap()
+                .json::<Value>()
+                .await
+                .unwrap()
+        }
+    };
+    // same price for the customer; our reservation makes p-res free to us at the margin
+    let q = quote(&app, key.clone()).await;
+    assert_eq!(q["candidates"][0]["model"], "p-res", "{q}");
+    assert_eq!(dec(&q["candidates"][0]["marginal_cost"]), Decimal::ZERO);
+    assert_eq!(
+        dec(&q["candidates"][1]["marginal_cost"]),
+        "0.001".parse().unwrap()
+    );
+    let before = q["candidates"][0]["provider_headroom_tokens"]
+        .as_u64()
+        .unwrap();
+    // usage this minute eats the headroom (recorded per minute across tenants)
+    app.ingest(ADMIN, &json!([usage("u1", "acme", "p-res", 5000, 0)]))
+        .await;
+    app.wait_count(EVENTS, 1).await;
+    app.drain().await;
+    let q = quote(&app, key.clone()).await;
+    let after = q["candidates"][0]["provider_headroom_tokens"]
+        .as_u64()
+        .unwrap();
+    // (the minute may have turned between the two quotes: then the headroom is full again)
+    assert!(
+        after == before - 5000 || after == 1_000_000,
+        "{before} -> {after}"
+    );
+    let report = tokenledger::projections::rebuild::verify(&app.owner)
+        .await
+        .unwrap();
+    assert!(report.differences.is_empty(), "{:?}", report.differences);
+    assert_eq!(
+        app.count("select count(*) from provider_usage_minutes")
+            .await,
+        1
+    );
+    app.stop().await;
+}

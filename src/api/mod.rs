@@ -56,6 +56,7 @@ pub fn query_error(e: axum::extract::rejection::QueryRejection) -> ApiError {
         terms::add_budget, terms::list_budgets, terms::budget_versions, terms::retire_budget,
         terms::list_alerts, terms::authorize,
         terms::add_reservation, terms::list_reservations, terms::utilisation,
+        terms::add_provider_reservation, terms::list_provider_reservations,
         terms::add_commitment, terms::list_commitments, terms::commitment_positions, terms::period_close,
         terms::price_diff, terms::quote, terms::routing_decision, terms::add_routing_class, terms::list_routing_classes,
     ),
@@ -111,6 +112,10 @@ pub fn router(state: AppState) -> Router {
         .route("/v1/tiers", get(terms::positions))
         .route("/v1/commitments", get(terms::commitment_positions))
         .route("/v1/reservations/utilisation", get(terms::utilisation))
+        .route(
+            "/v1/admin/provider-reservations",
+            post(terms::add_provider_reservation).get(terms::list_provider_reservations),
+        )
         .route(
             "/v1/admin/tenants/{tenant_id}/reservations",
             post(terms::add_reservation).get(terms::list_reservations),

@@ -13,7 +13,7 @@ use super::{ApiError, AppState, Caller};
 use crate::authorize::{AuthDecision, AuthError, AuthRequest};
 use crate::catalog::budgets::{self, AlertFact, BudgetStatus, NewBudget};
 use crate::catalog::commitments::NewCommitment;
-use crate::catalog::reservations::NewReservation;
+use crate::catalog::reservations::{NewProviderReservation, NewReservation};
 use crate::catalog::routing::NewRoutingClass;
 use crate::catalog::tiers::{self, NewTierSchedule, Position};
 use crate::engine::RoutingDecision;
@@ -323,6 +323,7 @@ pub async fn quote(
         tiers: &view.tiers,
         reserved: &view.reserved,
         commitments: &view.commitments,
+        provider_minute: &view.provider_minute,
         at: now,
     };
     Ok(Json(QuoteResponse {
@@ -650,4 +651,35 @@ pub async fn utilisation(
         })
         .collect();
     Ok(Json(UtilisationPage { data }))
+}
+
+/// Publish a version of our own reservation with a provider (effective from a future
+/// instant): its live headroom lowers the marginal cost quotes and rankings see.
+#[utoipa::path(post, path = "/v1/admin/provider-reservations", tag = "terms",
+    request_body = NewProviderReservation,
+    responses((status = 201, body = Reservation), (status = 422, description = "invalid reservation")),
+    security(("bearer" = [])))]
+pub async fn add_provider_reservation(
+    State(st): State<AppState>,
+    caller: Caller,
+    body: Bytes,
+) -> Result<(StatusCode, Json<Reservation>), ApiError> {
+    caller.require_admin()?;
+    let new: NewProviderReservation = parse_json(&body)?;
+    let r =
+        crate::catalog::reservations::add_provider(&st.pool, new, Utc::now(), st.skew()).await?;
+    Ok((StatusCode::CREATED, Json(r)))
+}
+
+/// Our provider reservation versions, newest first.
+#[utoipa::path(get, path = "/v1/admin/provider-reservations", tag = "terms",
+    responses((status = 200, body = ReservationPage)), security(("bearer" = [])))]
+pub async fn list_provider_reservations(
+    State(st): State<AppState>,
+    caller: Caller,
+) -> Result<Json<ReservationPage>, ApiError> {
+    caller.require_admin()?;
+    Ok(Json(ReservationPage {
+        data: crate::catalog::reservations::list_provider(&st.pool).await?,
+    }))
 }

@@ -173,3 +173,119 @@ pub async fn utilisation(
     .fetch_all(pool)
     .await?)
 }
+
+/// Our reservation with a provider, as an operator submits it.
+#[derive(Clone, Debug, Deserialize, Serialize, utoipa::ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct NewProviderReservation {
+    pub name: String,
+    pub provider: String,
+    pub model: String,
+    pub units: u32,
+    pub tokens_per_minute_per_unit: u64,
+    #[schema(value_type = String)]
+    pub price_per_unit_hour: Decimal,
+    #[serde(default = "yes")]
+    pub active: bool,
+    /// Defaults to now plus the accepted clock skew; never earlier.
+    pub effective_from: Option<DateTime<Utc>>,
+}
+
+type ProviderRow = (
+    i64,
+    String,
+    DateTime<Utc>,
+    bool,
+    String,
+    String,
+    i32,
+    i64,
+    Decimal,
+);
+
+fn from_provider_row(r: ProviderRow) -> Reservation {
+    Reservation {
+        id: r.0,
+        tenant_id: String::new(),
+        name: r.1,
+        effective_from: r.2,
+        active: r.3,
+        provider: r.4,
+        model: r.5,
+        units: r.6 as u32,
+        tokens_per_minute_per_unit: r.7 as u64,
+        price_per_unit_hour: r.8,
+    }
+}
+
+const PROVIDER_COLUMNS: &str = "id, name, effective_from, active, provider, model, units,
+    tokens_per_minute_per_unit, price_per_unit_hour";
+
+/// Our provider reservations (`tenant_id` empty).
+pub async fn load_provider(c: &mut sqlx::PgConnection) -> Result<Vec<Reservation>, sqlx::Error> {
+    let rows: Vec<ProviderRow> = sqlx::query_as(&format!(
+        "select {PROVIDER_COLUMNS} from provider_reservations"
+    ))
+    .fetch_all(&mut *c)
+    .await?;
+    Ok(rows.into_iter().map(from_provider_row).collect())
+}
+
+/// Record a version of our reservation with a provider: effective no earlier than now
+/// plus the skew (tokens are counted against it from then on).
+pub async fn add_provider(
+    pool: &PgPool,
+    new: NewProviderReservation,
+    now: DateTime<Utc>,
+    skew: chrono::Duration,
+) -> Result<Reservation, CatalogError> {
+    let earliest = now + skew;
+    let at = match new.effective_from {
+        Some(t) if t < earliest => {
+            return Err(CatalogError::EffectiveInPast {
+                earliest: earliest.to_rfc3339(),
+            })
+        }
+        Some(t) => t,
+        None => earliest,
+    };
+    let mut r = Reservation {
+        id: 0,
+        tenant_id: String::new(),
+        name: new.name,
+        effective_from: at,
+        active: new.active,
+        provider: new.provider,
+        model: new.model,
+        units: new.units,
+        tokens_per_minute_per_unit: new.tokens_per_minute_per_unit,
+        price_per_unit_hour: new.price_per_unit_hour,
+    };
+    r.check().map_err(CatalogError::InvalidTerms)?;
+    let (id,): (i64,) = sqlx::query_as(
+        "insert into provider_reservations (name, effective_from, active, provider, model, units,
+           tokens_per_minute_per_unit, price_per_unit_hour)
+         values ($1, $2, $3, $4, $5, $6, $7, $8) returning id",
+    )
+    .bind(&r.name)
+    .bind(r.effective_from)
+    .bind(r.active)
+    .bind(&r.provider)
+    .bind(&r.model)
+    .bind(r.units as i32)
+    .bind(r.tokens_per_minute_per_unit as i64)
+    .bind(r.price_per_unit_hour)
+    .fetch_one(pool)
+    .await?;
+    r.id = id;
+    Ok(r)
+}
+
+pub async fn list_provider(pool: &PgPool) -> Result<Vec<Reservation>, CatalogError> {
+    let rows: Vec<ProviderRow> = sqlx::query_as(&format!(
+        "select {PROVIDER_COLUMNS} from provider_reservations order by id desc"
+    ))
+    .fetch_all(pool)
+    .await?;
+    Ok(rows.into_iter().map(from_provider_row).collect())
+}

@@ -141,7 +141,8 @@ pub const BOOK_STAMP: &str = "(coalesce((select max(id) from price_versions), 0)
   + coalesce((select max(id) from budgets), 0)
   + coalesce((select max(id) from routing_classes), 0)
   + coalesce((select max(id) from commitments), 0)
-  + coalesce((select max(id) from reservations), 0))::int8";
+  + coalesce((select max(id) from reservations), 0)
+  + coalesce((select max(id) from provider_reservations), 0))::int8";
 
 pub async fn lock_tenants(c: &mut PgConnection, tenants: &[String]) -> sqlx::Result<Locked> {
     let rows: Vec<(String, i64, String, i64)> = sqlx::query_as(&format!(
@@ -244,6 +245,7 @@ pub struct Rows<'a> {
     pub settlements: &'a SettlementRows,
     pub commitments: &'a CommitmentPositions,
     pub reservations: &'a ReservationMinutes,
+    pub provider_minutes: &'a ProviderMinutes,
 }
 
 /// One statement appends the whole batch: events, transfers, conflicts, dead letters,
@@ -304,8 +306,15 @@ const APPEND: &str = concat!("with
            closed = excluded.closed),
   ru2 as (insert into reservation_usage as u (tenant_id, reservation, minute, covered)
          select * from unnest($88::text[], $89::text[], $90::text[], $91::int8[])
-         on conflict (tenant_id, reservation, minute) do update set covered = excluded.covered)
+         on conflict (tenant_id, reservation, minute) do update set covered = excluded.covered),
+  pm as (insert into provider_usage_minutes as m (provider, model, minute, tokens)
+         select * from unnest($92::text[], $93::text[], $94::text[], $95::int8[])
+         on conflict (provider, model, minute) do update set tokens = m.tokens + excluded.tokens)
 select 1");
+
+/// Tokens per (provider, model, minute) a batch adds (shared across tenants, so added to,
+/// not set; a BTreeMap, so rows are locked in key order).
+pub type ProviderMinutes = BTreeMap<(String, String, String), i64>;
 
 /// Settlements of pre-authorisation holds by the usage events carrying their ids.
 #[derive(Default)]
@@ -524,6 +533,12 @@ pub async fn append(c: &mut PgConnection, r: Rows<'_>) -> sqlx::Result<()> {
                 .map(|n| *n as i64)
                 .collect::<Vec<_>>(),
         );
+    let pm = r.provider_minutes;
+    let q = q
+        .bind(pm.keys().map(|k| k.0.clone()).collect::<Vec<_>>())
+        .bind(pm.keys().map(|k| k.1.clone()).collect::<Vec<_>>())
+        .bind(pm.keys().map(|k| k.2.clone()).collect::<Vec<_>>())
+        .bind(pm.values().copied().collect::<Vec<_>>());
     q.execute(c).await?;
     Ok(())
 }

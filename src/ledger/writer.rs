@@ -102,6 +102,8 @@ struct Batch {
     commitments: store::CommitmentPositions,
     /// Reservation minutes this batch moved (covered tokens after it).
     reservations: store::ReservationMinutes,
+    /// Tokens this batch adds per (provider, model, minute) under our provider reservations.
+    provider_minutes: store::ProviderMinutes,
 }
 
 impl Batch {
@@ -119,6 +121,7 @@ impl Batch {
             settlements: &self.settlements,
             commitments: &self.commitments,
             reservations: &self.reservations,
+            provider_minutes: &self.provider_minutes,
         };
         store::append(tx, rows).await
     }
@@ -423,6 +426,14 @@ impl Writer {
                     }
                     if let Some((key, n)) = moves.reservation {
                         b.reservations.insert(key, n);
+                    }
+                    if self
+                        .book
+                        .counts_provider_usage(&u.provider, &u.model, ev.time)
+                    {
+                        let k = (u.provider.clone(), u.model.clone(), minute_of(ev.time));
+                        *b.provider_minutes.entry(k).or_default() +=
+                            (u.input_tokens + u.output_tokens) as i64;
                     }
                     Ok(Charge {
                         legs: usage_legs(&u.provider, &r),

@@ -87,6 +87,8 @@ pub struct PriceBook {
     commitments: HashMap<String, Vec<Commitment>>,
     /// tenant -> reservation versions, by (effective_from, id)
     reservations: HashMap<String, Vec<Reservation>>,
+    /// (provider, model) -> our reservation versions with the provider
+    provider_reservations: HashMap<(String, String), Vec<Reservation>>,
 }
 
 /// The last element whose `effective_from` is at or before `at` (slices sorted by it).
@@ -226,6 +228,44 @@ impl PriceBook {
     /// Tenants with any reservation version.
     pub fn reserving_tenants(&self) -> impl Iterator<Item = &str> {
         self.reservations.keys().map(|k| k.as_str())
+    }
+
+    /// The same book with our provider reservation versions.
+    pub fn with_provider_reservations(mut self, mut list: Vec<Reservation>) -> PriceBook {
+        list.sort_by_key(|r| (r.effective_from, r.id));
+        self.provider_reservations.clear();
+        for r in list {
+            self.provider_reservations
+                .entry((r.provider.clone(), r.model.clone()))
+                .or_default()
+                .push(r);
+        }
+        self
+    }
+
+    /// Our reservation with the provider for this model in force at `at` (the latest
+    /// version, if active).
+    pub fn provider_reservation_at(
+        &self,
+        provider: &str,
+        model: &str,
+        at: DateTime<Utc>,
+    ) -> Option<&Reservation> {
+        self.provider_reservations
+            .get(&(provider.to_string(), model.to_string()))?
+            .iter()
+            .rev()
+            .find(|r| r.effective_from <= at)
+            .filter(|r| r.active)
+    }
+
+    /// Whether usage of this model at `at` is counted per minute for our provider
+    /// reservations: some version of one took effect at or before `at`.
+    pub fn counts_provider_usage(&self, provider: &str, model: &str, at: DateTime<Utc>) -> bool {
+        self.provider_reservations
+            .get(&(provider.to_string(), model.to_string()))
+            .and_then(|l| l.first())
+            .is_some_and(|r| r.effective_from <= at)
     }
 
     /// The same book with these routing class versions.

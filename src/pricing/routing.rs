@@ -178,6 +178,12 @@ pub struct QuoteLine {
     pub commitment_remaining: Option<Decimal>,
     /// Tokens the tenant's reservation for this model can still cover this minute.
     pub reserved_headroom_tokens: Option<u64>,
+    /// Tokens our own reservation with the provider can still take this minute.
+    pub provider_headroom_tokens: Option<u64>,
+    /// Our cost for the mix at the margin: list cost less what our provider reservation's
+    /// headroom covers (ties in effective price are broken by it).
+    #[schema(value_type = Option<String>)]
+    pub marginal_cost: Option<Decimal>,
 }
 
 /// What a quote needs of a tenant: its currency and tier positions (current period).
@@ -190,6 +196,8 @@ pub struct QuoteContext<'a> {
     pub reserved: &'a BTreeMap<String, u64>,
     /// commitment name -> position this period
     pub commitments: &'a BTreeMap<String, CommitmentPosition>,
+    /// (provider, model) -> tokens this minute under our provider reservations
+    pub provider_minute: &'a BTreeMap<(String, String), u64>,
     pub at: DateTime<Utc>,
 }
 
@@ -216,6 +224,8 @@ fn price_one(
         cost: None,
         commitment_remaining: None,
         reserved_headroom_tokens: None,
+        provider_headroom_tokens: None,
+        marginal_cost: None,
     };
     let u = mix.usage(ctx.tenant_id, provider, model);
     let book = ctx.book;
@@ -245,6 +255,28 @@ fn price_one(
         let per_token = (input.price_rate_per_mtok - cached.price_rate_per_mtok) / MTOK;
         r.price + Decimal::from(cached.tokens) * per_token * (Decimal::ONE - r.price_batch_discount)
     };
+    // our side: tokens within our provider reservation's headroom cost us nothing more
+    let marginal_cost = match book.provider_reservation_at(provider, model, ctx.at) {
+        Some(pr) => {
+            let used = ctx
+                .provider_minute
+                .get(&(provider.to_string(), model.to_string()))
+                .copied()
+                .unwrap_or_default();
+            let mut left = pr.capacity().saturating_sub(used);
+            line.provider_headroom_tokens = Some(left);
+            let keep = Decimal::ONE - r.cost_batch_discount;
+            let mut saved = Decimal::ZERO;
+            for l in &r.lines {
+                let c = l.tokens.min(left);
+                left -= c;
+                saved += Decimal::from(c) * l.cost_rate_per_mtok / MTOK * keep;
+            }
+            (r.cost - saved).max(Decimal::ZERO)
+        }
+        None => r.cost,
+    };
+    line.marginal_cost = Some(marginal_cost.normalize());
     // step 5: what is left of a reservation this minute covers tokens at no price
     let r = match book.reservation_at(ctx.tenant_id, provider, model, ctx.at) {
         Some(res) => {
@@ -303,7 +335,7 @@ fn price_one(
 }
 
 /// Price every candidate for the mix and rank them: cheapest effective price first, then
-/// higher quality, then name; unavailable ones last.
+/// lowest marginal cost to us, then higher quality, then name; unavailable ones last.
 pub fn quote(
     ctx: &QuoteContext<'_>,
     mix: &TokenMix,
@@ -317,6 +349,7 @@ pub fn quote(
         (!a.available)
             .cmp(&!b.available)
             .then(a.effective_price.cmp(&b.effective_price))
+            .then(a.marginal_cost.cmp(&b.marginal_cost))
             .then(b.quality.cmp(&a.quality))
             .then((&a.provider, &a.model).cmp(&(&b.provider, &b.model)))
     });

@@ -127,16 +127,34 @@ async fn populate(c: &mut PgConnection, prefix: &str, delta: bool) -> sqlx::Resu
         .as_str(),
     )
     .await?;
+    // tokens per provider, model and minute under our provider reservations
+    c.execute(
+        format!(
+            "insert into {prefix}provider_usage_minutes as m
+             select e.provider, e.model,
+               to_char(e.occurred_at at time zone 'UTC', 'YYYY-MM-DD\"T\"HH24:MI'),
+               sum(e.input_tokens + e.output_tokens)
+             from events e
+             where e.type = 'tokenledger.usage.v1'
+               and exists (select 1 from provider_reservations r where r.provider = e.provider
+                 and r.model = e.model and r.effective_from <= e.occurred_at){filter}
+             group by 1, 2, 3
+             on conflict (provider, model, minute) do update set tokens = m.tokens + excluded.tokens"
+        )
+        .as_str(),
+    )
+    .await?;
     Ok(())
 }
 
-const TABLES: [&str; 6] = [
+const TABLES: [&str; 7] = [
     "usage_rollups",
     "account_balances",
     "tier_positions",
     "budget_spend",
     "commitment_positions",
     "reservation_usage",
+    "provider_usage_minutes",
 ];
 
 /// Rebuild every projection into shadow tables and swap them in. Safe while `serve`
