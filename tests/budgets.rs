@@ -124,50 +124,21 @@ async fn budget_spend_and_threshold_alerts_are_recorded_once_and_replayed() {
     assert_eq!(limit["payload"]["request_id"], "req-bot2");
 
     // verify replays spend and alerts; rebuild reproduces spend; tampering is caught
-    let report = tokenledger::projections::rebuild::verify(&app.owner)
-        .await
-        .unwrap();
-    assert!(report.differences.is_empty(), "{:?}", report.differences);
+    app.rebuild_and_verify().await;
+    app.tamper_is_caught(
+        "update budget_spend set spent = spent - 1 where budget = 'monthly'",
+        "budget_spend",
+    )
+    .await;
     tokenledger::projections::rebuild::rebuild(&app.owner)
         .await
         .unwrap();
-    let report = tokenledger::projections::rebuild::verify(&app.owner)
-        .await
-        .unwrap();
-    assert!(report.differences.is_empty(), "{:?}", report.differences);
-    sqlx::query("update budget_spend set spent = spent - 1 where budget = 'monthly'")
-        .execute(&app.owner)
-        .await
-        .unwrap();
-    let report = tokenledger::projections::rebuild::verify(&app.owner)
-        .await
-        .unwrap();
-    assert!(
-        report
-            .differences
-            .iter()
-            .any(|d| d.contains("budget_spend")),
-        "{:?}",
-        report.differences
-    );
-    tokenledger::projections::rebuild::rebuild(&app.owner)
-        .await
-        .unwrap();
-    sqlx::query(
+    app.tamper_is_caught(
         "insert into alert_facts (tenant_id, type, unique_key, payload, occurred_at)
          values ('acme', 'budget.threshold_crossed', 'monthly/2020-01/50', '{}', now())",
+        "alert_facts",
     )
-    .execute(&app.owner)
-    .await
-    .unwrap();
-    let report = tokenledger::projections::rebuild::verify(&app.owner)
-        .await
-        .unwrap();
-    assert!(
-        report.differences.iter().any(|d| d.contains("alert_facts")),
-        "{:?}",
-        report.differences
-    );
+    .await;
 
     // versioned CRUD: a change and a retirement are new versions from the future
     let r = budget(

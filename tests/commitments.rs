@@ -175,32 +175,12 @@ async fn commitments_draw_down_overage_and_true_up_at_the_close() {
     assert_eq!(dec(&p["data"][0]["drawn"]), "0.48".parse().unwrap());
 
     // verify replays drawdowns and closes; rebuild reproduces positions; tampering is caught
-    let report = tokenledger::projections::rebuild::verify(&app.owner)
-        .await
-        .unwrap();
-    assert!(report.differences.is_empty(), "{:?}", report.differences);
-    tokenledger::projections::rebuild::rebuild(&app.owner)
-        .await
-        .unwrap();
-    let report = tokenledger::projections::rebuild::verify(&app.owner)
-        .await
-        .unwrap();
-    assert!(report.differences.is_empty(), "{:?}", report.differences);
-    sqlx::query("update commitment_positions set drawn = drawn + 0.01")
-        .execute(&app.owner)
-        .await
-        .unwrap();
-    let report = tokenledger::projections::rebuild::verify(&app.owner)
-        .await
-        .unwrap();
-    assert!(
-        report
-            .differences
-            .iter()
-            .any(|d| d.contains("commitment_positions")),
-        "{:?}",
-        report.differences
-    );
+    app.rebuild_and_verify().await;
+    app.tamper_is_caught(
+        "update commitment_positions set drawn = drawn + 0.01",
+        "commitment_positions",
+    )
+    .await;
 
     // system events never come through the ingest API; closes need an ended month
     let sys = json!({"specversion": "1.0", "id": "s1", "source": "x", "type": "tokenledger.system.v1",
@@ -344,10 +324,7 @@ async fn verify_passes_with_tiers_commitments_reservations_and_budgets_on_a_mixe
             .await
             > 0
     );
-    let report = tokenledger::projections::rebuild::verify(&app.owner)
-        .await
-        .unwrap();
-    assert!(report.differences.is_empty(), "{:?}", report.differences);
+    let report = app.verify_ok().await;
     assert_eq!(report.events_rerated, 301);
     let b: Value = app.get(&key, "/v1/balances").await.json().await.unwrap();
     assert!(!b["data"].as_array().unwrap().is_empty());

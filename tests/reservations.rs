@@ -161,32 +161,12 @@ async fn reservations_cover_tokens_per_minute_and_accrue_fees() {
     assert_eq!(q["candidates"][0]["reserved_headroom_tokens"], 2000, "{q}");
     assert_eq!(dec(&q["candidates"][0]["effective_price"]), Decimal::ZERO);
 
-    let report = tokenledger::projections::rebuild::verify(&app.owner)
-        .await
-        .unwrap();
-    assert!(report.differences.is_empty(), "{:?}", report.differences);
-    tokenledger::projections::rebuild::rebuild(&app.owner)
-        .await
-        .unwrap();
-    let report = tokenledger::projections::rebuild::verify(&app.owner)
-        .await
-        .unwrap();
-    assert!(report.differences.is_empty(), "{:?}", report.differences);
-    sqlx::query("update reservation_usage set covered = covered + 1")
-        .execute(&app.owner)
-        .await
-        .unwrap();
-    let report = tokenledger::projections::rebuild::verify(&app.owner)
-        .await
-        .unwrap();
-    assert!(
-        report
-            .differences
-            .iter()
-            .any(|d| d.contains("reservation_usage")),
-        "{:?}",
-        report.differences
-    );
+    app.rebuild_and_verify().await;
+    app.tamper_is_caught(
+        "update reservation_usage set covered = covered + 1",
+        "reservation_usage",
+    )
+    .await;
     let r = app
         .admin_post(
             "/v1/admin/tenants/acme/reservations",
@@ -267,10 +247,7 @@ async fn our_provider_reservation_lowers_marginal_cost_by_its_live_headroom() {
         after == before - 5000 || after == 1_000_000,
         "{before} -> {after}"
     );
-    let report = tokenledger::projections::rebuild::verify(&app.owner)
-        .await
-        .unwrap();
-    assert!(report.differences.is_empty(), "{:?}", report.differences);
+    app.verify_ok().await;
     assert_eq!(
         app.count("select count(*) from provider_usage_minutes")
             .await,

@@ -158,32 +158,12 @@ async fn tier_schedules_price_usage_and_verify_replays_them() {
     assert_eq!(dec(&receivable["balance"]), "0.015264".parse().unwrap());
 
     // verify replays the tiers; rebuild reproduces the positions; tampering is caught
-    let report = tokenledger::projections::rebuild::verify(&app.owner)
-        .await
-        .unwrap();
-    assert!(report.differences.is_empty(), "{:?}", report.differences);
-    tokenledger::projections::rebuild::rebuild(&app.owner)
-        .await
-        .unwrap();
-    let report = tokenledger::projections::rebuild::verify(&app.owner)
-        .await
-        .unwrap();
-    assert!(report.differences.is_empty(), "{:?}", report.differences);
-    sqlx::query("update tier_positions set units = units + 1 where schedule = 'a-tokens'")
-        .execute(&app.owner)
-        .await
-        .unwrap();
-    let report = tokenledger::projections::rebuild::verify(&app.owner)
-        .await
-        .unwrap();
-    assert!(
-        report
-            .differences
-            .iter()
-            .any(|d| d.contains("tier_positions")),
-        "{:?}",
-        report.differences
-    );
+    app.rebuild_and_verify().await;
+    app.tamper_is_caught(
+        "update tier_positions set units = units + 1 where schedule = 'a-tokens'",
+        "tier_positions",
+    )
+    .await;
     tokenledger::projections::rebuild::rebuild(&app.owner)
         .await
         .unwrap();
@@ -195,10 +175,7 @@ async fn tier_schedules_price_usage_and_verify_replays_them() {
     app.drain().await;
     let d = detail(&app, &key, "req-e7").await;
     assert_eq!(dec(&d["price_amount"]), "0.0009".parse().unwrap());
-    let report = tokenledger::projections::rebuild::verify(&app.owner)
-        .await
-        .unwrap();
-    assert!(report.differences.is_empty(), "{:?}", report.differences);
+    app.verify_ok().await;
     app.stop().await;
 }
 

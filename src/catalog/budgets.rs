@@ -46,17 +46,7 @@ struct Row {
     downgrade_class: Option<String>,
 }
 
-fn enum_from<T: serde::de::DeserializeOwned>(s: &str) -> Result<T, sqlx::Error> {
-    serde_json::from_value(serde_json::Value::String(s.to_string()))
-        .map_err(|e| sqlx::Error::Decode(Box::new(e)))
-}
-
-pub(crate) fn enum_str<T: Serialize>(v: &T) -> String {
-    match serde_json::to_value(v) {
-        Ok(serde_json::Value::String(s)) => s,
-        _ => unreachable!("unit enums serialise as strings"),
-    }
-}
+use super::{enum_from, enum_str};
 
 impl TryFrom<Row> for Budget {
     type Error = sqlx::Error;
@@ -87,30 +77,6 @@ pub async fn load_all(c: &mut sqlx::PgConnection) -> Result<Vec<Budget>, sqlx::E
         .fetch_all(&mut *c)
         .await?;
     rows.into_iter().map(Budget::try_from).collect()
-}
-
-/// When a new version may take effect: now plus the skew, earlier only while the tenant
-/// has no events.
-async fn effective(
-    pool: &PgPool,
-    tenant_id: &str,
-    requested: Option<DateTime<Utc>>,
-    now: DateTime<Utc>,
-    skew: chrono::Duration,
-) -> Result<DateTime<Utc>, CatalogError> {
-    let earliest = now + skew;
-    let charged: bool =
-        sqlx::query_scalar("select exists (select 1 from events where tenant_id = $1)")
-            .bind(tenant_id)
-            .fetch_one(pool)
-            .await?;
-    match requested {
-        Some(t) if charged && t < earliest => Err(CatalogError::EffectiveInPast {
-            earliest: earliest.to_rfc3339(),
-        }),
-        Some(t) => Ok(t),
-        None => Ok(earliest),
-    }
 }
 
 async fn insert(pool: &PgPool, b: &Budget) -> Result<i64, CatalogError> {
@@ -164,7 +130,8 @@ pub async fn add(
         downgrade_class: new.downgrade_class,
     };
     b.check().map_err(CatalogError::InvalidTerms)?;
-    b.effective_from = effective(pool, tenant_id, new.effective_from, now, skew).await?;
+    b.effective_from =
+        super::tenant_term_effective(pool, tenant_id, new.effective_from, now, skew).await?;
     b.id = insert(pool, &b).await?;
     Ok(b)
 }

@@ -74,32 +74,19 @@ pub async fn add(
     now: DateTime<Utc>,
     skew: chrono::Duration,
 ) -> Result<Commitment, CatalogError> {
-    let earliest = now + skew;
     let mut c = Commitment {
         id: 0,
         tenant_id: tenant_id.to_string(),
         name: new.name,
-        effective_from: earliest,
+        effective_from: now + skew,
         active: new.active,
         amount: new.amount,
         discount_percent: new.discount_percent,
         overage_rate_percent: new.overage_rate_percent.unwrap_or(Decimal::ONE_HUNDRED),
     };
     c.check().map_err(CatalogError::InvalidTerms)?;
-    let charged: bool =
-        sqlx::query_scalar("select exists (select 1 from events where tenant_id = $1)")
-            .bind(tenant_id)
-            .fetch_one(pool)
-            .await?;
-    c.effective_from = match new.effective_from {
-        Some(t) if charged && t < earliest => {
-            return Err(CatalogError::EffectiveInPast {
-                earliest: earliest.to_rfc3339(),
-            })
-        }
-        Some(t) => t,
-        None => earliest,
-    };
+    c.effective_from =
+        super::tenant_term_effective(pool, tenant_id, new.effective_from, now, skew).await?;
     let (id,): (i64,) = sqlx::query_as(
         "insert into commitments (tenant_id, name, effective_from, active, amount, discount_percent,
            overage_rate_percent) values ($1, $2, $3, $4, $5, $6, $7) returning id",
@@ -113,10 +100,7 @@ pub async fn add(
     .bind(c.overage_rate_percent)
     .fetch_one(pool)
     .await
-    .map_err(|e| match e.as_database_error().and_then(|d| d.code()).as_deref() {
-        Some("23503") => CatalogError::TenantNotFound(tenant_id.to_string()),
-        _ => CatalogError::Db(e),
-    })?;
+    .map_err(super::tenant_fk(tenant_id))?;
     c.id = id;
     Ok(c)
 }

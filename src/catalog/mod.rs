@@ -36,3 +36,49 @@ pub enum CatalogError {
 pub fn valid_currency(c: &str) -> bool {
     c.len() == 3 && c.bytes().all(|b| b.is_ascii_uppercase())
 }
+
+/// When a new version of a tenant's commercial term takes effect: the requested instant,
+/// or now plus the accepted skew by default. It may be earlier than that only while the
+/// tenant has no events (nothing was charged that it could have applied to).
+pub async fn tenant_term_effective(
+    pool: &sqlx::PgPool,
+    tenant_id: &str,
+    requested: Option<chrono::DateTime<chrono::Utc>>,
+    now: chrono::DateTime<chrono::Utc>,
+    skew: chrono::Duration,
+) -> Result<chrono::DateTime<chrono::Utc>, CatalogError> {
+    let earliest = now + skew;
+    let charged: bool =
+        sqlx::query_scalar("select exists (select 1 from events where tenant_id = $1)")
+            .bind(tenant_id)
+            .fetch_one(pool)
+            .await?;
+    match requested {
+        Some(t) if charged && t < earliest => Err(CatalogError::EffectiveInPast {
+            earliest: earliest.to_rfc3339(),
+        }),
+        Some(t) => Ok(t),
+        None => Ok(earliest),
+    }
+}
+
+/// A unit enum stored as its serde name (`snake_case` text).
+pub(crate) fn enum_from<T: serde::de::DeserializeOwned>(s: &str) -> Result<T, sqlx::Error> {
+    serde_json::from_value(serde_json::Value::String(s.to_string()))
+        .map_err(|e| sqlx::Error::Decode(Box::new(e)))
+}
+
+pub(crate) fn enum_str<T: serde::Serialize>(v: &T) -> String {
+    match serde_json::to_value(v) {
+        Ok(serde_json::Value::String(s)) => s,
+        _ => unreachable!("unit enums serialise as strings"),
+    }
+}
+
+/// Maps a foreign-key violation on the tenant to "tenant not found".
+pub(crate) fn tenant_fk(tenant_id: &str) -> impl FnOnce(sqlx::Error) -> CatalogError + '_ {
+    move |e| match e.as_database_error().and_then(|d| d.code()).as_deref() {
+        Some("23503") => CatalogError::TenantNotFound(tenant_id.to_string()),
+        _ => CatalogError::Db(e),
+    }
+}

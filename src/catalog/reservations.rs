@@ -77,12 +77,11 @@ pub async fn add(
     now: DateTime<Utc>,
     skew: chrono::Duration,
 ) -> Result<Reservation, CatalogError> {
-    let earliest = now + skew;
     let mut r = Reservation {
         id: 0,
         tenant_id: tenant_id.to_string(),
         name: new.name,
-        effective_from: earliest,
+        effective_from: now + skew,
         active: new.active,
         provider: new.provider,
         model: new.model,
@@ -91,20 +90,8 @@ pub async fn add(
         price_per_unit_hour: new.price_per_unit_hour,
     };
     r.check().map_err(CatalogError::InvalidTerms)?;
-    let charged: bool =
-        sqlx::query_scalar("select exists (select 1 from events where tenant_id = $1)")
-            .bind(tenant_id)
-            .fetch_one(pool)
-            .await?;
-    r.effective_from = match new.effective_from {
-        Some(t) if charged && t < earliest => {
-            return Err(CatalogError::EffectiveInPast {
-                earliest: earliest.to_rfc3339(),
-            })
-        }
-        Some(t) => t,
-        None => earliest,
-    };
+    r.effective_from =
+        super::tenant_term_effective(pool, tenant_id, new.effective_from, now, skew).await?;
     let (id,): (i64,) = sqlx::query_as(
         "insert into reservations (tenant_id, name, effective_from, active, provider, model, units,
            tokens_per_minute_per_unit, price_per_unit_hour)

@@ -39,17 +39,7 @@ struct Row {
     tiers: sqlx::types::Json<Vec<Tier>>,
 }
 
-fn enum_from<T: serde::de::DeserializeOwned>(s: &str) -> Result<T, sqlx::Error> {
-    serde_json::from_value(serde_json::Value::String(s.to_string()))
-        .map_err(|e| sqlx::Error::Decode(Box::new(e)))
-}
-
-fn enum_str<T: Serialize>(v: &T) -> String {
-    match serde_json::to_value(v) {
-        Ok(serde_json::Value::String(s)) => s,
-        _ => unreachable!("unit enums serialise as strings"),
-    }
-}
+use super::{enum_from, enum_str};
 
 impl TryFrom<Row> for TierSchedule {
     type Error = sqlx::Error;
@@ -88,12 +78,11 @@ pub async fn add(
     now: DateTime<Utc>,
     skew: chrono::Duration,
 ) -> Result<TierSchedule, CatalogError> {
-    let earliest = now + skew;
     let mut s = TierSchedule {
         id: 0,
         tenant_id: tenant_id.to_string(),
         name: new.name,
-        effective_from: earliest,
+        effective_from: now + skew,
         mode: new.mode,
         metric: new.metric,
         scope: new.scope,
@@ -101,20 +90,8 @@ pub async fn add(
         tiers: new.tiers,
     };
     s.check().map_err(CatalogError::InvalidTerms)?;
-    let charged: bool =
-        sqlx::query_scalar("select exists (select 1 from events where tenant_id = $1)")
-            .bind(tenant_id)
-            .fetch_one(pool)
-            .await?;
-    s.effective_from = match new.effective_from {
-        Some(t) if charged && t < earliest => {
-            return Err(CatalogError::EffectiveInPast {
-                earliest: earliest.to_rfc3339(),
-            })
-        }
-        Some(t) => t,
-        None => earliest,
-    };
+    s.effective_from =
+        super::tenant_term_effective(pool, tenant_id, new.effective_from, now, skew).await?;
     let (id,): (i64,) = sqlx::query_as(
         "insert into tier_schedules (tenant_id, name, effective_from, mode, metric, scope,
            scope_value, tiers) values ($1, $2, $3, $4, $5, $6, $7, $8) returning id",

@@ -78,15 +78,7 @@ pub fn period_key(p: BudgetPeriod, at: DateTime<Utc>) -> String {
 
 impl Budget {
     pub fn check(&self) -> Result<(), String> {
-        let name_ok = !self.name.is_empty()
-            && self.name.len() <= 64
-            && self
-                .name
-                .bytes()
-                .all(|b| b.is_ascii_alphanumeric() || b"-_.".contains(&b));
-        if !name_ok {
-            return Err("name must be 1-64 characters of [A-Za-z0-9._-]".into());
-        }
+        super::check_term_name(&self.name)?;
         match self.scope {
             BudgetScope::Tenant if !self.scope_value.is_empty() => {
                 return Err("scope `tenant` takes no scope_value".into())

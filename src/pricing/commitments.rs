@@ -34,15 +34,7 @@ pub struct Commitment {
 
 impl Commitment {
     pub fn check(&self) -> Result<(), String> {
-        let name_ok = !self.name.is_empty()
-            && self.name.len() <= 64
-            && self
-                .name
-                .bytes()
-                .all(|b| b.is_ascii_alphanumeric() || b"-_.".contains(&b));
-        if !name_ok {
-            return Err("name must be 1-64 characters of [A-Za-z0-9._-]".into());
-        }
+        super::check_term_name(&self.name)?;
         if self.amount <= Decimal::ZERO {
             return Err("amount must be positive".into());
         }

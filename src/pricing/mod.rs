@@ -39,3 +39,18 @@ pub enum PricingError {
 
 #[cfg(test)]
 mod tests;
+
+/// Names of versioned terms (tier schedules, budgets, commitments, reservations): 1-64
+/// characters of `[A-Za-z0-9._-]`.
+pub fn check_term_name(name: &str) -> Result<(), String> {
+    let ok = !name.is_empty()
+        && name.len() <= 64
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"-_.".contains(&b));
+    if ok {
+        Ok(())
+    } else {
+        Err("name must be 1-64 characters of [A-Za-z0-9._-]".into())
+    }
+}

@@ -29,15 +29,7 @@ pub struct Reservation {
 
 impl Reservation {
     pub fn check(&self) -> Result<(), String> {
-        let name_ok = !self.name.is_empty()
-            && self.name.len() <= 64
-            && self
-                .name
-                .bytes()
-                .all(|b| b.is_ascii_alphanumeric() || b"-_.".contains(&b));
-        if !name_ok {
-            return Err("name must be 1-64 characters of [A-Za-z0-9._-]".into());
-        }
+        super::check_term_name(&self.name)?;
         if self.provider.is_empty() || self.model.is_empty() {
             return Err("provider and model are required".into());
         }

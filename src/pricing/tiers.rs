@@ -77,15 +77,7 @@ pub struct TierSchedule {
 impl TierSchedule {
     /// Why these terms cannot be a schedule, if they cannot.
     pub fn check(&self) -> Result<(), String> {
-        let name_ok = !self.name.is_empty()
-            && self.name.len() <= 64
-            && self
-                .name
-                .bytes()
-                .all(|b| b.is_ascii_alphanumeric() || b"-_.".contains(&b));
-        if !name_ok {
-            return Err("name must be 1-64 characters of [A-Za-z0-9._-]".into());
-        }
+        super::check_term_name(&self.name)?;
         match (self.scope, self.scope_value.is_empty()) {
             (ScopeKind::All, false) => return Err("scope `all` takes no scope_value".into()),
             (ScopeKind::Provider | ScopeKind::Model, true) => {

@@ -295,3 +295,36 @@ impl TestApp {
             .as_u16()
     }
 }
+
+impl TestApp {
+    /// `verify` must find nothing; returns its report.
+    pub async fn verify_ok(&self) -> tokenledger::projections::rebuild::VerifyReport {
+        let report = tokenledger::projections::rebuild::verify(&self.owner)
+            .await
+            .unwrap();
+        assert!(report.differences.is_empty(), "{:?}", report.differences);
+        report
+    }
+
+    /// verify, rebuild every projection, verify again.
+    pub async fn rebuild_and_verify(&self) {
+        self.verify_ok().await;
+        tokenledger::projections::rebuild::rebuild(&self.owner)
+            .await
+            .unwrap();
+        self.verify_ok().await;
+    }
+
+    /// Tamper with the database as the owner; `verify` must name `what`.
+    pub async fn tamper_is_caught(&self, sql: &str, what: &str) {
+        sqlx::query(sql).execute(&self.owner).await.unwrap();
+        let report = tokenledger::projections::rebuild::verify(&self.owner)
+            .await
+            .unwrap();
+        assert!(
+            report.differences.iter().any(|d| d.contains(what)),
+            "{what}: {:?}",
+            report.differences
+        );
+    }
+}
