@@ -58,6 +58,11 @@ today=$(date -u +%Y-%m-%d); tomorrow=$(date -u -d tomorrow +%Y-%m-%d)
 curl -sf "$api/v1/usage?from=$today&to=$tomorrow&group_by=model" -H "authorization: Bearer $key"; echo
 echo "== GET /v1/balances"
 curl -sf "$api/v1/balances" -H "authorization: Bearer $key"; echo
+echo "== POST /v1/quote (routing class auto:balanced, 3,000 input + 800 output tokens)"
+curl -sf -X POST "$api/v1/quote" -H "authorization: Bearer $key" -H 'content-type: application/json' \
+  -d '{"routing_class":"auto:balanced","input_tokens":3000,"output_tokens":800}'; echo
+echo "== GET /v1/routing/auto:balanced (the decision the pricing role publishes to NATS KV)"
+curl -sf "$api/v1/routing/auto:balanced" -H "authorization: Bearer $key" | head -c 600; echo
 echo "== tokenledger verify"
 $bin verify
 echo
