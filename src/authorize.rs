@@ -132,9 +132,7 @@ impl Authorizer {
                 "token counts are capped at {MAX_TOKENS}"
             )));
         }
-        if req.model.is_empty() {
-            return Err(AuthError::Invalid("model must not be empty".into()));
-        }
+        check_strings(&req).map_err(AuthError::Invalid)?;
         let (reply, rx) = oneshot::channel();
         self.tx
             .send((tenant, req, reply))
@@ -142,6 +140,34 @@ impl Authorizer {
             .map_err(|_| AuthError::Stopped)?;
         rx.await.map_err(|_| AuthError::Stopped)?
     }
+}
+
+/// The same string rules as usage events: non-empty, bounded, no control characters
+/// (a NUL would fail the whole group's insert).
+fn check_strings(req: &AuthRequest) -> Result<(), String> {
+    use crate::events::{limits, string_problem};
+    let one = |field: &str, v: &str, max: usize| match string_problem(v, max) {
+        Some((_, m)) => Err(format!("{field} {m}")),
+        None => Ok(()),
+    };
+    one("model", &req.model, limits::MODEL)?;
+    if let Some(p) = &req.provider {
+        one("provider", p, limits::PROVIDER)?;
+    }
+    if let Some(r) = &req.region {
+        one("region", r, limits::REGION)?;
+    }
+    if let Some(k) = &req.api_key_id {
+        one("api_key_id", k, limits::API_KEY)?;
+    }
+    if req.tags.len() > limits::TAGS {
+        return Err(format!("at most {} tags", limits::TAGS));
+    }
+    for (k, v) in &req.tags {
+        one("a tag key", k, limits::TAG_KEY_BYTES)?;
+        one("a tag value", v, limits::TAG_VALUE_BYTES)?;
+    }
+    Ok(())
 }
 
 async fn run(

@@ -341,6 +341,8 @@ pub async fn run_publisher(
     let mut closed = HashSet::new();
     // tenants whose reservation ran out in a minute: republish once that minute is over
     let mut refill: HashMap<String, String> = HashMap::new();
+    // alert fact ids handled in the look-back window
+    let mut seen: HashSet<i64> = HashSet::new();
     let mut store = None;
     let mut last_alert: Option<i64> = None;
     let mut last_stamp: BookStamp = -1;
@@ -386,8 +388,10 @@ pub async fn run_publisher(
                 return Ok(());
             }
             let since = last_alert.unwrap_or(newest);
-            let rows: Vec<(String, String)> = sqlx::query_as(
-                "select tenant_id, type from alert_facts where id > $1 and id <= $2
+            // alert facts of parallel writers may commit out of id order: look back over a
+            // window and skip what was already handled
+            let rows: Vec<(i64, String, String)> = sqlx::query_as(
+                "select id, tenant_id, type from alert_facts where id > $1 - 1000 and id <= $2
                    and (type in ('tier.crossed', 'commitment.exhausted', 'reservation.exhausted')
                         or (type = 'budget.threshold_crossed' and (payload->>'limit_reached')::bool))
                  order by id",
@@ -398,7 +402,11 @@ pub async fn run_publisher(
             .await?;
             let mut done = HashSet::new();
             let minute = crate::pricing::reservations::minute_of(Utc::now());
-            for (t, ty) in rows {
+            seen.retain(|id| *id > since - 1000);
+            for (id, t, ty) in rows {
+                if !seen.insert(id) {
+                    continue;
+                }
                 if ty == "reservation.exhausted" {
                     // headroom returns with the next minute: publish again then
                     refill.insert(t.clone(), minute.clone());
@@ -494,7 +502,7 @@ async fn close_ended_periods(
     let period = period_of(last);
     let mut tenants: Vec<String> = book
         .committed_tenants()
-        .filter(|t| book.commitment_at(t, last).is_some())
+        .filter(|t| book.had_commitment(t, start))
         .chain(book.reserving_tenants())
         .filter(|t| !done.contains(&(t.to_string(), period.clone())))
         .map(str::to_string)

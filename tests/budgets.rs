@@ -174,6 +174,7 @@ async fn budget_spend_and_threshold_alerts_are_recorded_once_and_replayed() {
     for bad in [
         json!({"name": "x", "scope": "tag", "scope_value": "nokey", "period": "day", "amount": "1", "action": "alert"}),
         json!({"name": "x", "scope": "tenant", "period": "day", "amount": "0", "action": "alert"}),
+        json!({"name": "x", "scope": "tenant", "period": "day", "amount": "79228162514264337593543950335", "action": "alert"}),
         json!({"name": "x", "scope": "tenant", "period": "day", "amount": "1", "action": "downgrade"}),
         json!({"name": "x", "scope": "tenant", "period": "year", "amount": "1", "action": "alert"}),
         json!({"name": "x", "scope": "tenant", "period": "day", "amount": "1", "action": "alert", "effective_from": past}),
@@ -341,6 +342,8 @@ async fn concurrent_authorisations_never_take_a_blocking_budget_past_its_limit()
     )
     .await;
     assert_eq!(s, 422);
+    let (s, _) = authorize(&app, &key, &json!({"model": "b-model", "api_key_id": "k\u{0}", "estimated_input_tokens": 1, "max_tokens": 1})).await;
+    assert_eq!(s, 422, "a control character is refused, not a failed batch");
     let (s, _) = authorize(&app, ADMIN, &json!({"tenant_id": "nobody", "model": "b-model", "estimated_input_tokens": 1, "max_tokens": 1})).await;
     assert_eq!(s, 404);
     assert_eq!(app.count("select count(*) from authorizations").await, n);

@@ -48,7 +48,8 @@ async fn commitments_draw_down_overage_and_true_up_at_the_close() {
     assert_eq!(r.status(), 201);
     let acme = app.tenant("acme").await;
     let beta = app.tenant("beta").await;
-    for (t, amount) in [("acme", "1"), ("beta", "5")] {
+    let gamma = app.tenant("gamma").await;
+    for (t, amount) in [("acme", "1"), ("beta", "5"), ("gamma", "10")] {
         let r = app
             .admin_post(
                 &format!("/v1/admin/tenants/{t}/commitments"),
@@ -60,6 +61,19 @@ async fn commitments_draw_down_overage_and_true_up_at_the_close() {
             .await;
         assert_eq!(r.status(), 201, "{}", r.text().await.unwrap());
     }
+    // gamma's commitment ends on October 15th (set before any event, so it may be dated)
+    let r = app
+        .admin_post(
+            "/v1/admin/tenants/gamma/commitments",
+            Some(
+                &json!({"name": "monthly", "amount": "10", "discount_percent": "20",
+                "active": false, "effective_from": "2026-10-15T00:00:00Z"}),
+            ),
+        )
+        .await;
+    assert_eq!(r.status(), 201);
+    let mut g2 = ev("g2", "gamma");
+    g2["time"] = json!("2026-10-20T12:00:00Z");
     app.ingest(
         ADMIN,
         &json!([
@@ -67,11 +81,13 @@ async fn commitments_draw_down_overage_and_true_up_at_the_close() {
             ev("e2", "acme"),
             ev("e3", "acme"),
             ev("e4", "acme"),
-            ev("b1", "beta")
+            ev("b1", "beta"),
+            ev("g1", "gamma"),
+            g2
         ]),
     )
     .await;
-    app.wait_count(EVENTS, 5).await;
+    app.wait_count(EVENTS, 7).await;
     app.drain().await;
 
     // e1, e2: 0.6 each drawn at 20% off (0.48); e3: 0.04 left covers 0.05 of its 0.6,
@@ -108,7 +124,7 @@ async fn commitments_draw_down_overage_and_true_up_at_the_close() {
     );
 
     // close October: the commitment is billed, the unused remainder trued up
-    for t in ["acme", "beta"] {
+    for t in ["acme", "beta", "gamma"] {
         let r = app
             .admin_post(
                 &format!("/v1/admin/tenants/{t}/period-close"),
@@ -123,9 +139,19 @@ async fn commitments_draw_down_overage_and_true_up_at_the_close() {
         Some(&json!({"period": "2026-10"})),
     )
     .await;
-    app.wait_count(EVENTS, 7).await;
+    app.wait_count(EVENTS, 10).await;
     app.drain().await;
-    assert_eq!(app.count(EVENTS).await, 7);
+    assert_eq!(app.count(EVENTS).await, 10);
+    // gamma's commitment ended mid-month: what it drew (0.48) is billed, with no true-up;
+    // its usage after the end (0.6) was on demand
+    assert_eq!(
+        balance(&app, &gamma, "receivable").await,
+        "1.08".parse().unwrap()
+    );
+    assert_eq!(
+        balance(&app, &gamma, "commitment:monthly").await,
+        Decimal::ZERO
+    );
     // acme: overage 0.55 + 0.6 billed as used, the commitment 1 at the close
     assert_eq!(
         balance(&app, &acme, "receivable").await,
@@ -155,7 +181,7 @@ async fn commitments_draw_down_overage_and_true_up_at_the_close() {
 
     // late usage of the closed period: on demand, no drawdown
     app.ingest(ADMIN, &json!([ev("late", "beta")])).await;
-    app.wait_count(EVENTS, 8).await;
+    app.wait_count(EVENTS, 11).await;
     app.drain().await;
     let d: Value = app
         .get(&beta, "/v1/requests/req-late")

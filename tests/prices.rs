@@ -70,6 +70,22 @@ async fn publish_list_and_diff_price_versions() {
         404
     );
 
+    // once the model was charged, a new key for it (a first region) may not be dated back
+    // over those charges
+    app.tenant("acme").await;
+    app.ingest(
+        ADMIN,
+        &json!([common::usage("p1", "acme", "diff-m", 10, 10)]),
+    )
+    .await;
+    app.wait_count("select count(*) from events", 1).await;
+    app.drain().await;
+    let mut region = first.clone();
+    region["region"] = json!("eu");
+    region["effective_from"] = json!("2021-01-01T00:00:00Z");
+    let r = app.admin_post("/v1/admin/prices", Some(&region)).await;
+    assert_eq!(r.status(), 422);
+
     // the CLI shows the same diff
     let out = std::process::Command::new(env!("CARGO_BIN_EXE_tokenledger"))
         .args([

@@ -219,8 +219,25 @@ pub async fn add_price(
     .bind(&p.currency)
     .fetch_one(&mut **tx)
     .await?;
+    // A new key (a first region or an explicit price beside the cost) may be dated back
+    // only over a stretch where nothing of this model was charged: otherwise it would
+    // change which version was in force for events already rated.
+    let charged_since = match p.effective_from {
+        Some(t) if !existing && t < earliest => {
+            sqlx::query_scalar(
+                "select exists (select 1 from usage_rollups where provider = $1 and model = $2
+               and day >= ($3 at time zone 'UTC')::date)",
+            )
+            .bind(&p.provider)
+            .bind(&p.model)
+            .bind(t)
+            .fetch_one(&mut **tx)
+            .await?
+        }
+        _ => false,
+    };
     let effective_from = match p.effective_from {
-        Some(t) if existing && t < earliest => {
+        Some(t) if (existing || charged_since) && t < earliest => {
             return Err(CatalogError::EffectiveInPast {
                 earliest: earliest.to_rfc3339(),
             })

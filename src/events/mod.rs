@@ -14,6 +14,7 @@ use rust_decimal::Decimal;
 use serde::Serialize;
 use sha2::{Digest, Sha256};
 
+pub(crate) use validate::{limits, string_problem};
 pub use validate::{parse, parse_bytes, parse_bytes_slow, FieldError, Rejection};
 
 pub const USAGE_V1: &str = "tokenledger.usage.v1";

@@ -57,7 +57,7 @@ pub fn parse_bytes_slow(bytes: &[u8], now: DateTime<Utc>) -> Result<Event, Rejec
 }
 
 /// Why a string breaks the rule "1..=max printable characters", if it does.
-pub(super) fn string_problem(s: &str, max: usize) -> Option<(&'static str, String)> {
+pub(crate) fn string_problem(s: &str, max: usize) -> Option<(&'static str, String)> {
     if s.is_empty() {
         Some(("empty", "must not be empty".into()))
     } else if s.chars().count() > max {
@@ -88,7 +88,7 @@ pub(super) fn check_time(
 }
 
 /// Length limits (characters) of the contract's string fields; both parsers use them.
-pub(super) mod limits {
+pub(crate) mod limits {
     pub const ID: usize = 128;
     pub const SPECVERSION: usize = 8;
     pub const SOURCE: usize = 512;
@@ -480,12 +480,7 @@ fn system(map: Map<String, Value>, errors: &mut Vec<FieldError>) -> Option<Syste
         f.fail("kind", "unknown_kind", "must be period_close");
     }
     let period = f.string("period", true, 7);
-    let month_ok = |p: &str| {
-        p.len() == 7
-            && p.as_bytes()[4] == b'-'
-            && p[..4].bytes().all(|b| b.is_ascii_digit())
-            && p[5..].parse::<u32>().is_ok_and(|m| (1..=12).contains(&m))
-    };
+    let month_ok = |p: &str| crate::pricing::tiers::parse_period(p).is_some();
     if period.as_deref().is_some_and(|p| !month_ok(p)) {
         f.fail("period", "invalid_period", "must be a month, YYYY-MM");
     }

@@ -91,13 +91,15 @@ pub fn commitment(name: &str) -> String {
 /// Reservation fees are billed as they accrue (receivable -> revenue).
 pub fn close_legs(record: &super::state::CloseRecord) -> Vec<Leg> {
     let mut legs = Vec::new();
-    if let Some(line) = &record.commitment {
-        legs.push(Leg {
-            kind: "commitment_billed",
-            debit: RECEIVABLE.into(),
-            credit: commitment(&line.commitment),
-            amount: line.amount,
-        });
+    for line in &record.commitments {
+        if line.amount > Decimal::ZERO {
+            legs.push(Leg {
+                kind: "commitment_billed",
+                debit: RECEIVABLE.into(),
+                credit: commitment(&line.commitment),
+                amount: line.amount,
+            });
+        }
         if line.true_up > Decimal::ZERO {
             legs.push(Leg {
                 kind: "commitment_true_up",
@@ -107,7 +109,7 @@ pub fn close_legs(record: &super::state::CloseRecord) -> Vec<Leg> {
             });
         }
     }
-    for r in &record.reservations {
+    for r in record.reservations.iter().filter(|r| r.fee > Decimal::ZERO) {
         legs.push(Leg {
             kind: "reservation_fee",
             debit: RECEIVABLE.into(),

@@ -48,6 +48,8 @@ pub struct Moves {
     pub tier_crossed: Option<(u32, u32, i64, Decimal)>,
     /// The commitment position after the event.
     pub commitment: Option<(Key, CommitmentPosition)>,
+    /// Commitment positions a period's close closed.
+    pub closes: Vec<(Key, CommitmentPosition)>,
     /// Covered tokens of the reservation's minute after the event.
     pub reservation: Option<(Key, u64)>,
     /// The event used up the reservation's capacity for its minute: (capacity).
@@ -137,6 +139,9 @@ impl TenantState {
             self.budgets.insert(b.key.clone(), b.after);
         }
         if let Some((k, p)) = &m.commitment {
+            self.commitments.insert(k.clone(), p.clone());
+        }
+        for (k, p) in &m.closes {
             self.commitments.insert(k.clone(), p.clone());
         }
         if let Some((k, n)) = &m.reservation {
@@ -246,15 +251,16 @@ pub struct ReservationFee {
 #[derive(Clone, Debug, PartialEq, serde::Serialize, serde::Deserialize)]
 pub struct CloseRecord {
     pub period: String,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub commitment: Option<CloseLine>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub commitments: Vec<CloseLine>,
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub reservations: Vec<ReservationFee>,
 }
 
 /// The close of a tenant's period. The commitment in force at the period's last instant
-/// is billed in full and its unused remainder trued up, and its position closed (usage
-/// of that period ordered after this is late: on demand, no drawdown); each reservation's
+/// is billed in full and its unused remainder trued up; one that ended during the period
+/// is billed what was drawn; their positions are closed (usage of that period ordered
+/// after this is late: on demand, no drawdown); each reservation's
 /// unit-hour fees for the hours its versions were in force in the period accrue. Nothing
 /// if there is nothing to charge or the commitment's period is already closed.
 pub fn close_period(
@@ -272,25 +278,52 @@ pub fn close_period(
     };
     let mut record = CloseRecord {
         period: period.to_string(),
-        commitment: None,
+        commitments: Vec::new(),
         reservations: Vec::new(),
     };
-    if let Some(c) = book.commitment_at(tenant, end - chrono::Duration::nanoseconds(1)) {
-        let key = (tenant.to_string(), c.name.clone(), period.to_string());
+    let last = end - chrono::Duration::nanoseconds(1);
+    let in_force = book.commitment_at(tenant, last);
+    // every commitment drawn on in the period, and the one in force at its end
+    let mut names: std::collections::BTreeSet<String> = state
+        .commitments
+        .keys()
+        .filter(|k| k.0 == tenant && k.2 == period)
+        .map(|k| k.1.clone())
+        .collect();
+    if let Some(c) = in_force {
+        names.insert(c.name.clone());
+    }
+    for name in names {
+        let key = (tenant.to_string(), name.clone(), period.to_string());
         let pos = state.commitments.get(&key).cloned().unwrap_or_default();
         if pos.closed {
             // this period was closed already: a second close charges nothing
-            return (None, moves);
+            return (None, Moves::default());
         }
-        record.commitment = Some(CloseLine {
-            commitment: c.name.clone(),
-            version: c.id,
-            period: period.to_string(),
-            amount: c.amount.normalize(),
-            drawn: pos.drawn.normalize(),
-            true_up: true_up(c, &pos).normalize(),
-        });
-        moves.commitment = Some((
+        let line = match in_force {
+            // in force at the end: billed in full, the unused remainder trued up
+            Some(c) if c.name == name => CloseLine {
+                commitment: name.clone(),
+                version: c.id,
+                period: period.to_string(),
+                amount: c.amount.normalize(),
+                drawn: pos.drawn.normalize(),
+                true_up: true_up(c, &pos).normalize(),
+            },
+            // ended during the period: what was drawn is billed, nothing is trued up
+            _ => CloseLine {
+                commitment: name.clone(),
+                version: book
+                    .commitment_version_at(tenant, &name, last)
+                    .map_or(0, |c| c.id),
+                period: period.to_string(),
+                amount: pos.drawn.normalize(),
+                drawn: pos.drawn.normalize(),
+                true_up: Decimal::ZERO,
+            },
+        };
+        record.commitments.push(line);
+        moves.closes.push((
             key,
             CommitmentPosition {
                 drawn: pos.drawn,
@@ -308,7 +341,7 @@ pub fn close_period(
             });
         }
     }
-    if record.commitment.is_none() && record.reservations.is_empty() {
+    if record.commitments.is_empty() && record.reservations.is_empty() {
         return (None, moves);
     }
     (Some(record), moves)

@@ -129,20 +129,13 @@ impl Projections {
 /// book's stamp (newest price version and markup rule ids) read in the same round trip.
 pub type Locked = (HashMap<String, (i64, String)>, Option<BookStamp>);
 
-/// The sum of the newest ids of price versions, markup rules, tier schedules, budgets and
-/// routing classes: every one of those tables is append-only, so the sum grows exactly
-/// when the price book (with its terms) changed.
+/// The terms version: a counter every insert into a commercial-term table (prices,
+/// markups, tier schedules, budgets, routing classes, commitments, reservations) bumps
+/// in commit order; the price book changed exactly when it moved.
 pub type BookStamp = i64;
 
 /// The SQL expression of the book stamp.
-pub const BOOK_STAMP: &str = "(coalesce((select max(id) from price_versions), 0)
-  + coalesce((select max(id) from markup_rules), 0)
-  + coalesce((select max(id) from tier_schedules), 0)
-  + coalesce((select max(id) from budgets), 0)
-  + coalesce((select max(id) from routing_classes), 0)
-  + coalesce((select max(id) from commitments), 0)
-  + coalesce((select max(id) from reservations), 0)
-  + coalesce((select max(id) from provider_reservations), 0))::int8";
+pub const BOOK_STAMP: &str = "(select n from terms_version where id = 1)";
 
 pub async fn lock_tenants(c: &mut PgConnection, tenants: &[String]) -> sqlx::Result<Locked> {
     let rows: Vec<(String, i64, String, i64)> = sqlx::query_as(&format!(

@@ -459,7 +459,7 @@ impl Writer {
             EventData::System(x) => {
                 let (line, moves) = close_period(&self.book, &x.tenant_id, &x.period, &known.state);
                 known.state.apply(&moves);
-                if let Some((key, after)) = moves.commitment {
+                for (key, after) in moves.closes {
                     b.commitments.insert(key, after);
                 }
                 Ok(match line {

@@ -172,6 +172,27 @@ impl PriceBook {
         latest.into_values().find(|c| c.active)
     }
 
+    /// The latest version of a tenant's commitment `name` at `at`, active or not.
+    pub fn commitment_version_at(
+        &self,
+        tenant_id: &str,
+        name: &str,
+        at: DateTime<Utc>,
+    ) -> Option<&Commitment> {
+        self.commitments
+            .get(tenant_id)?
+            .iter()
+            .rev()
+            .find(|c| c.name == name && c.effective_from <= at)
+    }
+
+    /// Whether the tenant had any commitment version effective before `end`.
+    pub fn had_commitment(&self, tenant_id: &str, end: DateTime<Utc>) -> bool {
+        self.commitments
+            .get(tenant_id)
+            .is_some_and(|l| l.iter().any(|c| c.effective_from < end))
+    }
+
     /// Tenants with any commitment version.
     pub fn committed_tenants(&self) -> impl Iterator<Item = &str> {
         self.commitments.keys().map(|k| k.as_str())

@@ -92,8 +92,11 @@ impl Budget {
             },
             _ => {}
         }
-        if self.amount <= Decimal::ZERO {
-            return Err("amount must be positive".into());
+        if self.amount <= Decimal::ZERO || self.amount > super::MAX_TERM_AMOUNT {
+            return Err(format!(
+                "amount must be positive and at most {}",
+                super::MAX_TERM_AMOUNT
+            ));
         }
         if self.thresholds.len() > 10 {
             return Err("at most 10 thresholds".into());
@@ -133,8 +136,13 @@ impl Budget {
         self.thresholds
             .iter()
             .filter(|t| {
-                let at = self.amount * **t / Decimal::ONE_HUNDRED;
-                before < at && at <= after
+                // amounts and thresholds are capped, so this cannot overflow; if it could,
+                // the threshold is simply never reached
+                let at = self
+                    .amount
+                    .checked_mul(**t)
+                    .map(|x| x / Decimal::ONE_HUNDRED);
+                at.is_some_and(|at| before < at && at <= after)
             })
             .copied()
             .collect()

@@ -35,8 +35,11 @@ pub struct Commitment {
 impl Commitment {
     pub fn check(&self) -> Result<(), String> {
         super::check_term_name(&self.name)?;
-        if self.amount <= Decimal::ZERO {
-            return Err("amount must be positive".into());
+        if self.amount <= Decimal::ZERO || self.amount > super::MAX_TERM_AMOUNT {
+            return Err(format!(
+                "amount must be positive and at most {}",
+                super::MAX_TERM_AMOUNT
+            ));
         }
         if self.discount_percent < Decimal::ZERO || self.discount_percent >= Decimal::ONE_HUNDRED {
             return Err("discount_percent must be at least 0 and below 100".into());
@@ -108,7 +111,13 @@ pub fn apply(
         (covered.min(price), remaining)
     };
     let overage_usage = price - covered;
-    let overage = ov(overage_usage.checked_mul(c.overage_rate_percent))? / Decimal::ONE_HUNDRED;
+    // late usage (the period is closed) is charged on demand, not at the overage rate
+    let rate = if pos.closed {
+        Decimal::ONE_HUNDRED
+    } else {
+        c.overage_rate_percent
+    };
+    let overage = ov(overage_usage.checked_mul(rate))? / Decimal::ONE_HUNDRED;
     Ok(CommitmentApplied {
         commitment: c.name.clone(),
         version: c.id,

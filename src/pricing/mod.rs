@@ -40,6 +40,10 @@ pub enum PricingError {
 #[cfg(test)]
 mod tests;
 
+/// The largest amount a term may state (budget limits, commitments, unit prices): far
+/// above any real contract, far below where decimal arithmetic could overflow.
+pub const MAX_TERM_AMOUNT: Decimal = Decimal::from_parts(3_567_587_328, 232, 0, false, 0); // 1e12
+
 /// Names of versioned terms (tier schedules, budgets, commitments, reservations): 1-64
 /// characters of `[A-Za-z0-9._-]`.
 pub fn check_term_name(name: &str) -> Result<(), String> {

@@ -203,6 +203,11 @@ pub fn with_reservation(
     used_before: u64,
     minute: String,
 ) -> Result<Rating, PricingError> {
+    // a request that moves no money is recorded without a breakdown: nothing could
+    // rebuild its coverage, so it covers nothing
+    if r.price.is_zero() && r.cost.is_zero() {
+        return Ok(r);
+    }
     let applied = super::reservations::apply(
         res,
         used_before,

@@ -39,8 +39,13 @@ impl Reservation {
         if self.tokens_per_minute_per_unit == 0 || self.tokens_per_minute_per_unit > 100_000_000 {
             return Err("tokens_per_minute_per_unit must be 1 to 100000000".into());
         }
-        if self.price_per_unit_hour < Decimal::ZERO {
-            return Err("price_per_unit_hour must not be negative".into());
+        if self.price_per_unit_hour < Decimal::ZERO
+            || self.price_per_unit_hour > super::MAX_TERM_AMOUNT
+        {
+            return Err(format!(
+                "price_per_unit_hour must be between 0 and {}",
+                super::MAX_TERM_AMOUNT
+            ));
         }
         Ok(())
     }
@@ -123,6 +128,7 @@ pub fn fee(versions: &[&Reservation], start: DateTime<Utc>, end: DateTime<Utc>) 
         if !v.active || to <= from {
             continue;
         }
+        // units <= 1e5, price <= 1e12, seconds in a month < 3e6: no overflow
         let secs = Decimal::from((to - from).num_seconds());
         total += Decimal::from(v.units) * v.price_per_unit_hour * secs / Decimal::from(3600);
     }

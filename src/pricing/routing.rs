@@ -97,7 +97,11 @@ impl TokenMix {
         {
             return Err(format!("token counts are capped at {CAP}"));
         }
-        if self.cached_input_tokens + self.cache_write_tokens > self.input_tokens {
+        if self
+            .cached_input_tokens
+            .checked_add(self.cache_write_tokens)
+            .is_none_or(|n| n > self.input_tokens)
+        {
             return Err("cached_input_tokens + cache_write_tokens exceed input_tokens".into());
         }
         if self.reasoning_tokens > self.output_tokens {

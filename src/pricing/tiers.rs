@@ -204,18 +204,28 @@ pub fn period_of(at: DateTime<Utc>) -> String {
     format!("{:04}-{:02}", at.year(), at.month())
 }
 
+/// (year, month) of a period spelled exactly `YYYY-MM` (ASCII digits, month 01-12).
+pub fn parse_period(period: &str) -> Option<(i32, u32)> {
+    let b = period.as_bytes();
+    let digits = |r: std::ops::Range<usize>| b[r].iter().all(|c| c.is_ascii_digit());
+    if b.len() != 7 || b[4] != b'-' || !digits(0..4) || !digits(5..7) {
+        return None;
+    }
+    let (y, m) = (period[..4].parse().ok()?, period[5..].parse().ok()?);
+    (1..=12).contains(&m).then_some((y, m))
+}
+
 /// The first instant of a `YYYY-MM` period (UTC).
 pub fn period_start(period: &str) -> Option<DateTime<Utc>> {
-    let (y, m) = period.split_once('-')?;
-    chrono::NaiveDate::from_ymd_opt(y.parse().ok()?, m.parse().ok()?, 1)
+    let (y, m) = parse_period(period)?;
+    chrono::NaiveDate::from_ymd_opt(y, m, 1)
         .and_then(|d| d.and_hms_opt(0, 0, 0))
         .map(|t| t.and_utc())
 }
 
 /// The first instant after a `YYYY-MM` period (UTC).
 pub fn period_end(period: &str) -> Option<DateTime<Utc>> {
-    let (y, m) = period.split_once('-')?;
-    let (y, m): (i32, u32) = (y.parse().ok()?, m.parse().ok()?);
+    let (y, m) = parse_period(period)?;
     let (y, m) = if m == 12 { (y + 1, 1) } else { (y, m + 1) };
     chrono::NaiveDate::from_ymd_opt(y, m, 1)
         .and_then(|d| d.and_hms_opt(0, 0, 0))
@@ -543,6 +553,26 @@ mod tests {
         assert_eq!(a.slices[1].price, Decimal::new(666, 5));
         assert_eq!(a.price, Decimal::new(766, 5));
         assert_eq!(a.tier, 1);
+    }
+
+    #[test]
+    fn periods_are_spelled_exactly() {
+        assert_eq!(parse_period("2026-10"), Some((2026, 10)));
+        for bad in [
+            "2026-+1",
+            "2026-1",
+            "2026-13",
+            "+026-10",
+            "2026/10",
+            "2026-00",
+            "２０２６-10",
+        ] {
+            assert_eq!(parse_period(bad), None, "{bad}");
+        }
+        assert_eq!(
+            period_end("2026-12"),
+            Some("2027-01-01T00:00:00Z".parse().unwrap())
+        );
     }
 
     #[test]

@@ -102,8 +102,11 @@ async fn populate(c: &mut PgConnection, prefix: &str, delta: bool) -> sqlx::Resu
                where x.leg = 0 and x.kind not in ('adjustment', 'commitment_billed', 'reservation_fee')
                  and x.breakdown->'commitment' is not null{f}
                union all
-               select x.tenant_id, x.breakdown->'commitment'->>'commitment', x.breakdown->>'period', 0, true
-               from transfers x where x.leg = 0 and x.kind = 'commitment_billed'{f}
+               select x.tenant_id, c->>'commitment', x.breakdown->>'period', 0, true
+               from transfers x
+               cross join lateral json_array_elements(x.breakdown->'commitments') c
+               where x.leg = 0 and x.kind in ('commitment_billed', 'reservation_fee')
+                 and x.breakdown->'commitments' is not null{f}
              ) q group by 1, 2, 3
              on conflict (tenant_id, commitment, period) do update set drawn = p.drawn + excluded.drawn,
                closed = p.closed or excluded.closed"
@@ -386,9 +389,9 @@ fn rerate_one(
             // a period's close: replay it and compare with what it billed
             let (line, moves) = close_period(book, &x.tenant_id, &x.period, state);
             state.apply(&moves);
-            let c = line.as_ref().and_then(|l| l.commitment.as_ref());
-            let (billed, true_up) =
-                c.map_or((Decimal::ZERO, Decimal::ZERO), |c| (c.amount, c.true_up));
+            let lines = line.iter().flat_map(|l| &l.commitments);
+            let billed: Decimal = lines.clone().map(|c| c.amount).sum();
+            let true_up: Decimal = lines.map(|c| c.true_up).sum();
             let fees: Decimal = line
                 .iter()
                 .flat_map(|l| &l.reservations)
