@@ -79,7 +79,7 @@ pub async fn load_all(c: &mut sqlx::PgConnection) -> Result<Vec<Budget>, sqlx::E
     rows.into_iter().map(Budget::try_from).collect()
 }
 
-async fn insert(pool: &PgPool, b: &Budget) -> Result<i64, CatalogError> {
+async fn insert(c: &mut sqlx::PgConnection, b: &Budget) -> Result<i64, CatalogError> {
     let (id,): (i64,) = sqlx::query_as(
         "insert into budgets (tenant_id, name, effective_from, active, scope, scope_value, period,
            amount, thresholds, action, downgrade_class)
@@ -96,7 +96,7 @@ async fn insert(pool: &PgPool, b: &Budget) -> Result<i64, CatalogError> {
     .bind(&b.thresholds)
     .bind(enum_str(&b.action))
     .bind(&b.downgrade_class)
-    .fetch_one(pool)
+    .fetch_one(c)
     .await
     .map_err(
         |e| match e.as_database_error().and_then(|d| d.code()).as_deref() {
@@ -130,9 +130,11 @@ pub async fn add(
         downgrade_class: new.downgrade_class,
     };
     b.check().map_err(CatalogError::InvalidTerms)?;
+    let mut tx = pool.begin().await?;
     b.effective_from =
-        super::tenant_term_effective(pool, tenant_id, new.effective_from, now, skew).await?;
-    b.id = insert(pool, &b).await?;
+        super::tenant_term_effective(&mut tx, tenant_id, new.effective_from, now, skew).await?;
+    b.id = insert(&mut tx, &b).await?;
+    tx.commit().await?;
     Ok(b)
 }
 
@@ -151,7 +153,7 @@ pub async fn retire(
     let mut b = last;
     b.active = false;
     b.effective_from = now + skew;
-    b.id = insert(pool, &b).await?;
+    b.id = insert(&mut *pool.acquire().await?, &b).await?;
     Ok(b)
 }
 

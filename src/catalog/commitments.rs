@@ -85,8 +85,9 @@ pub async fn add(
         overage_rate_percent: new.overage_rate_percent.unwrap_or(Decimal::ONE_HUNDRED),
     };
     c.check().map_err(CatalogError::InvalidTerms)?;
+    let mut tx = pool.begin().await?;
     c.effective_from =
-        super::tenant_term_effective(pool, tenant_id, new.effective_from, now, skew).await?;
+        super::tenant_term_effective(&mut tx, tenant_id, new.effective_from, now, skew).await?;
     let (id,): (i64,) = sqlx::query_as(
         "insert into commitments (tenant_id, name, effective_from, active, amount, discount_percent,
            overage_rate_percent) values ($1, $2, $3, $4, $5, $6, $7) returning id",
@@ -98,10 +99,11 @@ pub async fn add(
     .bind(c.amount)
     .bind(c.discount_percent)
     .bind(c.overage_rate_percent)
-    .fetch_one(pool)
+    .fetch_one(&mut *tx)
     .await
     .map_err(super::tenant_fk(tenant_id))?;
     c.id = id;
+    tx.commit().await?;
     Ok(c)
 }
 

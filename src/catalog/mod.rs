@@ -39,19 +39,29 @@ pub fn valid_currency(c: &str) -> bool {
 
 /// When a new version of a tenant's commercial term takes effect: the requested instant,
 /// or now plus the accepted skew by default. It may be earlier than that only while the
-/// tenant has no events (nothing was charged that it could have applied to).
+/// tenant has no events (nothing was charged that it could have applied to). Takes the
+/// tenant's ledger lock (its `tenant_heads` row) in the caller's transaction, so no batch
+/// can charge the tenant between this check and the insert that follows it.
 pub async fn tenant_term_effective(
-    pool: &sqlx::PgPool,
+    tx: &mut sqlx::PgConnection,
     tenant_id: &str,
     requested: Option<chrono::DateTime<chrono::Utc>>,
     now: chrono::DateTime<chrono::Utc>,
     skew: chrono::Duration,
 ) -> Result<chrono::DateTime<chrono::Utc>, CatalogError> {
     let earliest = now + skew;
+    let known: Option<i64> =
+        sqlx::query_scalar("select last_seq from tenant_heads where tenant_id = $1 for update")
+            .bind(tenant_id)
+            .fetch_optional(&mut *tx)
+            .await?;
+    if known.is_none() {
+        return Err(CatalogError::TenantNotFound(tenant_id.to_string()));
+    }
     let charged: bool =
         sqlx::query_scalar("select exists (select 1 from events where tenant_id = $1)")
             .bind(tenant_id)
-            .fetch_one(pool)
+            .fetch_one(&mut *tx)
             .await?;
     match requested {
         Some(t) if charged && t < earliest => Err(CatalogError::EffectiveInPast {

@@ -90,8 +90,9 @@ pub async fn add(
         price_per_unit_hour: new.price_per_unit_hour,
     };
     r.check().map_err(CatalogError::InvalidTerms)?;
+    let mut tx = pool.begin().await?;
     r.effective_from =
-        super::tenant_term_effective(pool, tenant_id, new.effective_from, now, skew).await?;
+        super::tenant_term_effective(&mut tx, tenant_id, new.effective_from, now, skew).await?;
     let (id,): (i64,) = sqlx::query_as(
         "insert into reservations (tenant_id, name, effective_from, active, provider, model, units,
            tokens_per_minute_per_unit, price_per_unit_hour)
@@ -106,7 +107,7 @@ pub async fn add(
     .bind(r.units as i32)
     .bind(r.tokens_per_minute_per_unit as i64)
     .bind(r.price_per_unit_hour)
-    .fetch_one(pool)
+    .fetch_one(&mut *tx)
     .await
     .map_err(
         |e| match e.as_database_error().and_then(|d| d.code()).as_deref() {
@@ -115,6 +116,7 @@ pub async fn add(
         },
     )?;
     r.id = id;
+    tx.commit().await?;
     Ok(r)
 }
 

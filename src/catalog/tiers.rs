@@ -90,8 +90,9 @@ pub async fn add(
         tiers: new.tiers,
     };
     s.check().map_err(CatalogError::InvalidTerms)?;
+    let mut tx = pool.begin().await?;
     s.effective_from =
-        super::tenant_term_effective(pool, tenant_id, new.effective_from, now, skew).await?;
+        super::tenant_term_effective(&mut tx, tenant_id, new.effective_from, now, skew).await?;
     let (id,): (i64,) = sqlx::query_as(
         "insert into tier_schedules (tenant_id, name, effective_from, mode, metric, scope,
            scope_value, tiers) values ($1, $2, $3, $4, $5, $6, $7, $8) returning id",
@@ -104,7 +105,7 @@ pub async fn add(
     .bind(enum_str(&s.scope))
     .bind(&s.scope_value)
     .bind(sqlx::types::Json(&s.tiers))
-    .fetch_one(pool)
+    .fetch_one(&mut *tx)
     .await
     .map_err(
         |e| match e.as_database_error().and_then(|d| d.code()).as_deref() {
@@ -113,6 +114,7 @@ pub async fn add(
         },
     )?;
     s.id = id;
+    tx.commit().await?;
     Ok(s)
 }
 
