@@ -522,11 +522,9 @@ pub async fn period_close(
     }
     let invalid = |m: String| ApiError::new(StatusCode::UNPROCESSABLE_ENTITY, "invalid_period", m);
     match crate::pricing::tiers::period_end(&p.period) {
-        Some(end) if p.period.len() == 7 && end <= Utc::now() => {}
-        Some(_) if p.period.len() == 7 => {
-            return Err(invalid(format!("period {} has not ended", p.period)))
-        }
-        _ => return Err(invalid("period must be YYYY-MM".into())),
+        Some(end) if end <= Utc::now() => {}
+        Some(_) => return Err(invalid(format!("period {} has not ended", p.period))),
+        None => return Err(invalid("period must be YYYY-MM".into())),
     }
     let id = crate::engine::publish_period_close(&st.bus, &st.settings, &tenant_id, &p.period)
         .await

@@ -72,6 +72,23 @@ pub async fn tenant_term_effective(
     }
 }
 
+/// When a new version of a term shared by all tenants (routing classes, our provider
+/// reservations) takes effect: the requested instant or now plus the skew, never earlier.
+pub fn global_term_effective(
+    requested: Option<chrono::DateTime<chrono::Utc>>,
+    now: chrono::DateTime<chrono::Utc>,
+    skew: chrono::Duration,
+) -> Result<chrono::DateTime<chrono::Utc>, CatalogError> {
+    let earliest = now + skew;
+    match requested {
+        Some(t) if t < earliest => Err(CatalogError::EffectiveInPast {
+            earliest: earliest.to_rfc3339(),
+        }),
+        Some(t) => Ok(t),
+        None => Ok(earliest),
+    }
+}
+
 /// A unit enum stored as its serde name (`snake_case` text).
 pub(crate) fn enum_from<T: serde::de::DeserializeOwned>(s: &str) -> Result<T, sqlx::Error> {
     serde_json::from_value(serde_json::Value::String(s.to_string()))

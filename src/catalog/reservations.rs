@@ -180,44 +180,18 @@ pub struct NewProviderReservation {
     pub effective_from: Option<DateTime<Utc>>,
 }
 
-type ProviderRow = (
-    i64,
-    String,
-    DateTime<Utc>,
-    bool,
-    String,
-    String,
-    i32,
-    i64,
-    Decimal,
-);
-
-fn from_provider_row(r: ProviderRow) -> Reservation {
-    Reservation {
-        id: r.0,
-        tenant_id: String::new(),
-        name: r.1,
-        effective_from: r.2,
-        active: r.3,
-        provider: r.4,
-        model: r.5,
-        units: r.6 as u32,
-        tokens_per_minute_per_unit: r.7 as u64,
-        price_per_unit_hour: r.8,
-    }
-}
-
-const PROVIDER_COLUMNS: &str = "id, name, effective_from, active, provider, model, units,
-    tokens_per_minute_per_unit, price_per_unit_hour";
+/// The tenant columns, with an empty tenant: ours.
+const PROVIDER_COLUMNS: &str = "id, '' as tenant_id, name, effective_from, active, provider,
+    model, units, tokens_per_minute_per_unit, price_per_unit_hour";
 
 /// Our provider reservations (`tenant_id` empty).
 pub async fn load_provider(c: &mut sqlx::PgConnection) -> Result<Vec<Reservation>, sqlx::Error> {
-    let rows: Vec<ProviderRow> = sqlx::query_as(&format!(
+    let rows: Vec<Row> = sqlx::query_as(&format!(
         "select {PROVIDER_COLUMNS} from provider_reservations"
     ))
     .fetch_all(&mut *c)
     .await?;
-    Ok(rows.into_iter().map(from_provider_row).collect())
+    Ok(rows.into_iter().map(from_row).collect())
 }
 
 /// Record a version of our reservation with a provider: effective no earlier than now
@@ -228,16 +202,7 @@ pub async fn add_provider(
     now: DateTime<Utc>,
     skew: chrono::Duration,
 ) -> Result<Reservation, CatalogError> {
-    let earliest = now + skew;
-    let at = match new.effective_from {
-        Some(t) if t < earliest => {
-            return Err(CatalogError::EffectiveInPast {
-                earliest: earliest.to_rfc3339(),
-            })
-        }
-        Some(t) => t,
-        None => earliest,
-    };
+    let at = super::global_term_effective(new.effective_from, now, skew)?;
     let mut r = Reservation {
         id: 0,
         tenant_id: String::new(),
@@ -271,10 +236,10 @@ pub async fn add_provider(
 }
 
 pub async fn list_provider(pool: &PgPool) -> Result<Vec<Reservation>, CatalogError> {
-    let rows: Vec<ProviderRow> = sqlx::query_as(&format!(
+    let rows: Vec<Row> = sqlx::query_as(&format!(
         "select {PROVIDER_COLUMNS} from provider_reservations order by id desc"
     ))
     .fetch_all(pool)
     .await?;
-    Ok(rows.into_iter().map(from_provider_row).collect())
+    Ok(rows.into_iter().map(from_row).collect())
 }

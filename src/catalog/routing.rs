@@ -71,16 +71,7 @@ pub async fn add(
     now: DateTime<Utc>,
     skew: chrono::Duration,
 ) -> Result<RoutingClass, CatalogError> {
-    let earliest = now + skew;
-    let at = match new.effective_from {
-        Some(t) if t < earliest => {
-            return Err(CatalogError::EffectiveInPast {
-                earliest: earliest.to_rfc3339(),
-            })
-        }
-        Some(t) => t,
-        None => earliest,
-    };
+    let at = super::global_term_effective(new.effective_from, now, skew)?;
     let mut c = RoutingClass {
         id: 0,
         tenant_id: new.tenant_id,

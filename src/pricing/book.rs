@@ -283,6 +283,10 @@ impl PriceBook {
     /// Whether usage of this model at `at` is counted per minute for our provider
     /// reservations: some version of one took effect at or before `at`.
     pub fn counts_provider_usage(&self, provider: &str, model: &str, at: DateTime<Utc>) -> bool {
+        // every usage event asks: no allocation when there is nothing to find
+        if self.provider_reservations.is_empty() {
+            return false;
+        }
         self.provider_reservations
             .get(&(provider.to_string(), model.to_string()))
             .and_then(|l| l.first())

@@ -412,10 +412,10 @@ fn rerate_one(
         EventData::Adjustment(_) => return None,
     };
     let in_force = terms_for(book, u, &r.currency, r.occurred_at);
-    let terms = match (&r.breakdown, r.legs) {
+    let (terms, stored) = match (&r.breakdown, r.legs) {
         // nothing was charged: whatever is in force must rate it at zero
         (None, 0) => match in_force {
-            Ok(t) => t,
+            Ok(t) => (t, None),
             Err(e) => return Some(format!("{who}: {e}")),
         },
         (Some(text), _) => {
@@ -436,15 +436,7 @@ fn rerate_one(
                     ))
                 }
             }
-            match rate_usage(book, u, recorded, r.occurred_at, state) {
-                Ok((rt, _)) if rt.breakdown() != stored => {
-                    return Some(format!(
-                        "{who}: re-rating gives a different breakdown than the stored one"
-                    ))
-                }
-                _ => {}
-            }
-            recorded
+            (recorded, Some(stored))
         }
         (None, _) => return Some(format!("{who}: transfers without a breakdown")),
     };
@@ -453,6 +445,11 @@ fn rerate_one(
             state.apply(&moves);
             for (type_, key, _) in moves.alerts(&r.id, u.request_id.as_str()) {
                 alerts.insert((r.tenant_id.clone(), format!("{type_} {key}")));
+            }
+            if stored.is_some_and(|b| b != rt.breakdown()) {
+                return Some(format!(
+                    "{who}: re-rating gives a different breakdown than the stored one"
+                ));
             }
             let credit = rt.tier.as_ref().and_then(|t| t.credit).unwrap_or_default();
             if rt.price == r.price && rt.cost == r.cost && credit == r.credit {
