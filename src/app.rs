@@ -14,6 +14,9 @@ use crate::telemetry::Metrics;
 pub struct App {
     listener: Option<TcpListener>,
     pub addr: Option<SocketAddr>,
+    router: Option<(TcpListener, crate::router::Started)>,
+    /// Where the `router` role listens.
+    pub router_addr: Option<SocketAddr>,
     state: AppState,
     pub cancel: CancellationToken,
 }
@@ -44,11 +47,30 @@ impl App {
             settings,
             metrics: Metrics::default(),
         };
+        let cancel = CancellationToken::new();
+        let (router, router_addr) = if state.settings.has_role("router") {
+            let started = crate::router::start(
+                &state.settings,
+                &state.engine,
+                state.authorizer.clone(),
+                &state.bus,
+                state.metrics.clone(),
+                cancel.clone(),
+            )
+            .await?;
+            let l = TcpListener::bind(&state.settings.router_addr).await?;
+            let a = l.local_addr()?;
+            (Some((l, started)), Some(a))
+        } else {
+            (None, None)
+        };
         Ok(App {
             listener,
             addr,
+            router,
+            router_addr,
             state,
-            cancel: CancellationToken::new(),
+            cancel,
         })
     }
 
@@ -74,6 +96,19 @@ impl App {
                 self.cancel.clone(),
             );
             tasks.spawn(async move { crate::engine::run_publisher(engine, bus, s, c).await });
+        }
+        if let Some((listener, started)) = self.router {
+            let routes = crate::router::routes(started.state);
+            let cancel = self.cancel.clone();
+            tracing::info!(addr = %listener.local_addr()?, "router listening");
+            tasks.spawn(async move {
+                axum::serve(listener, routes)
+                    .with_graceful_shutdown(async move { cancel.cancelled().await })
+                    .await?;
+                // every request has handed over its usage event: publish or spool them all
+                started.publisher.flush().await;
+                Ok(())
+            });
         }
         if let Some(listener) = self.listener {
             let router = api::router(self.state.clone());

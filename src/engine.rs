@@ -282,7 +282,7 @@ pub fn kv_key(tenant: &str, class: &str) -> String {
 /// `$KV.<bucket>.>`, one value per key, rollups allowed, deletes denied, direct gets) —
 /// `create_key_value` first reads the account's JetStream info, and that response does not
 /// parse with serde_json's `arbitrary_precision`, which this crate needs for exact money.
-async fn bucket(js: &async_nats::jetstream::Context, name: &str) -> anyhow::Result<kv::Store> {
+pub async fn bucket(js: &async_nats::jetstream::Context, name: &str) -> anyhow::Result<kv::Store> {
     use async_nats::jetstream::stream;
     js.get_or_create_stream(stream::Config {
         name: format!("KV_{name}"),

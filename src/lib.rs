@@ -14,5 +14,6 @@ pub mod ledger;
 pub mod loadgen;
 pub mod pricing;
 pub mod projections;
+pub mod router;
 pub mod settings;
 pub mod telemetry;

@@ -22,7 +22,8 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Cmd {
-    /// Run the service (roles from --roles or TOKENLEDGER_ROLES: api, writer).
+    /// Run the service (roles from --roles or TOKENLEDGER_ROLES: api, writer, pricing,
+    /// router).
     Serve {
         #[arg(long)]
         roles: Option<String>,
@@ -89,6 +90,12 @@ enum Cmd {
         #[arg(long)]
         setup: bool,
     },
+    /// A fake OpenAI-compatible upstream (deterministic completions and usage; failures,
+    /// stalls and missing usage on request) for demos and benchmarks.
+    FakeUpstream {
+        #[arg(long, default_value = "127.0.0.1:9000")]
+        addr: String,
+    },
     /// Measure raw JetStream, raw Postgres, a naive pipeline and the real one.
     Bench(bench::BenchArgs),
 }
@@ -138,6 +145,12 @@ async fn main() -> anyhow::Result<()> {
             let app = app::App::build(s).await?;
             app::cancel_on_signals(app.cancel.clone());
             app.run_until_stopped().await
+        }
+        Cmd::FakeUpstream { addr } => {
+            let fake = tokenledger::router::fake::Fake::start(&addr).await?;
+            println!("fake upstream at {}", fake.base_url);
+            tokio::signal::ctrl_c().await?;
+            Ok(())
         }
         Cmd::Migrate => {
             db::migrate(&s.owner_database_url).await?;

@@ -31,7 +31,8 @@ pub struct Settings {
     /// Accepted clock skew: new prices take effect no earlier than now plus this
     /// (`TOKENLEDGER_CLOCK_SKEW_SECS`, default 300).
     pub clock_skew: Duration,
-    /// Roles `serve` runs: `api`, `writer`, `pricing` (`TOKENLEDGER_ROLES`, default all).
+    /// Roles `serve` runs: `api`, `writer`, `pricing`, `router` (`TOKENLEDGER_ROLES`,
+    /// default `api,writer,pricing`).
     pub roles: Vec<String>,
     /// Test-only fault injection: abort the process right after the N-th batch commits,
     /// before acknowledging it (`TOKENLEDGER_FAULT_ABORT_AFTER_COMMIT`).
@@ -50,6 +51,12 @@ pub struct Settings {
     /// How often the pricing role looks for changes that re-rank decisions
     /// (`TOKENLEDGER_PUBLISH_INTERVAL_MS`, default 500).
     pub publish_interval: Duration,
+    /// Where the `router` role listens (`TOKENLEDGER_ROUTER_ADDR`, default
+    /// `127.0.0.1:8081`; port 0 picks a free port).
+    pub router_addr: String,
+    /// The router's upstream file (`TOKENLEDGER_ROUTER_CONFIG`, default
+    /// `config/router.json`), reloaded when it changes.
+    pub router_config: std::path::PathBuf,
 }
 
 fn var(name: &str, default: &str) -> String {
@@ -79,8 +86,8 @@ impl Settings {
             .collect::<Vec<_>>();
         for r in &roles {
             anyhow::ensure!(
-                r == "api" || r == "writer" || r == "pricing",
-                "unknown role {r:?} in TOKENLEDGER_ROLES (known: api, writer, pricing)"
+                r == "api" || r == "writer" || r == "pricing" || r == "router",
+                "unknown role {r:?} in TOKENLEDGER_ROLES (known: api, writer, pricing, router)"
             );
         }
         let fault = match std::env::var("TOKENLEDGER_FAULT_ABORT_AFTER_COMMIT") {
@@ -106,6 +113,8 @@ impl Settings {
                 "TOKENLEDGER_PUBLISH_INTERVAL_MS",
                 500u64,
             )?),
+            router_addr: var("TOKENLEDGER_ROUTER_ADDR", "127.0.0.1:8081"),
+            router_config: var("TOKENLEDGER_ROUTER_CONFIG", "config/router.json").into(),
             roles,
             fault_abort_after_commit: fault,
             db_max_connections: parse("TOKENLEDGER_DB_MAX_CONNECTIONS", 8u32)?,

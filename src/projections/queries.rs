@@ -57,6 +57,10 @@ pub struct RequestDetail {
     /// and amounts, markup, batch discount, margin and the version ids used.
     pub breakdown: Value,
     pub transfers: Vec<TransferView>,
+    /// The usage event exactly as recorded (CloudEvents JSON): its `data` carries what the
+    /// view leaves out — `estimated` and `estimate_method`, `fallback_from`,
+    /// `provider_request_id`, `authorization_id`, `latency_ms`, `region`, `tags`.
+    pub event: Value,
 }
 
 const VIEW_COLUMNS: &str =
@@ -99,10 +103,20 @@ pub async fn request(
         .and_then(|b| b.expand().ok())
         .map(|r| serde_json::to_value(r).expect("rating serialises"))
         .unwrap_or(Value::Null);
+    let envelope: Option<Vec<u8>> =
+        sqlx::query_scalar("select envelope from events where tenant_id = $1 and seq = $2")
+            .bind(tenant)
+            .bind(view.seq)
+            .fetch_optional(pool)
+            .await?;
+    let event = envelope
+        .and_then(|b| serde_json::from_slice(&b).ok())
+        .unwrap_or(Value::Null);
     Ok(Some(RequestDetail {
         view,
         breakdown,
         transfers,
+        event,
     }))
 }
 

@@ -23,6 +23,8 @@ pub fn nats_url() -> String {
 
 pub struct TestApp {
     pub base: String,
+    /// The router role's base URL, when it runs.
+    pub router: Option<String>,
     pub settings: Settings,
     pub owner: PgPool,
     pub pool: PgPool,
@@ -81,11 +83,13 @@ impl TestApp {
             .expect("app pool");
         let app = App::build(s.clone()).await.expect("build app");
         let addr = app.addr.expect("api role");
+        let router = app.router_addr.map(|a| format!("http://{a}"));
         let cancel = app.cancel.clone();
         let task = tokio::spawn(app.run_until_stopped());
         let db = s.owner_database_url.rsplit('/').next().unwrap().to_string();
         TestApp {
             base: format!("http://{addr}"),
+            router,
             settings: s,
             owner,
             pool,

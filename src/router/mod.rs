@@ -1,0 +1,1382 @@
+//! The router: an OpenAI-compatible gateway (`POST /v1/chat/completions`, streaming or
+//! not, `POST /v1/embeddings`, `GET /v1/models`) that picks upstreams by model, routing
+//! class or an explicit `models` list, falls back on failures, pre-authorises against
+//! budgets, and publishes exactly one usage event per request it forwarded.
+//!
+//! A request's work runs in its own task, so a client that goes away cannot stop the
+//! usage of what the upstream already did from being recorded.
+
+// errors are finished responses in OpenAI's shape; they are built once per failed request
+#![allow(clippy::result_large_err)]
+
+pub mod config;
+pub mod fake;
+pub mod publish;
+pub mod usage;
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::{Arc, Mutex, RwLock};
+use std::time::{Duration, Instant};
+
+use axum::body::{Body, Bytes};
+use axum::extract::State;
+use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::Router;
+use chrono::{DateTime, Utc};
+use futures::StreamExt;
+use rust_decimal::Decimal;
+use serde::Deserialize;
+use serde_json::{json, Map, Value};
+use sqlx::PgPool;
+use tokio::sync::{mpsc, oneshot};
+use tokio_util::sync::CancellationToken;
+
+use crate::authorize::{AuthRequest, Authorizer, Verdict};
+use crate::engine::{kv_key, Engine};
+use crate::events::{Event, EventData, Status, UsageData};
+use crate::pricing::{rate, PriceBook, Side};
+use crate::settings::Settings;
+use crate::telemetry::Metrics;
+use config::{Live, Provider, Upstreams};
+use publish::{Outgoing, Publisher};
+use usage::{Counter, Counts, Produced};
+
+/// The `source` of the router's usage events.
+pub const EVENT_SOURCE: &str = "tokenledger/router";
+/// Response header naming the request (its id in the billing API).
+pub const REQUEST_ID_HEADER: &str = "x-tokenledger-request-id";
+/// Request header carrying tags for budgets and reports: `k=v,k2=v2`.
+pub const TAGS_HEADER: &str = "x-tokenledger-tags";
+/// How long a looked-up API key is trusted before it is checked again (revocation takes
+/// effect within this).
+const KEY_TTL: Duration = Duration::from_secs(10);
+/// How often the price book is re-checked.
+const BOOK_REFRESH: Duration = Duration::from_millis(250);
+
+/// A tenant key, as the router needs it.
+#[derive(Clone, Debug)]
+struct KeyInfo {
+    tenant_id: String,
+    key_id: uuid::Uuid,
+    currency: String,
+}
+
+/// A routing decision from the KV bucket, as the router needs it.
+#[derive(Clone, Debug, Deserialize)]
+pub struct Decision {
+    pub class: String,
+    pub status: String,
+    pub blocked_by: Option<String>,
+    #[serde(default)]
+    pub candidates: Vec<DecisionCandidate>,
+}
+
+#[derive(Clone, Debug, Deserialize)]
+pub struct DecisionCandidate {
+    pub provider: String,
+    pub model: String,
+    #[serde(default = "yes")]
+    pub available: bool,
+}
+
+fn yes() -> bool {
+    true
+}
+
+type CachedKey = (Instant, Option<KeyInfo>);
+
+pub type Decisions = Arc<RwLock<HashMap<String, Arc<Decision>>>>;
+
+pub struct Inner {
+    upstreams: Live,
+    decisions: Decisions,
+    /// key hash -> (looked up at, the key if valid)
+    keys: Mutex<HashMap<[u8; 32], CachedKey>>,
+    book: RwLock<Arc<PriceBook>>,
+    authorizer: Authorizer,
+    publisher: Publisher,
+    pool: PgPool,
+    settings: Settings,
+    metrics: Metrics,
+    /// provider -> not before (after a 429/503 with Retry-After)
+    cooldown: Mutex<HashMap<String, Instant>>,
+}
+
+#[derive(Clone)]
+pub struct RouterState(Arc<Inner>);
+
+/// Everything the router role needs, started.
+pub struct Started {
+    pub state: RouterState,
+    pub publisher: Publisher,
+}
+
+/// Load the upstreams, the price book and the decisions, and start the background tasks
+/// (config reload, price-book refresh, KV watch, publisher and spool re-drive).
+pub async fn start(
+    settings: &Settings,
+    engine: &Engine,
+    authorizer: Authorizer,
+    bus: &crate::bus::Bus,
+    metrics: Metrics,
+    cancel: CancellationToken,
+) -> anyhow::Result<Started> {
+    let upstreams = Live::new(Upstreams::load(&settings.router_config)?);
+    tokio::spawn(config::watch(
+        settings.router_config.clone(),
+        upstreams.clone(),
+        cancel.clone(),
+    ));
+    tokio::task::spawn_blocking(usage::warm_up);
+    let (book, _) = engine.book().await?;
+    let js = async_nats::jetstream::ContextBuilder::new()
+        .timeout(Duration::from_secs(2))
+        .max_ack_inflight(10_000)
+        .backpressure_on_inflight(true)
+        .build(bus.client.clone());
+    let publisher = publish::start(
+        js.clone(),
+        engine.pool().clone(),
+        metrics.clone(),
+        cancel.clone(),
+    );
+    let decisions: Decisions = Arc::default();
+    tokio::spawn(watch_decisions(
+        js,
+        settings.routing_bucket.clone(),
+        decisions.clone(),
+        cancel.clone(),
+    ));
+    let inner = Arc::new(Inner {
+        upstreams,
+        decisions,
+        keys: Mutex::default(),
+        book: RwLock::new(book),
+        authorizer,
+        publisher: publisher.clone(),
+        pool: engine.pool().clone(),
+        settings: settings.clone(),
+        metrics,
+        cooldown: Mutex::default(),
+    });
+    let st = RouterState(inner);
+    let (st2, engine) = (st.clone(), engine.clone());
+    tokio::spawn(async move {
+        loop {
+            tokio::select! {
+                _ = cancel.cancelled() => return,
+                _ = tokio::time::sleep(BOOK_REFRESH) => {}
+            }
+            match engine.book().await {
+                Ok((b, _)) => *st2.0.book.write().expect("book lock") = b,
+                Err(e) => tracing::warn!(error = %e, "price book refresh failed"),
+            }
+        }
+    });
+    Ok(Started {
+        state: st,
+        publisher,
+    })
+}
+
+pub fn routes(st: RouterState) -> Router {
+    Router::new()
+        .route("/v1/chat/completions", post(chat_completions))
+        .route("/v1/embeddings", post(embeddings))
+        .route("/v1/models", get(models))
+        .route("/healthz", get(|| async { "ok" }))
+        .with_state(st)
+}
+
+/// Keep a local copy of every routing decision: the last value of each key, then every
+/// change (the watch is re-opened whenever it ends, e.g. across a NATS restart).
+async fn watch_decisions(
+    js: async_nats::jetstream::Context,
+    bucket: String,
+    decisions: Decisions,
+    cancel: CancellationToken,
+) {
+    use async_nats::jetstream::kv::Operation;
+    loop {
+        let result: anyhow::Result<()> = async {
+            let store = crate::engine::bucket(&js, &bucket).await?;
+            let mut w = store.watch_with_history(">").await?;
+            loop {
+                let entry = tokio::select! {
+                    _ = cancel.cancelled() => return Ok(()),
+                    e = w.next() => e,
+                };
+                let Some(entry) = entry else {
+                    anyhow::bail!("watch ended")
+                };
+                let entry = entry?;
+                match entry.operation {
+                    Operation::Put => match serde_json::from_slice::<Decision>(&entry.value) {
+                        Ok(d) => {
+                            decisions
+                                .write()
+                                .expect("decisions lock")
+                                .insert(entry.key, Arc::new(d));
+                        }
+                        Err(e) => {
+                            tracing::warn!(key = %entry.key, error = %e, "routing decision not understood")
+                        }
+                    },
+                    Operation::Delete | Operation::Purge => {
+                        decisions.write().expect("decisions lock").remove(&entry.key);
+                    }
+                }
+            }
+        }
+        .await;
+        if cancel.is_cancelled() {
+            return;
+        }
+        if let Err(e) = result {
+            tracing::debug!(error = %e, "routing decision watch restarting");
+        }
+        tokio::select! {
+            _ = cancel.cancelled() => return,
+            _ = tokio::time::sleep(Duration::from_millis(500)) => {}
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------------------
+// Errors in OpenAI's shape
+
+fn oai_error(status: StatusCode, type_: &str, code: &str, message: impl Into<String>) -> Response {
+    let body =
+        json!({"error": {"message": message.into(), "type": type_, "param": null, "code": code}});
+    (status, axum::Json(body)).into_response()
+}
+
+fn bad_request(code: &str, message: impl Into<String>) -> Response {
+    oai_error(
+        StatusCode::BAD_REQUEST,
+        "invalid_request_error",
+        code,
+        message,
+    )
+}
+
+fn with_request_id(mut r: Response, request_id: &str) -> Response {
+    if let Ok(v) = HeaderValue::from_str(request_id) {
+        r.headers_mut().insert(REQUEST_ID_HEADER, v);
+    }
+    r
+}
+
+// ---------------------------------------------------------------------------------------
+// Authentication
+
+impl RouterState {
+    async fn authenticate(&self, headers: &HeaderMap) -> Result<KeyInfo, Response> {
+        let unauthorized = |m: &str| {
+            oai_error(
+                StatusCode::UNAUTHORIZED,
+                "invalid_request_error",
+                "invalid_api_key",
+                m,
+            )
+        };
+        let token = headers
+            .get(header::AUTHORIZATION)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.strip_prefix("Bearer "))
+            .map(str::trim)
+            .ok_or_else(|| {
+                unauthorized("send a tenant API key as 'Authorization: Bearer <key>'")
+            })?;
+        let hash = crate::api::auth::token_hash(token);
+        if let Some((at, found)) = self.0.keys.lock().expect("keys lock").get(&hash) {
+            if at.elapsed() < KEY_TTL {
+                return found.clone().ok_or_else(|| unauthorized("invalid API key"));
+            }
+        }
+        let found: Option<(uuid::Uuid, String, String)> = if token
+            .starts_with(crate::catalog::keys::KEY_PREFIX)
+        {
+            sqlx::query_as(
+                "select k.id, k.tenant_id, t.currency::text from api_keys k join tenants t on t.id = k.tenant_id
+                 where k.key_hash = $1 and k.revoked_at is null",
+            )
+            .bind(hash.to_vec())
+            .fetch_optional(&self.0.pool)
+            .await
+            .map_err(|e| {
+                oai_error(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    "server_error",
+                    "unavailable",
+                    format!("key lookup failed: {e}"),
+                )
+            })?
+        } else {
+            None
+        };
+        let info = found.map(|(key_id, tenant_id, currency)| KeyInfo {
+            tenant_id,
+            key_id,
+            currency,
+        });
+        let mut keys = self.0.keys.lock().expect("keys lock");
+        if keys.len() > 100_000 {
+            keys.clear();
+        }
+        keys.insert(hash, (Instant::now(), info.clone()));
+        info.ok_or_else(|| unauthorized("invalid API key"))
+    }
+
+    fn book(&self) -> Arc<PriceBook> {
+        self.0.book.read().expect("book lock").clone()
+    }
+}
+
+// ---------------------------------------------------------------------------------------
+// Model selection
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+struct Candidate {
+    provider: String,
+    model: String,
+}
+
+impl Candidate {
+    fn label(&self) -> String {
+        format!("{}/{}", self.provider, self.model)
+    }
+}
+
+/// Candidates for one `model` value: a routing class (through its published decision), a
+/// `provider/model`, or a model every configured provider serving it can take.
+fn resolve_one(
+    st: &RouterState,
+    ups: &Upstreams,
+    tenant: &str,
+    name: &str,
+) -> Result<Vec<Candidate>, Response> {
+    let decision = {
+        let d = st.0.decisions.read().expect("decisions lock");
+        d.get(&kv_key(tenant, name)).cloned().or_else(|| {
+            (name == "auto")
+                .then(|| d.get(&kv_key(tenant, "auto:balanced")).cloned())
+                .flatten()
+        })
+    };
+    if let Some(d) = decision {
+        if d.status == "blocked" {
+            return Err(oai_error(
+                StatusCode::PAYMENT_REQUIRED,
+                "insufficient_quota",
+                "budget_exceeded",
+                format!(
+                    "budget {:?} is at its limit: routing class {:?} is blocked",
+                    d.blocked_by.as_deref().unwrap_or("?"),
+                    d.class
+                ),
+            ));
+        }
+        return Ok(d
+            .candidates
+            .iter()
+            .filter(|c| c.available)
+            .map(|c| Candidate {
+                provider: c.provider.clone(),
+                model: c.model.clone(),
+            })
+            .collect());
+    }
+    if let Some((p, m)) = name.split_once('/') {
+        if ups.provider(p).is_some() {
+            return Ok(vec![Candidate {
+                provider: p.to_string(),
+                model: m.to_string(),
+            }]);
+        }
+    }
+    Ok(ups
+        .serving(name)
+        .map(|p| Candidate {
+            provider: p.cfg.name.clone(),
+            model: name.to_string(),
+        })
+        .collect())
+}
+
+/// Every candidate for a request, in order: `model`, then each of `models`; only those a
+/// configured provider serves and the price book prices for the tenant.
+fn candidates(
+    st: &RouterState,
+    ups: &Upstreams,
+    book: &PriceBook,
+    key: &KeyInfo,
+    body: &Map<String, Value>,
+    now: DateTime<Utc>,
+) -> Result<Vec<Candidate>, Response> {
+    let mut names: Vec<String> = Vec::new();
+    match body.get("model") {
+        Some(Value::String(m)) if !m.is_empty() => names.push(m.clone()),
+        None | Some(Value::Null) => {}
+        Some(_) => return Err(bad_request("invalid_model", "model must be a string")),
+    }
+    match body.get("models") {
+        Some(Value::Array(list)) => {
+            for m in list {
+                match m.as_str() {
+                    Some(s) if !s.is_empty() => names.push(s.to_string()),
+                    _ => {
+                        return Err(bad_request(
+                            "invalid_models",
+                            "models must be a list of strings",
+                        ))
+                    }
+                }
+            }
+        }
+        None | Some(Value::Null) => {}
+        Some(_) => {
+            return Err(bad_request(
+                "invalid_models",
+                "models must be a list of strings",
+            ))
+        }
+    }
+    if names.is_empty() {
+        return Err(bad_request(
+            "model_required",
+            "name a model, a routing class (e.g. auto:budget) or a models list",
+        ));
+    }
+    if names.len() > 16 {
+        return Err(bad_request("too_many_models", "at most 16 models"));
+    }
+    let mut out: Vec<Candidate> = Vec::new();
+    let mut unserved = Vec::new();
+    for name in &names {
+        for c in resolve_one(st, ups, &key.tenant_id, name)? {
+            let Some(p) = ups.provider(&c.provider) else {
+                unserved.push(c.label());
+                continue;
+            };
+            if !p.cfg.models.contains_key(&c.model) {
+                unserved.push(c.label());
+                continue;
+            }
+            let region = p.cfg.region.as_deref();
+            if book
+                .version_at(
+                    &c.provider,
+                    &c.model,
+                    region,
+                    Side::Cost,
+                    &key.currency,
+                    now,
+                )
+                .is_none()
+            {
+                unserved.push(format!("{} (not priced in {})", c.label(), key.currency));
+                continue;
+            }
+            if !out.contains(&c) {
+                out.push(c);
+            }
+        }
+    }
+    if out.is_empty() {
+        let detail = if unserved.is_empty() {
+            String::new()
+        } else {
+            format!(" (not routable: {})", unserved.join(", "))
+        };
+        return Err(oai_error(
+            StatusCode::NOT_FOUND,
+            "invalid_request_error",
+            "model_not_found",
+            format!("no configured upstream serves {}{detail}", names.join(", ")),
+        ));
+    }
+    Ok(out)
+}
+
+fn tags_of(headers: &HeaderMap) -> Result<BTreeMap<String, String>, Response> {
+    let mut tags = BTreeMap::new();
+    let Some(v) = headers.get(TAGS_HEADER) else {
+        return Ok(tags);
+    };
+    let s = v
+        .to_str()
+        .map_err(|_| bad_request("invalid_tags", format!("{TAGS_HEADER} must be ASCII")))?;
+    for pair in s.split(',').map(str::trim).filter(|p| !p.is_empty()) {
+        let (k, v) = pair.split_once('=').ok_or_else(|| {
+            bad_request(
+                "invalid_tags",
+                format!("{TAGS_HEADER}: {pair:?} is not key=value"),
+            )
+        })?;
+        tags.insert(k.trim().to_string(), v.trim().to_string());
+    }
+    Ok(tags)
+}
+
+// ---------------------------------------------------------------------------------------
+// Handlers
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Endpoint {
+    Chat,
+    Embeddings,
+}
+
+impl Endpoint {
+    fn path(self) -> &'static str {
+        match self {
+            Endpoint::Chat => "chat/completions",
+            Endpoint::Embeddings => "embeddings",
+        }
+    }
+}
+
+async fn chat_completions(
+    State(st): State<RouterState>,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Response {
+    handle(st, headers, body, Endpoint::Chat).await
+}
+
+async fn embeddings(State(st): State<RouterState>, headers: HeaderMap, body: Bytes) -> Response {
+    handle(st, headers, body, Endpoint::Embeddings).await
+}
+
+async fn models(State(st): State<RouterState>, headers: HeaderMap) -> Response {
+    let key = match st.authenticate(&headers).await {
+        Ok(k) => k,
+        Err(r) => return r,
+    };
+    let ups = st.0.upstreams.get();
+    let mut data = Vec::new();
+    let mut seen = std::collections::BTreeSet::new();
+    for (m, p) in ups.models() {
+        if seen.insert(m.to_string()) {
+            data.push(json!({"id": m, "object": "model", "created": 0, "owned_by": p}));
+        }
+        data.push(
+            json!({"id": format!("{p}/{m}"), "object": "model", "created": 0, "owned_by": p}),
+        );
+    }
+    let prefix = format!("{}.", key.tenant_id);
+    let mut classes: Vec<String> =
+        st.0.decisions
+            .read()
+            .expect("decisions lock")
+            .iter()
+            .filter(|(k, _)| k.starts_with(&prefix))
+            .map(|(_, d)| d.class.clone())
+            .collect();
+    classes.sort();
+    for c in classes {
+        data.push(json!({"id": c, "object": "model", "created": 0, "owned_by": "tokenledger"}));
+    }
+    axum::Json(json!({"object": "list", "data": data})).into_response()
+}
+
+/// What one request needs from start to its usage event.
+struct Job {
+    st: RouterState,
+    key: KeyInfo,
+    request_id: String,
+    at: DateTime<Utc>,
+    started: Instant,
+    endpoint: Endpoint,
+    body: Map<String, Value>,
+    stream: bool,
+    client_wants_usage: bool,
+    candidates: Vec<Candidate>,
+    authorization_id: Option<String>,
+    tags: BTreeMap<String, String>,
+}
+
+async fn handle(st: RouterState, headers: HeaderMap, body: Bytes, endpoint: Endpoint) -> Response {
+    st.0.metrics.inc("tokenledger_router_requests_total", 1);
+    let key = match st.authenticate(&headers).await {
+        Ok(k) => k,
+        Err(r) => return r,
+    };
+    let body: Map<String, Value> = match serde_json::from_slice::<Value>(&body) {
+        Ok(Value::Object(m)) => m,
+        Ok(_) => return bad_request("invalid_body", "the body must be a JSON object"),
+        Err(e) => return bad_request("invalid_json", format!("the body is not valid JSON: {e}")),
+    };
+    let tags = match tags_of(&headers) {
+        Ok(t) => t,
+        Err(r) => return r,
+    };
+    let stream = endpoint == Endpoint::Chat && body.get("stream") == Some(&Value::Bool(true));
+    let client_wants_usage = stream
+        && body
+            .get("stream_options")
+            .and_then(|o| o.get("include_usage"))
+            == Some(&Value::Bool(true));
+    let at = Utc::now();
+    let ups = st.0.upstreams.get();
+    let book = st.book();
+    let mut cands = match candidates(&st, &ups, &book, &key, &body, at) {
+        Ok(c) => c,
+        Err(r) => return r,
+    };
+    let request_id = format!("req_{}", uuid::Uuid::now_v7().simple());
+    // budgets: only a tenant with budgets pays for a pre-authorisation
+    let mut authorization_id = None;
+    if book.has_budgets(&key.tenant_id) {
+        let first = &cands[0];
+        let counter = Counter::for_model(&first.provider, &first.model);
+        let whole = Value::Object(body.clone());
+        let input = match endpoint {
+            Endpoint::Chat => usage::chat_input(counter, &whole),
+            Endpoint::Embeddings => usage::embedding_input(counter, &whole),
+        };
+        let max_tokens = match endpoint {
+            Endpoint::Embeddings => Some(0),
+            Endpoint::Chat => body
+                .get("max_completion_tokens")
+                .or_else(|| body.get("max_tokens"))
+                .and_then(Value::as_u64),
+        };
+        let req = AuthRequest {
+            tenant_id: None,
+            api_key_id: Some(key.key_id.to_string()),
+            tags: tags.clone(),
+            model: first.model.clone(),
+            provider: Some(first.provider.clone()),
+            region: ups
+                .provider(&first.provider)
+                .and_then(|p| p.cfg.region.clone()),
+            estimated_input_tokens: input,
+            max_tokens,
+        };
+        match st.0.authorizer.authorize(key.tenant_id.clone(), req).await {
+            Ok(d) => match d.decision {
+                Verdict::Deny => {
+                    st.0.metrics.inc("tokenledger_router_denied_total", 1);
+                    let r = oai_error(
+                        StatusCode::PAYMENT_REQUIRED,
+                        "insufficient_quota",
+                        "budget_exceeded",
+                        format!(
+                            "denied by budget {:?}: {} (authorization {})",
+                            d.denied_by.as_deref().unwrap_or("?"),
+                            d.reason,
+                            d.authorization_id
+                        ),
+                    );
+                    return with_request_id(r, &request_id);
+                }
+                Verdict::Downgrade => {
+                    if let (Some(p), Some(m)) = (d.provider, d.model) {
+                        cands = vec![Candidate {
+                            provider: p,
+                            model: m,
+                        }];
+                    }
+                    authorization_id = Some(d.authorization_id.to_string());
+                }
+                Verdict::Allow => authorization_id = Some(d.authorization_id.to_string()),
+            },
+            Err(crate::authorize::AuthError::Invalid(m)) => {
+                return bad_request("invalid_request", m)
+            }
+            Err(e) => {
+                return oai_error(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    "server_error",
+                    "authorization_unavailable",
+                    format!("pre-authorisation failed: {e}"),
+                )
+            }
+        }
+    }
+    let job = Job {
+        st,
+        key,
+        request_id,
+        at,
+        started: Instant::now(),
+        endpoint,
+        body,
+        stream,
+        client_wants_usage,
+        candidates: cands,
+        authorization_id,
+        tags,
+    };
+    let (tx, rx) = oneshot::channel();
+    tokio::spawn(job.run(tx));
+    match rx.await {
+        Ok(r) => r,
+        Err(_) => oai_error(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            "server_error",
+            "internal",
+            "the request task ended without an answer",
+        ),
+    }
+}
+
+/// Why an attempt did not produce a usable response.
+enum Failure {
+    /// Fall back to the next candidate.
+    Retryable(String, Option<Duration>),
+    /// The upstream refused the request itself (4xx other than 429): the client sees it.
+    Final(Response, String),
+}
+
+fn retry_after(h: &HeaderMap) -> Option<Duration> {
+    if let Some(ms) = h
+        .get("retry-after-ms")
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.trim().parse::<f64>().ok())
+    {
+        return Some(Duration::from_millis(ms.max(0.0) as u64));
+    }
+    let v = h.get(header::RETRY_AFTER)?.to_str().ok()?.trim();
+    if let Ok(s) = v.parse::<u64>() {
+        return Some(Duration::from_secs(s));
+    }
+    let when = DateTime::parse_from_rfc2822(v).ok()?;
+    Some(
+        (when.with_timezone(&Utc) - Utc::now())
+            .to_std()
+            .unwrap_or_default(),
+    )
+}
+
+impl Job {
+    async fn run(self, reply: oneshot::Sender<Response>) {
+        let ups = self.st.0.upstreams.get();
+        let mut attempts: Vec<String> = Vec::new();
+        let mut errors: Vec<String> = Vec::new();
+        let mut last_retry_after: Option<Duration> = None;
+        let mut i = 0;
+        let mut retried_last = false;
+        while i < self.candidates.len() {
+            let c = self.candidates[i].clone();
+            let Some(p) = ups.provider(&c.provider) else {
+                i += 1;
+                continue;
+            };
+            let is_last = i + 1 == self.candidates.len();
+            // a provider cooling down after Retry-After is skipped unless it is the last hope
+            let cooling = self
+                .st
+                .0
+                .cooldown
+                .lock()
+                .expect("cooldown lock")
+                .get(&c.provider)
+                .is_some_and(|t| *t > Instant::now());
+            if cooling && !is_last {
+                errors.push(format!("{}: cooling down after Retry-After", c.label()));
+                i += 1;
+                continue;
+            }
+            match self.attempt(p, &c).await {
+                Ok(resp) => {
+                    return self.finish(p, &c, resp, attempts, reply).await;
+                }
+                Err(Failure::Final(resp, why)) => {
+                    errors.push(format!("{}: {why}", c.label()));
+                    let _ = reply.send(with_request_id(resp, &self.request_id));
+                    self.record_failure(&c, attempts, Status::Error);
+                    return;
+                }
+                Err(Failure::Retryable(why, ra)) => {
+                    tracing::debug!(request_id = %self.request_id, candidate = %c.label(), why = %why, "attempt failed");
+                    self.st
+                        .0
+                        .metrics
+                        .inc("tokenledger_router_fallbacks_total", 1);
+                    errors.push(format!("{}: {why}", c.label()));
+                    if let Some(d) = ra {
+                        last_retry_after = Some(d);
+                        self.st
+                            .0
+                            .cooldown
+                            .lock()
+                            .expect("cooldown lock")
+                            .insert(c.provider.clone(), Instant::now() + d);
+                        // the last candidate: wait out a short Retry-After once, then retry
+                        if is_last && !retried_last && d <= ups.max_retry_after {
+                            retried_last = true;
+                            attempts.push(c.label());
+                            tokio::time::sleep(d).await;
+                            continue;
+                        }
+                    }
+                    attempts.push(c.label());
+                    i += 1;
+                }
+            }
+        }
+        let last = self.candidates.last().cloned();
+        let mut r = oai_error(
+            StatusCode::BAD_GATEWAY,
+            "server_error",
+            "upstream_unavailable",
+            format!("every candidate failed: {}", errors.join("; ")),
+        );
+        if let Some(d) = last_retry_after {
+            if let Ok(v) = HeaderValue::from_str(&d.as_secs().max(1).to_string()) {
+                r.headers_mut().insert(header::RETRY_AFTER, v);
+            }
+        }
+        let _ = reply.send(with_request_id(r, &self.request_id));
+        if let Some(c) = last {
+            // the chain ends at the last candidate tried; nothing was consumed
+            let mut chain = attempts;
+            chain.pop();
+            self.record_failure(&c, chain, Status::Error);
+        }
+    }
+
+    /// One upstream call, up to its response headers.
+    async fn attempt(&self, p: &Provider, c: &Candidate) -> Result<reqwest::Response, Failure> {
+        let mut body = self.body.clone();
+        body.remove("models");
+        body.insert(
+            "model".into(),
+            Value::String(p.cfg.models.get(&c.model).cloned().unwrap_or_default()),
+        );
+        if self.stream {
+            let opts = body
+                .entry("stream_options")
+                .or_insert_with(|| Value::Object(Map::new()));
+            if !opts.is_object() {
+                *opts = Value::Object(Map::new());
+            }
+            opts.as_object_mut()
+                .expect("object")
+                .insert("include_usage".into(), Value::Bool(true));
+        }
+        let url = format!(
+            "{}/{}",
+            p.cfg.base_url.trim_end_matches('/'),
+            self.endpoint.path()
+        );
+        let mut req = p
+            .client
+            .post(url)
+            .header(header::CONTENT_TYPE, "application/json")
+            .header("x-request-id", &self.request_id)
+            .body(serde_json::to_vec(&Value::Object(body)).expect("serialises"));
+        if let Some(k) = &p.api_key {
+            req = req.bearer_auth(k);
+        }
+        let sent = tokio::time::timeout(
+            Duration::from_millis(p.cfg.first_byte_timeout_ms),
+            req.send(),
+        )
+        .await;
+        let resp = match sent {
+            Err(_) => return Err(Failure::Retryable("timed out".into(), None)),
+            Ok(Err(e)) => return Err(Failure::Retryable(format!("connection failed: {e}"), None)),
+            Ok(Ok(r)) => r,
+        };
+        let status = resp.status();
+        if status.is_success() {
+            return Ok(resp);
+        }
+        let ra = retry_after(resp.headers());
+        if status == StatusCode::TOO_MANY_REQUESTS || status.is_server_error() {
+            return Err(Failure::Retryable(format!("HTTP {}", status.as_u16()), ra));
+        }
+        // the request itself was refused: pass the upstream's answer through
+        let ct = resp.headers().get(header::CONTENT_TYPE).cloned();
+        let bytes = resp.bytes().await.unwrap_or_default();
+        let mut r = Response::new(Body::from(bytes));
+        *r.status_mut() = status;
+        if let Some(ct) = ct {
+            r.headers_mut().insert(header::CONTENT_TYPE, ct);
+        }
+        Err(Failure::Final(r, format!("HTTP {}", status.as_u16())))
+    }
+
+    fn counter(&self, c: &Candidate) -> Counter {
+        Counter::for_model(&c.provider, &c.model)
+    }
+
+    fn estimated_input(&self, counter: Counter) -> u64 {
+        let whole = Value::Object(self.body.clone());
+        match self.endpoint {
+            Endpoint::Chat => usage::chat_input(counter, &whole),
+            Endpoint::Embeddings => usage::embedding_input(counter, &whole),
+        }
+    }
+
+    async fn finish(
+        self,
+        p: &Provider,
+        c: &Candidate,
+        resp: reqwest::Response,
+        fallback_from: Vec<String>,
+        reply: oneshot::Sender<Response>,
+    ) {
+        if self.stream {
+            return self.finish_stream(p, c, resp, fallback_from, reply).await;
+        }
+        let idle = Duration::from_millis(p.cfg.idle_timeout_ms);
+        let body = match tokio::time::timeout(idle, resp.bytes()).await {
+            Ok(Ok(b)) => b,
+            Ok(Err(e)) => {
+                let _ = reply.send(with_request_id(
+                    oai_error(
+                        StatusCode::BAD_GATEWAY,
+                        "server_error",
+                        "upstream_cut_off",
+                        format!("{}: the response body failed: {e}", c.label()),
+                    ),
+                    &self.request_id,
+                ));
+                // the upstream did the work: bill it, estimated
+                let counts = self.estimate(c, &Produced::default());
+                self.record(p, c, counts, None, fallback_from, Status::Error);
+                return;
+            }
+            Err(_) => {
+                let _ = reply.send(with_request_id(
+                    oai_error(
+                        StatusCode::GATEWAY_TIMEOUT,
+                        "server_error",
+                        "upstream_timeout",
+                        format!("{}: the response body stalled", c.label()),
+                    ),
+                    &self.request_id,
+                ));
+                let counts = self.estimate(c, &Produced::default());
+                self.record(p, c, counts, None, fallback_from, Status::Error);
+                return;
+            }
+        };
+        let mut value: Value = match serde_json::from_slice(&body) {
+            Ok(v @ Value::Object(_)) => v,
+            _ => {
+                // not JSON: pass it through, bill an estimate
+                let mut r = Response::new(Body::from(body));
+                r.headers_mut().insert(
+                    header::CONTENT_TYPE,
+                    HeaderValue::from_static("application/json"),
+                );
+                let _ = reply.send(with_request_id(r, &self.request_id));
+                let counts = self.estimate(c, &Produced::default());
+                self.record(p, c, counts, None, fallback_from, Status::Ok);
+                return;
+            }
+        };
+        let provider_id = value.get("id").and_then(Value::as_str).map(str::to_string);
+        let counts = match value
+            .get("usage")
+            .filter(|u| !u.is_null())
+            .map(usage::normalise)
+        {
+            Some(Ok(c)) => Measured::Reported(c),
+            other => {
+                if let Some(Err(e)) = other {
+                    tracing::warn!(request_id = %self.request_id, error = %e, "upstream usage not usable; estimating");
+                }
+                let mut produced = Produced::default();
+                for ch in value
+                    .get("choices")
+                    .and_then(Value::as_array)
+                    .into_iter()
+                    .flatten()
+                {
+                    if let Some(m) = ch.get("message") {
+                        produced.add(m);
+                    }
+                }
+                let est = self.estimate(c, &produced);
+                if let Measured::Estimated(n, _) = &est {
+                    value["usage"] = usage_object(n, self.endpoint);
+                }
+                est
+            }
+        };
+        let cost = self.cost(p, c, &counts, &fallback_from);
+        if let (Some(cost), Some(u)) = (cost, value.get_mut("usage").and_then(Value::as_object_mut))
+        {
+            u.insert("cost".into(), decimal_number(cost));
+            if matches!(counts, Measured::Estimated(..)) {
+                u.insert("estimated".into(), Value::Bool(true));
+            }
+        }
+        let mut r = Response::new(Body::from(serde_json::to_vec(&value).expect("serialises")));
+        r.headers_mut().insert(
+            header::CONTENT_TYPE,
+            HeaderValue::from_static("application/json"),
+        );
+        self.decorate(&mut r, c);
+        let _ = reply.send(r);
+        self.record(p, c, counts, provider_id, fallback_from, Status::Ok);
+    }
+
+    fn decorate(&self, r: &mut Response, c: &Candidate) {
+        if let Ok(v) = HeaderValue::from_str(&self.request_id) {
+            r.headers_mut().insert(REQUEST_ID_HEADER, v);
+        }
+        if let Ok(v) = HeaderValue::from_str(&c.label()) {
+            r.headers_mut().insert("x-tokenledger-route", v);
+        }
+    }
+
+    fn estimate(&self, c: &Candidate, produced: &Produced) -> Measured {
+        let counter = self.counter(c);
+        let n = Counts {
+            input: self.estimated_input(counter),
+            output: produced.tokens(counter),
+            ..Counts::default()
+        };
+        Measured::Estimated(n, counter.method())
+    }
+
+    /// The customer price of these counts now, from the same rating code as the ledger
+    /// (before tiers, commitments and reservations, which depend on ledger order).
+    fn cost(
+        &self,
+        p: &Provider,
+        c: &Candidate,
+        m: &Measured,
+        fallback_from: &[String],
+    ) -> Option<Decimal> {
+        let u = self.usage_data(p, c, m, None, fallback_from.to_vec(), Status::Ok);
+        let book = self.st.book();
+        let terms =
+            crate::ledger::writer::terms_for(&book, &u, &self.key.currency, self.at).ok()?;
+        rate(&u, terms).ok().map(|r| r.price.normalize())
+    }
+
+    fn usage_data(
+        &self,
+        p: &Provider,
+        c: &Candidate,
+        m: &Measured,
+        provider_request_id: Option<String>,
+        fallback_from: Vec<String>,
+        status: Status,
+    ) -> UsageData {
+        let (n, estimated, method) = match m {
+            Measured::Reported(n) => (*n, false, None),
+            Measured::Estimated(n, method) => (*n, true, Some(method.to_string())),
+        };
+        UsageData {
+            tenant_id: self.key.tenant_id.clone(),
+            api_key_id: Some(self.key.key_id.to_string()),
+            request_id: self.request_id.clone(),
+            provider_request_id: provider_request_id.filter(|s| {
+                crate::events::string_problem(s, crate::events::limits::PROVIDER_REQUEST).is_none()
+            }),
+            authorization_id: self.authorization_id.clone(),
+            model: c.model.clone(),
+            provider: c.provider.clone(),
+            region: p.cfg.region.clone(),
+            input_tokens: n.input,
+            cached_input_tokens: n.cached,
+            cache_write_tokens: n.cache_write,
+            output_tokens: n.output,
+            reasoning_tokens: n.reasoning,
+            batch: false,
+            status,
+            latency_ms: self.started.elapsed().as_millis() as u64,
+            fallback_from: fallback_from
+                .into_iter()
+                .take(crate::events::limits::FALLBACKS)
+                .collect(),
+            estimated,
+            estimate_method: method,
+            tags: self.tags.clone(),
+        }
+    }
+
+    /// Publish the request's one usage event.
+    fn record(
+        &self,
+        p: &Provider,
+        c: &Candidate,
+        m: Measured,
+        provider_request_id: Option<String>,
+        fallback_from: Vec<String>,
+        status: Status,
+    ) {
+        let u = self.usage_data(p, c, &m, provider_request_id, fallback_from, status);
+        let ev = Event::new(
+            self.request_id.clone(),
+            EVENT_SOURCE.to_string(),
+            self.at,
+            EventData::Usage(u),
+        );
+        self.st
+            .0
+            .publisher
+            .publish(Outgoing::of(&ev, &self.st.0.settings));
+    }
+
+    /// A request that consumed nothing (every candidate failed, or the upstream refused
+    /// it): recorded with zero tokens, so its hold is settled and the attempt is visible.
+    fn record_failure(&self, c: &Candidate, fallback_from: Vec<String>, status: Status) {
+        let ups = self.st.0.upstreams.get();
+        let Some(p) = ups.provider(&c.provider) else {
+            return;
+        };
+        self.record(
+            p,
+            c,
+            Measured::Reported(Counts::default()),
+            None,
+            fallback_from,
+            status,
+        );
+    }
+
+    async fn finish_stream(
+        self,
+        p: &Provider,
+        c: &Candidate,
+        resp: reqwest::Response,
+        fallback_from: Vec<String>,
+        reply: oneshot::Sender<Response>,
+    ) {
+        let (tx, rx) = mpsc::channel::<Result<Bytes, std::io::Error>>(64);
+        let body = futures::stream::unfold(rx, |mut rx| async move {
+            rx.recv().await.map(|item| (item, rx))
+        });
+        let mut r = Response::new(Body::from_stream(body));
+        r.headers_mut().insert(
+            header::CONTENT_TYPE,
+            HeaderValue::from_static("text/event-stream"),
+        );
+        r.headers_mut()
+            .insert(header::CACHE_CONTROL, HeaderValue::from_static("no-cache"));
+        self.decorate(&mut r, c);
+        let _ = reply.send(r);
+
+        let idle = Duration::from_millis(p.cfg.idle_timeout_ms);
+        let mut upstream = resp.bytes_stream();
+        let mut buf: Vec<u8> = Vec::new();
+        let mut produced = Produced::default();
+        let mut reported: Option<Counts> = None;
+        let mut provider_id: Option<String> = None;
+        let mut done = false;
+        let mut status = Status::Ok;
+        'read: loop {
+            let next = tokio::select! {
+                _ = tx.closed() => { status = Status::Cancelled; break 'read; }
+                n = tokio::time::timeout(idle, upstream.next()) => n,
+            };
+            let chunk = match next {
+                Err(_) => {
+                    status = Status::Error;
+                    break;
+                }
+                Ok(None) => break,
+                Ok(Some(Err(_))) => {
+                    status = Status::Error;
+                    break;
+                }
+                Ok(Some(Ok(b))) => b,
+            };
+            buf.extend_from_slice(&chunk);
+            while let Some(end) = event_end(&buf) {
+                let raw: Vec<u8> = buf.drain(..end.1).collect();
+                let ev = &raw[..end.0];
+                let out = self.on_event(
+                    ev,
+                    p,
+                    c,
+                    &fallback_from,
+                    &mut produced,
+                    &mut reported,
+                    &mut provider_id,
+                    &mut done,
+                );
+                if let Some(bytes) = out {
+                    if tx.send(Ok(bytes)).await.is_err() {
+                        status = Status::Cancelled;
+                        break 'read;
+                    }
+                }
+            }
+        }
+        if status == Status::Ok && !done {
+            // the upstream ended without [DONE]: cut off
+            status = Status::Error;
+        }
+        if status == Status::Error {
+            let _ = tx
+                .send(Err(std::io::Error::other(
+                    "the upstream stream was cut off",
+                )))
+                .await;
+        }
+        drop(tx);
+        let m = match reported {
+            Some(n) => Measured::Reported(n),
+            None => self.estimate(c, &produced),
+        };
+        self.record(p, c, m, provider_id, fallback_from, status);
+    }
+
+    /// Handle one SSE event from the upstream; what to send the client, if anything.
+    #[allow(clippy::too_many_arguments)]
+    fn on_event(
+        &self,
+        ev: &[u8],
+        p: &Provider,
+        c: &Candidate,
+        fallback_from: &[String],
+        produced: &mut Produced,
+        reported: &mut Option<Counts>,
+        provider_id: &mut Option<String>,
+        done: &mut bool,
+    ) -> Option<Bytes> {
+        let text = std::str::from_utf8(ev).ok();
+        let data: Option<String> = text.map(|t| {
+            t.lines()
+                .filter_map(|l| l.strip_prefix("data:"))
+                .map(|d| d.strip_prefix(' ').unwrap_or(d))
+                .collect::<Vec<_>>()
+                .join("\n")
+        });
+        let passthrough = || {
+            let mut v = ev.to_vec();
+            v.extend_from_slice(b"\n\n");
+            Some(Bytes::from(v))
+        };
+        let Some(data) = data.filter(|d| !d.is_empty()) else {
+            return passthrough();
+        };
+        if data.trim() == "[DONE]" {
+            *done = true;
+            return passthrough();
+        }
+        let Ok(mut v) = serde_json::from_str::<Value>(&data) else {
+            return passthrough();
+        };
+        if provider_id.is_none() {
+            *provider_id = v.get("id").and_then(Value::as_str).map(str::to_string);
+        }
+        for ch in v
+            .get("choices")
+            .and_then(Value::as_array)
+            .into_iter()
+            .flatten()
+        {
+            if let Some(d) = ch.get("delta") {
+                produced.add(d);
+            }
+        }
+        let usage = v.get("usage").filter(|u| !u.is_null());
+        let Some(u) = usage else {
+            if !self.client_wants_usage && v.get("usage").is_some() {
+                // the `usage: null` the router's include_usage added to every chunk
+                if let Some(o) = v.as_object_mut() {
+                    o.remove("usage");
+                }
+                return Some(Bytes::from(format!("data: {v}\n\n")));
+            }
+            return passthrough();
+        };
+        match usage::normalise(u) {
+            Ok(n) => *reported = Some(n),
+            Err(e) => {
+                tracing::warn!(request_id = %self.request_id, error = %e, "upstream usage not usable; estimating")
+            }
+        }
+        let no_choices = v
+            .get("choices")
+            .and_then(Value::as_array)
+            .is_none_or(|a| a.is_empty());
+        if !self.client_wants_usage {
+            if no_choices {
+                return None;
+            }
+            if let Some(o) = v.as_object_mut() {
+                o.remove("usage");
+            }
+        } else if let Some(n) = reported {
+            if let Some(cost) = self.cost(p, c, &Measured::Reported(*n), fallback_from) {
+                if let Some(u) = v.get_mut("usage").and_then(Value::as_object_mut) {
+                    u.insert("cost".into(), decimal_number(cost));
+                }
+            }
+        }
+        Some(Bytes::from(format!("data: {v}\n\n")))
+    }
+}
+
+/// Where the first complete SSE event in `buf` ends: (end of its text, end including the
+/// blank line). Events are separated by a blank line (`\n\n` or `\r\n\r\n`).
+fn event_end(buf: &[u8]) -> Option<(usize, usize)> {
+    let mut i = 0;
+    while i + 1 < buf.len() {
+        if buf[i] == b'\n' && buf[i + 1] == b'\n' {
+            return Some((i, i + 2));
+        }
+        if buf[i] == b'\r' && buf[i..].starts_with(b"\r\n\r\n") {
+            return Some((i, i + 4));
+        }
+        i += 1;
+    }
+    None
+}
+
+enum Measured {
+    Reported(Counts),
+    Estimated(Counts, &'static str),
+}
+
+fn usage_object(n: &Counts, endpoint: Endpoint) -> Value {
+    match endpoint {
+        Endpoint::Embeddings => json!({"prompt_tokens": n.input, "total_tokens": n.input}),
+        Endpoint::Chat => json!({"prompt_tokens": n.input, "completion_tokens": n.output,
+            "total_tokens": n.input + n.output}),
+    }
+}
+
+/// A Decimal as an exact JSON number.
+fn decimal_number(d: Decimal) -> Value {
+    serde_json::from_str(&d.normalize().to_string()).unwrap_or(Value::Null)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sse_events_split_on_blank_lines() {
+        assert_eq!(event_end(b"data: x\n\ndata: y"), Some((7, 9)));
+        assert_eq!(event_end(b"data: x\r\n\r\n"), Some((7, 11)));
+        assert_eq!(event_end(b"data: x\n"), None);
+    }
+
+    #[test]
+    fn retry_after_in_seconds_milliseconds_or_a_date() {
+        let mut h = HeaderMap::new();
+        h.insert(header::RETRY_AFTER, HeaderValue::from_static("3"));
+        assert_eq!(retry_after(&h), Some(Duration::from_secs(3)));
+        h.insert("retry-after-ms", HeaderValue::from_static("250"));
+        assert_eq!(retry_after(&h), Some(Duration::from_millis(250)));
+        let mut h = HeaderMap::new();
+        h.insert(
+            header::RETRY_AFTER,
+            HeaderValue::from_static("Wed, 21 Oct 2015 07:28:00 GMT"),
+        );
+        assert_eq!(retry_after(&h), Some(Duration::ZERO));
+    }
+
+    #[test]
+    fn costs_are_exact_json_numbers() {
+        let d: Decimal = "0.000012345678901234".parse().unwrap();
+        assert_eq!(decimal_number(d).to_string(), "0.000012345678901234");
+    }
+}

@@ -1,0 +1,725 @@
+//! The router against fake upstreams, the real ledger, Postgres and NATS.
+
+mod common;
+
+use std::time::{Duration, Instant};
+
+use common::*;
+use futures::StreamExt;
+use rust_decimal::Decimal;
+use serde_json::{json, Value};
+use tokenledger::router::fake::{Behavior, Fake, Mode};
+use tokenledger::settings::Settings;
+
+/// Write a router config for (provider name, fake, models) and return its path.
+fn write_config(providers: &[(&str, &str, &[&str])], first_byte_ms: u64) -> std::path::PathBuf {
+    let list: Vec<Value> = providers
+        .iter()
+        .map(|(name, url, models)| {
+            let m: serde_json::Map<String, Value> = models
+                .iter()
+                .map(|m| (m.to_string(), json!(format!("up-{m}"))))
+                .collect();
+            json!({"name": name, "base_url": url, "first_byte_timeout_ms": first_byte_ms,
+                "idle_timeout_ms": 2000, "models": m})
+        })
+        .collect();
+    let path = std::env::temp_dir().join(format!("tl-router-{}.json", uuid::Uuid::new_v4()));
+    std::fs::write(
+        &path,
+        json!({"providers": list, "max_retry_after_ms": 1500}).to_string(),
+    )
+    .unwrap();
+    path
+}
+
+struct Setup {
+    app: TestApp,
+    key: String,
+    a: Fake,
+    b: Fake,
+}
+
+impl Setup {
+    fn router(&self, path: &str) -> String {
+        format!("{}{path}", self.app.router.as_ref().unwrap())
+    }
+
+    async fn chat(&self, body: Value) -> reqwest::Response {
+        self.app
+            .http
+            .post(self.router("/v1/chat/completions"))
+            .bearer_auth(&self.key)
+            .json(&body)
+            .send()
+            .await
+            .unwrap()
+    }
+
+    /// The billing API's view of a request, once the ledger has it.
+    async fn billed(&self, request_id: &str) -> Value {
+        for _ in 0..200 {
+            let r = self
+                .app
+                .get(&self.key, &format!("/v1/requests/{request_id}"))
+                .await;
+            if r.status() == 200 {
+                return r.json().await.unwrap();
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        panic!("request {request_id} never reached the ledger");
+    }
+}
+
+/// Two fakes: `openai` serving gpt-4o-mini and gpt-4o, `anthropic` serving
+/// claude-haiku-4-5; the bundled price book with a 20% markup; tenant `acme`.
+async fn setup(tweak: impl FnOnce(&mut Settings)) -> Setup {
+    let a = Fake::start("127.0.0.1:0").await.unwrap();
+    let b = Fake::start("127.0.0.1:0").await.unwrap();
+    let cfg = write_config(
+        &[
+            (
+                "openai",
+                &a.base_url,
+                &["gpt-4o-mini", "gpt-4o", "text-embedding-3-small"],
+            ),
+            ("anthropic", &b.base_url, &["claude-haiku-4-5"]),
+        ],
+        400,
+    );
+    let mut s = fresh_settings().await;
+    s.roles = vec!["api".into(), "writer".into(), "router".into()];
+    s.router_addr = "127.0.0.1:0".into();
+    s.router_config = cfg;
+    tweak(&mut s);
+    // prices first: the router loads the book at start
+    let pool = tokenledger::db::connect(&s.database_url, 1).await.unwrap();
+    seed_prices_into(&pool).await;
+    let app = TestApp::start(s).await;
+    let key = app.tenant("acme").await;
+    Setup { app, key, a, b }
+}
+
+async fn seed_prices_into(pool: &sqlx::PgPool) {
+    let text = std::fs::read_to_string("config/prices/litellm-popular.json").unwrap();
+    let prices = tokenledger::pricing::import::parse_litellm(&text).unwrap();
+    let t0 = "2020-01-01T00:00:00Z".parse().unwrap();
+    let opts = tokenledger::catalog::prices::ImportOptions {
+        currency: "USD",
+        first_effective_from: t0,
+        effective_from: None,
+        now: chrono::Utc::now(),
+        skew: chrono::Duration::minutes(5),
+        source: "test",
+    };
+    tokenledger::catalog::prices::import(pool, &prices, &opts)
+        .await
+        .unwrap();
+    tokenledger::catalog::prices::add_markup(
+        pool,
+        None,
+        "20".parse().unwrap(),
+        Some(t0),
+        chrono::Utc::now(),
+        chrono::Duration::minutes(5),
+    )
+    .await
+    .unwrap();
+}
+
+fn dec(v: &Value) -> Decimal {
+    match v {
+        Value::String(s) => s.parse().unwrap(),
+        other => other.to_string().parse().unwrap(),
+    }
+}
+
+fn request_id(r: &reqwest::Response) -> String {
+    r.headers()["x-tokenledger-request-id"]
+        .to_str()
+        .unwrap()
+        .to_string()
+}
+
+/// Read a whole SSE body: the `data:` payloads in order.
+async fn sse(r: reqwest::Response) -> Vec<String> {
+    let text = r.text().await.unwrap();
+    text.split("\n\n")
+        .filter_map(|e| e.strip_prefix("data: "))
+        .map(str::to_string)
+        .collect()
+}
+
+#[tokio::test]
+async fn chat_plain_and_streamed_are_billed_exactly_as_answered() {
+    let mut s = setup(|_| {}).await;
+    let msg = json!([{"role": "system", "content": "You are terse. Answer in plain words, no lists."},
+        {"role": "user", "content": "Say something about ledgers, please, in a few words at most: what makes one trustworthy?"}]);
+
+    // plain: usage passes through, usage.cost is the ledger's price, unknown fields survive
+    let r = s
+        .chat(json!({"model": "gpt-4o-mini", "messages": msg, "x_custom": {"kept": true}}))
+        .await;
+    assert_eq!(r.status(), 200);
+    assert_eq!(r.headers()["x-tokenledger-route"], "openai/gpt-4o-mini");
+    let id = request_id(&r);
+    let v: Value = r.json().await.unwrap();
+    assert_eq!(v["object"], "chat.completion");
+    assert_eq!(v["system_fingerprint"], "fp_fake");
+    let u = &v["usage"];
+    let billed = s.billed(&id).await;
+    assert_eq!(billed["input_tokens"], u["prompt_tokens"]);
+    assert_eq!(billed["output_tokens"], u["completion_tokens"]);
+    assert_eq!(
+        billed["cached_input_tokens"],
+        u["prompt_tokens_details"]["cached_tokens"]
+    );
+    assert!(billed["cached_input_tokens"].as_u64().unwrap() > 0);
+    assert_eq!(dec(&billed["price_amount"]), dec(&u["cost"]));
+    assert!(dec(&u["cost"]) > Decimal::ZERO);
+    assert_eq!(billed["event"]["data"]["estimated"], false);
+    assert_eq!(billed["event"]["data"]["provider"], "openai");
+    assert!(billed["event"]["data"]["provider_request_id"]
+        .as_str()
+        .unwrap()
+        .starts_with("chatcmpl-fake"));
+    // the upstream saw its own model name and the router's usage request
+    assert_eq!(s.a.requests(), 1);
+
+    // streamed, usage asked for: the final chunk carries usage with its cost
+    let r = s
+        .chat(
+            json!({"model": "gpt-4o-mini", "messages": msg, "stream": true,
+            "stream_options": {"include_usage": true}}),
+        )
+        .await;
+    assert_eq!(r.status(), 200);
+    let id = request_id(&r);
+    let data = sse(r).await;
+    assert_eq!(data.last().unwrap(), "[DONE]");
+    let last: Value = serde_json::from_str(&data[data.len() - 2]).unwrap();
+    assert_eq!(last["choices"], json!([]));
+    let billed = s.billed(&id).await;
+    assert_eq!(billed["input_tokens"], last["usage"]["prompt_tokens"]);
+    assert_eq!(billed["output_tokens"], last["usage"]["completion_tokens"]);
+    assert_eq!(dec(&billed["price_amount"]), dec(&last["usage"]["cost"]));
+
+    // streamed, usage not asked for: the router still bills reported usage and strips it
+    let r = s
+        .chat(json!({"model": "gpt-4o-mini", "messages": msg, "stream": true}))
+        .await;
+    let id = request_id(&r);
+    let data = sse(r).await;
+    assert!(data.iter().all(|d| !d.contains("\"usage\"")), "{data:?}");
+    let text: String = data
+        .iter()
+        .filter(|d| d.as_str() != "[DONE]")
+        .map(|d| serde_json::from_str::<Value>(d).unwrap())
+        .filter_map(|c| {
+            c["choices"][0]["delta"]["content"]
+                .as_str()
+                .map(str::to_string)
+        })
+        .collect();
+    assert_eq!(text.split(' ').count(), 12);
+    let billed = s.billed(&id).await;
+    assert_eq!(billed["output_tokens"], 12);
+    assert_eq!(billed["event"]["data"]["estimated"], false);
+
+    // embeddings and the model list
+    let r = s
+        .app
+        .http
+        .post(s.router("/v1/embeddings"))
+        .bearer_auth(&s.key)
+        .json(&json!({"model": "text-embedding-3-small", "input": ["one two three four", "five"]}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    let id = request_id(&r);
+    let v: Value = r.json().await.unwrap();
+    assert_eq!(v["data"].as_array().unwrap().len(), 2);
+    let billed = s.billed(&id).await;
+    assert_eq!(billed["input_tokens"], v["usage"]["prompt_tokens"]);
+    assert_eq!(billed["output_tokens"], 0);
+    let models: Value = s
+        .app
+        .http
+        .get(s.router("/v1/models"))
+        .bearer_auth(&s.key)
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let ids: Vec<&str> = models["data"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|m| m["id"].as_str().unwrap())
+        .collect();
+    assert!(ids.contains(&"gpt-4o-mini") && ids.contains(&"anthropic/claude-haiku-4-5"));
+
+    // bad input: OpenAI-shaped errors, nothing recorded
+    let before = s.app.count("select count(*) from events").await;
+    let r = s
+        .chat(json!({"model": "no-such-model", "messages": msg}))
+        .await;
+    assert_eq!(r.status(), 404);
+    let v: Value = r.json().await.unwrap();
+    assert_eq!(v["error"]["code"], "model_not_found");
+    let r = s
+        .app
+        .http
+        .post(s.router("/v1/chat/completions"))
+        .bearer_auth(&s.key)
+        .body("{not json")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 400);
+    let r = s
+        .app
+        .http
+        .post(s.router("/v1/chat/completions"))
+        .bearer_auth("tl_key_wrong")
+        .json(&json!({"model": "gpt-4o-mini", "messages": msg}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 401);
+    let v: Value = r.json().await.unwrap();
+    assert_eq!(v["error"]["code"], "invalid_api_key");
+    s.app.drain().await;
+    assert_eq!(s.app.count("select count(*) from events").await, before);
+    s.app.rebuild_and_verify().await;
+    s.app.stop().await;
+}
+
+#[tokio::test]
+async fn fallback_on_500_429_and_timeout_reaches_the_next_candidate_and_records_the_chain() {
+    let mut s = setup(|_| {}).await;
+    let msg = json!([{"role": "user", "content": "hello"}]);
+    let body =
+        json!({"model": "gpt-4o-mini", "models": ["anthropic/claude-haiku-4-5"], "messages": msg});
+    // every candidate failing: 502 in OpenAI's shape, recorded with zero tokens
+    s.a.fail_next(Mode::Fail500, 1);
+    s.b.fail_next(Mode::Fail500, 1);
+    let r = s
+        .chat(json!({"model": "openai/gpt-4o", "models": ["anthropic/claude-haiku-4-5"], "messages": msg}))
+        .await;
+    assert_eq!(r.status(), 502);
+    let id = request_id(&r);
+    let v: Value = r.json().await.unwrap();
+    assert_eq!(v["error"]["code"], "upstream_unavailable");
+    let billed = s.billed(&id).await;
+    assert_eq!(billed["status"], "error");
+    assert_eq!(billed["input_tokens"], 0);
+    assert_eq!(dec(&billed["price_amount"]), Decimal::ZERO);
+    assert_eq!(
+        billed["event"]["data"]["fallback_from"],
+        json!(["openai/gpt-4o"])
+    );
+    // a short Retry-After on the last candidate is waited out and retried once
+    s.b.set(Behavior {
+        mode: Mode::Fail429,
+        times: Some(1),
+        retry_after_secs: 1,
+        ..Behavior::default()
+    });
+    let t = Instant::now();
+    let r = s
+        .chat(json!({"model": "anthropic/claude-haiku-4-5", "messages": msg}))
+        .await;
+    assert_eq!(r.status(), 200);
+    assert!(t.elapsed() >= Duration::from_millis(900));
+    // the last candidate's Retry-After has cooled down by now
+    tokio::time::sleep(Duration::from_millis(1100)).await;
+    // (the 429 last: its Retry-After leaves the provider cooling down)
+    for (mode, retry) in [(Mode::Fail500, 0), (Mode::Stall, 0), (Mode::Fail429, 30)] {
+        s.a.set(Behavior {
+            mode,
+            times: Some(1),
+            retry_after_secs: retry,
+            ..Behavior::default()
+        });
+        let r = s.chat(body.clone()).await;
+        assert_eq!(r.status(), 200, "{mode:?}");
+        assert_eq!(
+            r.headers()["x-tokenledger-route"],
+            "anthropic/claude-haiku-4-5"
+        );
+        let id = request_id(&r);
+        let billed = s.billed(&id).await;
+        assert_eq!(billed["provider"], "anthropic", "{mode:?}");
+        assert_eq!(
+            billed["event"]["data"]["fallback_from"],
+            json!(["openai/gpt-4o-mini"]),
+            "{mode:?}"
+        );
+        if mode == Mode::Fail429 {
+            // Retry-After: 30 — the provider is skipped while it cools down
+            let before = s.a.requests();
+            let r = s.chat(body.clone()).await;
+            assert_eq!(r.status(), 200);
+            assert_eq!(s.a.requests(), before, "a cooling provider was called");
+            let billed = s.billed(&request_id(&r)).await;
+            assert_eq!(billed["provider"], "anthropic");
+            // and when it is the only candidate it is still tried
+            let r = s
+                .chat(json!({"model": "openai/gpt-4o", "messages": msg}))
+                .await;
+            assert_eq!(r.status(), 200);
+        }
+    }
+    s.app.rebuild_and_verify().await;
+    s.app.stop().await;
+}
+
+#[tokio::test]
+async fn cancelled_and_cut_off_streams_are_billed_with_estimated_tokens_not_zero() {
+    let mut s = setup(|_| {}).await;
+    let msg =
+        json!([{"role": "user", "content": "Write a long story about double-entry bookkeeping."}]);
+    s.a.set(Behavior {
+        words: 400,
+        chunk_delay_ms: 10,
+        ..Behavior::default()
+    });
+    let r = s
+        .chat(json!({"model": "gpt-4o-mini", "messages": msg, "stream": true}))
+        .await;
+    let id = request_id(&r);
+    let mut body = r.bytes_stream();
+    let mut got = 0;
+    while let Some(chunk) = body.next().await {
+        got += chunk.unwrap().len();
+        if got > 2000 {
+            break;
+        }
+    }
+    drop(body); // the client goes away mid-stream
+    let billed = s.billed(&id).await;
+    assert_eq!(billed["status"], "cancelled");
+    assert_eq!(billed["event"]["data"]["estimated"], true);
+    assert_eq!(
+        billed["event"]["data"]["estimate_method"],
+        "tiktoken:o200k_base"
+    );
+    let out = billed["output_tokens"].as_u64().unwrap();
+    assert!(out > 5 && out < 400, "output {out}");
+    // the prompt, counted with the real tokenizer: 3 + 3 + the content's tokens
+    assert!(billed["input_tokens"].as_u64().unwrap() > 6);
+    assert!(dec(&billed["price_amount"]) > Decimal::ZERO);
+
+    // the upstream cuts the stream off: error, estimated
+    s.a.set(Behavior {
+        mode: Mode::CutStream,
+        words: 40,
+        ..Behavior::default()
+    });
+    let r = s
+        .chat(
+            json!({"model": "gpt-4o-mini", "messages": msg, "stream": true,
+            "stream_options": {"include_usage": true}}),
+        )
+        .await;
+    let id = request_id(&r);
+    let _ = r.bytes().await; // ends in an error: the body was cut
+    let billed = s.billed(&id).await;
+    assert_eq!(billed["status"], "error");
+    assert_eq!(billed["event"]["data"]["estimated"], true);
+    assert!(billed["output_tokens"].as_u64().unwrap() >= 20, "{billed}");
+
+    // a non-streaming answer without usage: estimated from the reply, and said so
+    s.b.set(Behavior {
+        mode: Mode::OmitUsage,
+        ..Behavior::default()
+    });
+    let r = s
+        .chat(json!({"model": "claude-haiku-4-5", "messages": msg}))
+        .await;
+    let id = request_id(&r);
+    let v: Value = r.json().await.unwrap();
+    assert_eq!(v["usage"]["estimated"], true);
+    let billed = s.billed(&id).await;
+    assert_eq!(billed["event"]["data"]["estimated"], true);
+    assert_eq!(
+        billed["event"]["data"]["estimate_method"],
+        "approx:max(o200k_base*1.25,bytes/3)"
+    );
+    assert_eq!(billed["output_tokens"], v["usage"]["completion_tokens"]);
+    assert!(billed["output_tokens"].as_u64().unwrap() >= 12);
+    s.app.rebuild_and_verify().await;
+    s.app.stop().await;
+}
+
+#[tokio::test]
+async fn a_denied_budget_answers_402_records_the_denial_and_no_usage() {
+    let mut s = setup(|_| {}).await;
+    let past = (chrono::Utc::now() - chrono::Duration::hours(1)).to_rfc3339();
+    let r = s
+        .app
+        .http
+        .post(s.app.url("/v1/budgets"))
+        .bearer_auth(&s.key)
+        .json(&json!({"name": "tiny", "scope": "tenant", "period": "day",
+            "amount": "0.0001", "action": "block", "effective_from": past}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 201, "{}", r.text().await.unwrap());
+    // the router re-reads the price book and terms every 250 ms
+    tokio::time::sleep(Duration::from_millis(600)).await;
+    let msg = json!([{"role": "user", "content": "hello"}]);
+    // a small request fits and settles its hold
+    let r = s
+        .chat(json!({"model": "gpt-4o-mini", "messages": msg, "max_tokens": 20}))
+        .await;
+    assert_eq!(r.status(), 200, "{}", r.text().await.unwrap());
+    s.app
+        .wait_count("select count(*) from auth_settlements", 1)
+        .await;
+    // a request whose worst case does not fit is denied before any upstream call
+    let calls = s.a.requests();
+    let r = s
+        .chat(json!({"model": "gpt-4o-mini", "messages": msg, "max_tokens": 100000}))
+        .await;
+    assert_eq!(r.status(), 402);
+    let v: Value = r.json().await.unwrap();
+    assert_eq!(v["error"]["code"], "budget_exceeded");
+    assert!(
+        v["error"]["message"].as_str().unwrap().contains("\"tiny\""),
+        "{v}"
+    );
+    assert_eq!(s.a.requests(), calls);
+    assert_eq!(
+        s.app
+            .count("select count(*) from authorizations where decision = 'deny'")
+            .await,
+        1
+    );
+    s.app.drain().await;
+    assert_eq!(s.app.count("select count(*) from events").await, 1);
+    s.app.rebuild_and_verify().await;
+    s.app.stop().await;
+}
+
+#[tokio::test]
+async fn a_routing_class_follows_a_decision_change_in_kv_within_a_second() {
+    let mut s = setup(|_| {}).await;
+    let js =
+        async_nats::jetstream::new(async_nats::connect(&s.app.settings.nats_url).await.unwrap());
+    let kv = tokenledger::engine::bucket(&js, &s.app.settings.routing_bucket)
+        .await
+        .unwrap();
+    let decision = |first: (&str, &str), second: (&str, &str)| {
+        json!({"schema": "tokenledger.routing_decision.v1", "tenant_id": "acme", "class": "auto:test",
+            "status": "ok", "candidates": [
+                {"rank": 1, "provider": first.0, "model": first.1, "available": true},
+                {"rank": 2, "provider": second.0, "model": second.1, "available": true}]})
+        .to_string()
+    };
+    let key = tokenledger::engine::kv_key("acme", "auto:test");
+    kv.put(
+        &key,
+        decision(("openai", "gpt-4o-mini"), ("anthropic", "claude-haiku-4-5")).into(),
+    )
+    .await
+    .unwrap();
+    let msg = json!([{"role": "user", "content": "hi"}]);
+    let route = |r: &reqwest::Response| {
+        r.headers()["x-tokenledger-route"]
+            .to_str()
+            .unwrap()
+            .to_string()
+    };
+    // the first decision arrives through the watch
+    let mut seen = String::new();
+    for _ in 0..100 {
+        let r = s.chat(json!({"model": "auto:test", "messages": msg})).await;
+        if r.status() == 200 {
+            seen = route(&r);
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_eq!(seen, "openai/gpt-4o-mini");
+    // the engine re-ranks: the router follows within a second
+    kv.put(
+        &key,
+        decision(("anthropic", "claude-haiku-4-5"), ("openai", "gpt-4o-mini")).into(),
+    )
+    .await
+    .unwrap();
+    let t = Instant::now();
+    loop {
+        let r = s.chat(json!({"model": "auto:test", "messages": msg})).await;
+        if route(&r) == "anthropic/claude-haiku-4-5" {
+            break;
+        }
+        assert!(
+            t.elapsed() < Duration::from_secs(1),
+            "still routed by the old decision after {:?}",
+            t.elapsed()
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    // a blocked decision answers 402 naming the budget
+    kv.put(
+        &key,
+        json!({"class": "auto:test", "status": "blocked", "blocked_by": "monthly", "candidates": []})
+            .to_string()
+            .into(),
+    )
+    .await
+    .unwrap();
+    let t = Instant::now();
+    loop {
+        let r = s.chat(json!({"model": "auto:test", "messages": msg})).await;
+        if r.status() == 402 {
+            let v: Value = r.json().await.unwrap();
+            assert!(v["error"]["message"].as_str().unwrap().contains("monthly"));
+            break;
+        }
+        assert!(t.elapsed() < Duration::from_secs(1));
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    s.app.stop().await;
+}
+
+/// A nats-server of this test's own, on a free port, with its own store.
+struct OwnNats {
+    child: std::process::Child,
+    port: u16,
+    dir: std::path::PathBuf,
+}
+
+impl OwnNats {
+    fn start(port: u16, dir: &std::path::Path) -> OwnNats {
+        let child = std::process::Command::new("nats-server")
+            .args(["-a", "127.0.0.1", "-p", &port.to_string(), "-js", "-sd"])
+            .arg(dir)
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .expect("nats-server on PATH");
+        OwnNats {
+            child,
+            port,
+            dir: dir.to_path_buf(),
+        }
+    }
+
+    async fn wait_up(&self) {
+        for _ in 0..100 {
+            if tokio::net::TcpStream::connect(("127.0.0.1", self.port))
+                .await
+                .is_ok()
+            {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        panic!("nats-server did not start");
+    }
+
+    fn stop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Drop for OwnNats {
+    fn drop(&mut self) {
+        self.stop();
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+#[tokio::test]
+async fn nats_stopped_and_restarted_during_traffic_loses_and_doubles_nothing() {
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let dir = std::env::temp_dir().join(format!("tl-nats-{}", uuid::Uuid::new_v4()));
+    let mut nats = OwnNats::start(port, &dir);
+    nats.wait_up().await;
+    let url = format!("nats://127.0.0.1:{port}");
+    let mut s = setup(|s| s.nats_url = url.clone()).await;
+    let msg = json!([{"role": "user", "content": "count me once"}]);
+    let served = std::sync::Arc::new(std::sync::atomic::AtomicU64::new(0));
+    let stop = tokio_util::sync::CancellationToken::new();
+    let mut clients = tokio::task::JoinSet::new();
+    for _ in 0..4 {
+        let (http, url, key, served, stop, msg) = (
+            s.app.http.clone(),
+            format!("{}/v1/chat/completions", s.app.router.as_ref().unwrap()),
+            s.key.clone(),
+            served.clone(),
+            stop.clone(),
+            msg.clone(),
+        );
+        clients.spawn(async move {
+            let mut i = 0u64;
+            while !stop.is_cancelled() {
+                i += 1;
+                let stream = i % 2 == 0;
+                let r = http
+                    .post(&url)
+                    .bearer_auth(&key)
+                    .json(&json!({"model": "gpt-4o-mini", "messages": msg, "stream": stream}))
+                    .send()
+                    .await
+                    .unwrap();
+                assert_eq!(r.status(), 200);
+                let _ = r.bytes().await.unwrap();
+                served.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+        });
+    }
+    tokio::time::sleep(Duration::from_millis(800)).await;
+    nats.stop(); // NATS goes away mid-traffic
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let during = served.load(std::sync::atomic::Ordering::SeqCst);
+    let mut nats = OwnNats::start(port, &dir);
+    nats.wait_up().await;
+    tokio::time::sleep(Duration::from_millis(800)).await;
+    stop.cancel();
+    while let Some(r) = clients.join_next().await {
+        r.unwrap();
+    }
+    let total = served.load(std::sync::atomic::Ordering::SeqCst);
+    assert!(
+        during > 0 && total > during,
+        "traffic: {during} then {total}"
+    );
+    // every served request is in the ledger exactly once
+    for _ in 0..600 {
+        if s.app.count("select count(*) from events").await >= total as i64 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    assert_eq!(
+        s.app.count("select count(*) from events").await,
+        total as i64
+    );
+    assert_eq!(
+        s.app
+            .count("select count(distinct request_id) from events")
+            .await,
+        total as i64
+    );
+    assert_eq!(s.app.count("select count(*) from router_spool").await, 0);
+    s.app.rebuild_and_verify().await;
+    s.app.stop().await;
+    nats.stop();
+}
