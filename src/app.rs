@@ -3,6 +3,7 @@
 
 use std::net::SocketAddr;
 
+use axum::serve::ListenerExt;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
@@ -102,6 +103,10 @@ impl App {
             let cancel = self.cancel.clone();
             tracing::info!(addr = %listener.local_addr()?, "router listening");
             tasks.spawn(async move {
+                // no Nagle delay on streamed chunks
+                let listener = listener.tap_io(|tcp| {
+                    let _ = tcp.set_nodelay(true);
+                });
                 axum::serve(listener, routes)
                     .with_graceful_shutdown(async move { cancel.cancelled().await })
                     .await?;
@@ -115,6 +120,9 @@ impl App {
             let cancel = self.cancel.clone();
             tracing::info!(addr = %listener.local_addr()?, "HTTP API listening");
             tasks.spawn(async move {
+                let listener = listener.tap_io(|tcp| {
+                    let _ = tcp.set_nodelay(true);
+                });
                 axum::serve(listener, router)
                     .with_graceful_shutdown(async move { cancel.cancelled().await })
                     .await?;

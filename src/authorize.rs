@@ -178,7 +178,18 @@ async fn run(
     let mut book = PriceBook::default();
     let mut stamp: BookStamp = -1;
     let mut jobs = Vec::with_capacity(MAX_BATCH);
+    let mut swept = std::time::Instant::now();
     while rx.recv_many(&mut jobs, MAX_BATCH).await > 0 {
+        if swept.elapsed() > std::time::Duration::from_secs(10) {
+            // expired holds no longer count; drop them from the open-hold index
+            swept = std::time::Instant::now();
+            if let Err(e) = sqlx::query("delete from open_holds where expires_at < now()")
+                .execute(&pool)
+                .await
+            {
+                tracing::warn!(error = %e, "sweeping expired holds failed");
+            }
+        }
         let batch: Vec<_> = std::mem::take(&mut jobs);
         match decide_batch(&pool, &mut book, &mut stamp, ttl, &batch).await {
             Ok(results) => {
@@ -428,8 +439,10 @@ async fn decide_batch(
     tenants.sort();
     tenants.dedup();
     let mut tx = pool.begin().await?;
-    // the writer's tenant lock: spend and settlements cannot move under us
-    let (locked, book_stamp) = store::lock_tenants(&mut tx, &tenants).await?;
+    // authorisers (in every process) take turns per tenant; the writer is not waited for:
+    // one statement reads spend and open holds from one snapshot, in which a usage event
+    // has either added its spend and removed its hold, or done neither
+    let (locked, book_stamp) = store::lock_tenants_for_authorization(&mut tx, &tenants).await?;
     if let Some(s) = book_stamp.filter(|s| s != stamp) {
         *book = load_book(&mut tx).await?;
         *stamp = s;
@@ -446,9 +459,9 @@ async fn decide_batch(
     if !keys.is_empty() {
         let rows: Vec<(String, String, String, Decimal, Decimal)> = sqlx::query_as(
             "select k.t, k.b, k.p, coalesce(s.spent, 0),
-               coalesce((select sum(h.amount) from auth_hold_budgets h
-                 where h.tenant_id = k.t and h.budget = k.b and h.period = k.p and h.expires_at > $4
-                   and not exists (select 1 from auth_settlements x where x.hold_id = h.hold_id)), 0)
+               coalesce((select sum(h.amount) from open_holds h
+                 where h.tenant_id = k.t and h.budget = k.b and h.period = k.p
+                   and h.expires_at > $4), 0)
              from unnest($1::text[], $2::text[], $3::text[]) as k(t, b, p)
              left join budget_spend s on s.tenant_id = k.t and s.budget = k.b and s.period = k.p",
         )
@@ -566,7 +579,11 @@ impl Rows {
                  $13::text[], $14::text[], $15::text[], $16::timestamptz[])
                  as u(i, t, k, g, rm, rp, d, p, m, n, x, c, cu, db, r, e)
                returning 1)
-             insert into auth_hold_budgets (hold_id, tenant_id, budget, period, amount, expires_at)
+             , h as (insert into auth_hold_budgets (hold_id, tenant_id, budget, period, amount, expires_at)
+               select * from unnest($17::uuid[], $18::text[], $19::text[], $20::text[],
+                 $21::numeric[], $22::timestamptz[])
+               returning 1)
+             insert into open_holds (hold_id, tenant_id, budget, period, amount, expires_at)
              select * from unnest($17::uuid[], $18::text[], $19::text[], $20::text[], $21::numeric[],
                $22::timestamptz[])",
         )

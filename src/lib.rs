@@ -4,6 +4,7 @@ pub mod api;
 pub mod app;
 pub mod authorize;
 pub mod bench;
+pub mod bench_router;
 pub mod bench_terms;
 pub mod bus;
 pub mod catalog;

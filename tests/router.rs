@@ -505,6 +505,13 @@ async fn a_denied_budget_answers_402_records_the_denial_and_no_usage() {
     s.app.drain().await;
     assert_eq!(s.app.count("select count(*) from events").await, 1);
     s.app.rebuild_and_verify().await;
+    // the open-hold index must agree with the record
+    s.app
+        .tamper_is_caught(
+            "insert into open_holds values (gen_random_uuid(), 'tiny', 'acme', 'x', 1, now() + interval '1 hour')",
+            "open_holds: index only",
+        )
+        .await;
     s.app.stop().await;
 }
 
@@ -722,4 +729,65 @@ async fn nats_stopped_and_restarted_during_traffic_loses_and_doubles_nothing() {
     s.app.rebuild_and_verify().await;
     s.app.stop().await;
     nats.stop();
+}
+
+/// The official OpenAI Python SDK (scripts/test.sh installs it from PyPI into
+/// target/sdk-venv and names that interpreter in TOKENLEDGER_TEST_PYTHON).
+#[tokio::test]
+async fn the_official_openai_python_sdk_sees_exactly_what_the_billing_api_records() {
+    let mut s = setup(|_| {}).await;
+    let python = std::env::var("TOKENLEDGER_TEST_PYTHON").unwrap_or_else(|_| "python3".to_string());
+    let out = tokio::process::Command::new(&python)
+        .arg("tests/sdk/openai_sdk.py")
+        .env("ROUTER_URL", s.app.router.as_ref().unwrap())
+        .env("API_KEY", &s.key)
+        .output()
+        .await
+        .unwrap_or_else(|e| panic!("{python}: {e} (run scripts/test.sh, which installs the SDK)"));
+    assert!(
+        out.status.success(),
+        "the SDK script failed (run scripts/test.sh, which installs the SDK):\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let seen: Value = serde_json::from_slice(&out.stdout).unwrap();
+    for case in ["plain", "stream"] {
+        let v = &seen[case];
+        let billed = s.billed(v["request_id"].as_str().unwrap()).await;
+        assert_eq!(billed["input_tokens"], v["prompt_tokens"], "{case}");
+        assert_eq!(billed["output_tokens"], v["completion_tokens"], "{case}");
+        assert_eq!(billed["cached_input_tokens"], v["cached_tokens"], "{case}");
+        assert!(v["cached_tokens"].as_u64().unwrap() > 0, "{case}");
+        assert_eq!(billed["event"]["data"]["estimated"], false, "{case}");
+        // the SDK parses JSON numbers as floats: the same decimal gives the same float
+        let price = dec(&billed["price_amount"]);
+        let as_float: f64 = price.to_string().parse().unwrap();
+        assert_eq!(v["sdk_cost"].as_f64().unwrap(), as_float, "{case}");
+        assert!(price > Decimal::ZERO);
+        assert_eq!(
+            v["content"].as_str().unwrap().split(' ').count(),
+            12,
+            "{case}"
+        );
+    }
+    // digit for digit, as sent
+    let billed = s
+        .billed(seen["plain"]["request_id"].as_str().unwrap())
+        .await;
+    assert_eq!(
+        dec(&billed["price_amount"]),
+        seen["plain"]["cost"].as_str().unwrap().parse().unwrap()
+    );
+    assert_eq!(seen["stream_no_usage"]["saw_usage"], false);
+    assert_eq!(
+        seen["stream_no_usage"]["content"],
+        seen["stream"]["content"]
+    );
+    let billed = s
+        .billed(seen["stream_no_usage"]["request_id"].as_str().unwrap())
+        .await;
+    assert_eq!(billed["output_tokens"], 12);
+    assert_eq!(seen["not_found"]["status"], 404);
+    assert_eq!(seen["not_found"]["code"], "model_not_found");
+    s.app.rebuild_and_verify().await;
+    s.app.stop().await;
 }

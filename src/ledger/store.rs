@@ -154,6 +154,31 @@ pub async fn lock_tenants(c: &mut PgConnection, tenants: &[String]) -> sqlx::Res
     ))
 }
 
+/// Serialise authorisations per tenant (a transaction-scoped advisory lock, taken in
+/// tenant order) without taking the writer's lock; returns currencies and the book stamp.
+pub async fn lock_tenants_for_authorization(
+    c: &mut PgConnection,
+    tenants: &[String],
+) -> sqlx::Result<Locked> {
+    let rows: Vec<(String, String, i64)> = sqlx::query_as(&format!(
+        // the locks are taken in array order (the caller sorts), so two processes can
+        // never wait on each other in a cycle
+        "with l as (select count(pg_advisory_xact_lock(
+                      hashtextextended('tokenledger.authorize.' || k.t, 0))) as n
+                    from unnest($1::text[]) as k(t))
+         select t.id, t.currency::text, {BOOK_STAMP}
+         from tenants t, l where t.id = any($1) order by t.id"
+    ))
+    .bind(tenants)
+    .fetch_all(c)
+    .await?;
+    let stamp = rows.first().map(|r| r.2);
+    Ok((
+        rows.into_iter().map(|(t, c, _)| (t, (0, c))).collect(),
+        stamp,
+    ))
+}
+
 /// Existing events matching these keys, or holding these request ids:
 /// (tenant, id, payload_hash, request_id).
 pub async fn existing(
@@ -293,6 +318,8 @@ const APPEND: &str = concat!("with
          select h, t, e from unnest($80::uuid[], $81::text[], $82::text[]) as x(h, t, e)
          where exists (select 1 from authorizations a where a.id = x.h and a.tenant_id = x.t)
          on conflict (hold_id) do nothing),
+  oh as (delete from open_holds o using unnest($80::uuid[], $81::text[]) as x(h, t)
+         where o.hold_id = x.h and o.tenant_id = x.t),
   cp as (insert into commitment_positions as p (tenant_id, commitment, period, drawn, closed)
          select * from unnest($83::text[], $84::text[], $85::text[], $86::numeric[], $87::bool[])
          on conflict (tenant_id, commitment, period) do update set drawn = excluded.drawn,

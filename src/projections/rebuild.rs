@@ -231,6 +231,22 @@ pub async fn verify(owner: &PgPool) -> anyhow::Result<VerifyReport> {
             }
         }
     }
+    // the open-hold index holds exactly the unexpired holds the record leaves unsettled
+    let holds: Vec<(String,)> = sqlx::query_as(
+        "with rec as (select h.hold_id, h.budget, h.tenant_id, h.period, h.amount, h.expires_at
+                      from auth_hold_budgets h
+                      where h.expires_at > now()
+                        and not exists (select 1 from auth_settlements s where s.hold_id = h.hold_id)),
+              idx as (select hold_id, budget, tenant_id, period, amount, expires_at from open_holds
+                      where expires_at > now())
+         select 'open_holds: index only: ' || row_to_json(x)::text from (select * from idx except select * from rec) x
+         union all
+         select 'open_holds: record only: ' || row_to_json(x)::text from (select * from rec except select * from idx) x
+         limit 10",
+    )
+    .fetch_all(&mut *c)
+    .await?;
+    report.differences.extend(holds.into_iter().map(|(d,)| d));
     let unbalanced: Vec<(String, Decimal)> = sqlx::query_as(
         "select currency::text, sum(balance) from account_balances group by currency having sum(balance) <> 0",
     )

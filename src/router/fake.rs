@@ -91,6 +91,9 @@ impl Fake {
         let base_url = format!("http://{}/v1", l.local_addr()?);
         let inner = Arc::new(Inner::default());
         let app = app(inner.clone());
+        let l = axum::serve::ListenerExt::tap_io(l, |tcp| {
+            let _ = tcp.set_nodelay(true);
+        });
         tokio::spawn(async move {
             let _ = axum::serve(l, app).await;
         });

@@ -1163,10 +1163,7 @@ impl Job {
         let idle = Duration::from_millis(p.cfg.idle_timeout_ms);
         let mut upstream = resp.bytes_stream();
         let mut buf: Vec<u8> = Vec::new();
-        let mut produced = Produced::default();
-        let mut reported: Option<Counts> = None;
-        let mut provider_id: Option<String> = None;
-        let mut done = false;
+        let mut seen = StreamSeen::default();
         let mut status = Status::Ok;
         'read: loop {
             let next = tokio::select! {
@@ -1186,28 +1183,21 @@ impl Job {
                 Ok(Some(Ok(b))) => b,
             };
             buf.extend_from_slice(&chunk);
-            while let Some(end) = event_end(&buf) {
-                let raw: Vec<u8> = buf.drain(..end.1).collect();
-                let ev = &raw[..end.0];
-                let out = self.on_event(
-                    ev,
-                    p,
-                    c,
-                    &fallback_from,
-                    &mut produced,
-                    &mut reported,
-                    &mut provider_id,
-                    &mut done,
-                );
-                if let Some(bytes) = out {
-                    if tx.send(Ok(bytes)).await.is_err() {
-                        status = Status::Cancelled;
-                        break 'read;
-                    }
-                }
+            // every complete event of this read goes to the client in one write
+            let mut out: Vec<u8> = Vec::new();
+            let mut taken = 0;
+            while let Some((text_end, end)) = event_end(&buf[taken..]) {
+                let ev = &buf[taken..taken + text_end];
+                self.on_event(ev, p, c, &fallback_from, &mut seen, &mut out);
+                taken += end;
+            }
+            buf.drain(..taken);
+            if !out.is_empty() && tx.send(Ok(Bytes::from(out))).await.is_err() {
+                status = Status::Cancelled;
+                break 'read;
             }
         }
-        if status == Status::Ok && !done {
+        if status == Status::Ok && !seen.done {
             // the upstream ended without [DONE]: cut off
             status = Status::Error;
         }
@@ -1219,99 +1209,168 @@ impl Job {
                 .await;
         }
         drop(tx);
-        let m = match reported {
+        let m = match seen.reported {
             Some(n) => Measured::Reported(n),
-            None => self.estimate(c, &produced),
+            None => {
+                // no usage came: count what the client was sent
+                let mut produced = Produced::default();
+                for d in &seen.data {
+                    if let Ok(v) = serde_json::from_slice::<Value>(d) {
+                        for ch in v
+                            .get("choices")
+                            .and_then(Value::as_array)
+                            .into_iter()
+                            .flatten()
+                        {
+                            if let Some(d) = ch.get("delta") {
+                                produced.add(d);
+                            }
+                        }
+                    }
+                }
+                self.estimate(c, &produced)
+            }
         };
-        self.record(p, c, m, provider_id, fallback_from, status);
+        self.record(p, c, m, seen.provider_id, fallback_from, status);
     }
 
-    /// Handle one SSE event from the upstream; what to send the client, if anything.
-    #[allow(clippy::too_many_arguments)]
+    /// Handle one SSE event from the upstream, appending what the client gets to `out`.
+    /// Only the first chunk (for the response id) and chunks that mention usage are
+    /// parsed; the others pass through as bytes (kept for a local count if no usage
+    /// comes).
     fn on_event(
         &self,
         ev: &[u8],
         p: &Provider,
         c: &Candidate,
         fallback_from: &[String],
-        produced: &mut Produced,
-        reported: &mut Option<Counts>,
-        provider_id: &mut Option<String>,
-        done: &mut bool,
-    ) -> Option<Bytes> {
-        let text = std::str::from_utf8(ev).ok();
-        let data: Option<String> = text.map(|t| {
-            t.lines()
-                .filter_map(|l| l.strip_prefix("data:"))
-                .map(|d| d.strip_prefix(' ').unwrap_or(d))
-                .collect::<Vec<_>>()
-                .join("\n")
-        });
-        let passthrough = || {
-            let mut v = ev.to_vec();
-            v.extend_from_slice(b"\n\n");
-            Some(Bytes::from(v))
+        seen: &mut StreamSeen,
+        out: &mut Vec<u8>,
+    ) {
+        let pass = |out: &mut Vec<u8>| {
+            out.extend_from_slice(ev);
+            out.extend_from_slice(b"\n\n");
         };
-        let Some(data) = data.filter(|d| !d.is_empty()) else {
-            return passthrough();
-        };
-        if data.trim() == "[DONE]" {
-            *done = true;
-            return passthrough();
-        }
-        let Ok(mut v) = serde_json::from_str::<Value>(&data) else {
-            return passthrough();
-        };
-        if provider_id.is_none() {
-            *provider_id = v.get("id").and_then(Value::as_str).map(str::to_string);
-        }
-        for ch in v
-            .get("choices")
-            .and_then(Value::as_array)
-            .into_iter()
-            .flatten()
-        {
-            if let Some(d) = ch.get("delta") {
-                produced.add(d);
+        // the common shape: one `data: ` line
+        let data: Vec<u8> = match ev.strip_prefix(b"data:") {
+            Some(d) if !d.contains(&b'\n') => d.strip_prefix(b" ").unwrap_or(d).to_vec(),
+            _ => {
+                let Ok(text) = std::str::from_utf8(ev) else {
+                    return pass(out);
+                };
+                text.lines()
+                    .filter_map(|l| l.strip_prefix("data:"))
+                    .map(|d| d.strip_prefix(' ').unwrap_or(d))
+                    .collect::<Vec<_>>()
+                    .join("\n")
+                    .into_bytes()
             }
+        };
+        if data.is_empty() {
+            return pass(out);
         }
-        let usage = v.get("usage").filter(|u| !u.is_null());
-        let Some(u) = usage else {
-            if !self.client_wants_usage && v.get("usage").is_some() {
-                // the `usage: null` the router's include_usage added to every chunk
+        if data.trim_ascii() == b"[DONE]" {
+            seen.done = true;
+            return pass(out);
+        }
+        let mentions_usage = contains(&data, b"\"usage\"");
+        let null_usage = mentions_usage && contains(&data, b"\"usage\":null");
+        if seen.provider_id.is_none() || (mentions_usage && !null_usage) {
+            let Ok(mut v) = serde_json::from_slice::<Value>(&data) else {
+                return pass(out);
+            };
+            if seen.provider_id.is_none() {
+                seen.provider_id = v.get("id").and_then(Value::as_str).map(str::to_string);
+            }
+            let usage = v.get("usage").filter(|u| !u.is_null());
+            let Some(u) = usage else {
+                seen.data.push(data);
+                if !self.client_wants_usage && v.get("usage").is_some() {
+                    if let Some(o) = v.as_object_mut() {
+                        o.remove("usage");
+                    }
+                    out.extend_from_slice(format!("data: {v}\n\n").as_bytes());
+                    return;
+                }
+                return pass(out);
+            };
+            match usage::normalise(u) {
+                Ok(n) => seen.reported = Some(n),
+                Err(e) => {
+                    tracing::warn!(request_id = %self.request_id, error = %e, "upstream usage not usable; estimating")
+                }
+            }
+            let no_choices = v
+                .get("choices")
+                .and_then(Value::as_array)
+                .is_none_or(|a| a.is_empty());
+            if !no_choices {
+                seen.data.push(data);
+            }
+            if !self.client_wants_usage {
+                if no_choices {
+                    return;
+                }
                 if let Some(o) = v.as_object_mut() {
                     o.remove("usage");
                 }
-                return Some(Bytes::from(format!("data: {v}\n\n")));
-            }
-            return passthrough();
-        };
-        match usage::normalise(u) {
-            Ok(n) => *reported = Some(n),
-            Err(e) => {
-                tracing::warn!(request_id = %self.request_id, error = %e, "upstream usage not usable; estimating")
-            }
-        }
-        let no_choices = v
-            .get("choices")
-            .and_then(Value::as_array)
-            .is_none_or(|a| a.is_empty());
-        if !self.client_wants_usage {
-            if no_choices {
-                return None;
-            }
-            if let Some(o) = v.as_object_mut() {
-                o.remove("usage");
-            }
-        } else if let Some(n) = reported {
-            if let Some(cost) = self.cost(p, c, &Measured::Reported(*n), fallback_from) {
-                if let Some(u) = v.get_mut("usage").and_then(Value::as_object_mut) {
-                    u.insert("cost".into(), decimal_number(cost));
+            } else if let Some(n) = seen.reported {
+                if let Some(cost) = self.cost(p, c, &Measured::Reported(n), fallback_from) {
+                    if let Some(u) = v.get_mut("usage").and_then(Value::as_object_mut) {
+                        u.insert("cost".into(), decimal_number(cost));
+                    }
                 }
             }
+            out.extend_from_slice(format!("data: {v}\n\n").as_bytes());
+            return;
         }
-        Some(Bytes::from(format!("data: {v}\n\n")))
+        if null_usage && !self.client_wants_usage {
+            // the `usage: null` the router's include_usage added to every chunk
+            if let Some(stripped) = strip_null_usage(&data) {
+                out.extend_from_slice(b"data: ");
+                out.extend_from_slice(&stripped);
+                out.extend_from_slice(b"\n\n");
+                seen.data.push(data);
+                return;
+            }
+            if let Ok(Value::Object(mut o)) = serde_json::from_slice::<Value>(&data) {
+                o.remove("usage");
+                out.extend_from_slice(format!("data: {}\n\n", Value::Object(o)).as_bytes());
+                seen.data.push(data);
+                return;
+            }
+        }
+        seen.data.push(data);
+        pass(out)
     }
+}
+
+/// What a stream showed so far.
+#[derive(Default)]
+struct StreamSeen {
+    reported: Option<Counts>,
+    provider_id: Option<String>,
+    done: bool,
+    /// The data of every chunk, for a local count if no usage comes.
+    data: Vec<Vec<u8>>,
+}
+
+fn contains(hay: &[u8], needle: &[u8]) -> bool {
+    hay.windows(needle.len()).any(|w| w == needle)
+}
+
+/// `{"a":1,"usage":null}` -> `{"a":1}` (the compact form upstreams send); `None` when
+/// the bytes are not in that form, and the caller re-serialises instead.
+fn strip_null_usage(data: &[u8]) -> Option<Vec<u8>> {
+    for pat in [&b",\"usage\":null"[..], &b"\"usage\":null,"[..]] {
+        if let Some(i) = data.windows(pat.len()).position(|w| w == pat) {
+            let mut v = Vec::with_capacity(data.len());
+            v.extend_from_slice(&data[..i]);
+            v.extend_from_slice(&data[i + pat.len()..]);
+            return Some(v);
+        }
+    }
+    None
 }
 
 /// Where the first complete SSE event in `buf` ends: (end of its text, end including the
@@ -1351,6 +1410,19 @@ fn decimal_number(d: Decimal) -> Value {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn null_usage_is_stripped_from_compact_chunks() {
+        assert_eq!(
+            strip_null_usage(br#"{"id":"x","choices":[],"usage":null}"#).unwrap(),
+            br#"{"id":"x","choices":[]}"#
+        );
+        assert_eq!(
+            strip_null_usage(br#"{"usage":null,"id":"x"}"#).unwrap(),
+            br#"{"id":"x"}"#
+        );
+        assert!(strip_null_usage(br#"{"usage": null}"#).is_none());
+    }
 
     #[test]
     fn sse_events_split_on_blank_lines() {
