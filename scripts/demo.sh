@@ -19,9 +19,14 @@ $bin import-prices
 # a 20% global markup; dated back only while the ledger is still empty
 $bin add-markup --percent 20 --effective-from 2020-01-01T00:00:00Z 2>/dev/null || true
 
-$bin serve &
+# a fake OpenAI-compatible provider (config/router.json points every provider at it)
+$bin fake-upstream --addr 127.0.0.1:9000 >/dev/null &
+fake_pid=$!
+export TOKENLEDGER_ROUTER_ADDR=${TOKENLEDGER_ROUTER_ADDR:-127.0.0.1:8081}
+router=http://$TOKENLEDGER_ROUTER_ADDR
+$bin serve --roles api,writer,pricing,router &
 serve_pid=$!
-trap 'kill $serve_pid 2>/dev/null; wait $serve_pid 2>/dev/null' EXIT INT TERM
+trap 'kill $serve_pid $fake_pid 2>/dev/null; wait $serve_pid 2>/dev/null' EXIT INT TERM
 for _ in $(seq 1 100); do curl -sf "$api/readyz" >/dev/null && break; sleep 0.2; done
 
 admin() { curl -sf -H "authorization: Bearer $TOKENLEDGER_ADMIN_TOKEN" "$@"; }
@@ -63,8 +68,20 @@ curl -sf -X POST "$api/v1/quote" -H "authorization: Bearer $key" -H 'content-typ
   -d '{"routing_class":"auto:balanced","input_tokens":3000,"output_tokens":800}'; echo
 echo "== GET /v1/routing/auto:balanced (the decision the pricing role publishes to NATS KV)"
 curl -sf "$api/v1/routing/auto:balanced" -H "authorization: Bearer $key" | head -c 600; echo
+echo "== POST $router/v1/chat/completions (routing class auto:budget, through the fake upstream)"
+out=$(curl -sf -D /tmp/tokenledger-demo-headers "$router/v1/chat/completions" -H "authorization: Bearer $key" \
+  -H 'content-type: application/json' \
+  -d '{"model":"auto:budget","messages":[{"role":"user","content":"Why must usage be counted exactly once?"}]}')
+echo "$out"
+rid=$(grep -i '^x-tokenledger-request-id:' /tmp/tokenledger-demo-headers | tr -d '\r' | awk '{print $2}')
+echo "== the same request streamed, with usage"
+curl -sfN "$router/v1/chat/completions" -H "authorization: Bearer $key" -H 'content-type: application/json' \
+  -d '{"model":"gpt-4o-mini","stream":true,"stream_options":{"include_usage":true},"messages":[{"role":"user","content":"Why must usage be counted exactly once?"}]}' | tail -n 4
+sleep 1
+echo "== GET /v1/requests/$rid (what the ledger recorded for the routed request)"
+curl -sf "$api/v1/requests/$rid" -H "authorization: Bearer $key" | head -c 700; echo
 echo "== tokenledger verify"
 $bin verify
 echo
-echo "tokenledger is serving on $api (demo tenant key: $key). Ctrl-C to stop."
+echo "tokenledger is serving on $api, the router on $router (demo tenant key: $key). Ctrl-C to stop."
 wait $serve_pid

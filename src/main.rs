@@ -149,7 +149,9 @@ async fn main() -> anyhow::Result<()> {
         Cmd::FakeUpstream { addr } => {
             let fake = tokenledger::router::fake::Fake::start(&addr).await?;
             println!("fake upstream at {}", fake.base_url);
-            tokio::signal::ctrl_c().await?;
+            let stop = tokio_util::sync::CancellationToken::new();
+            app::cancel_on_signals(stop.clone());
+            stop.cancelled().await;
             Ok(())
         }
         Cmd::Migrate => {
