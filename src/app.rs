@@ -99,6 +99,7 @@ impl App {
             tasks.spawn(async move { crate::engine::run_publisher(engine, bus, s, c).await });
         }
         if let Some((listener, started)) = self.router {
+            let state = started.state.clone();
             let routes = crate::router::routes(started.state);
             let cancel = self.cancel.clone();
             tracing::info!(addr = %listener.local_addr()?, "router listening");
@@ -110,7 +111,9 @@ impl App {
                 axum::serve(listener, routes)
                     .with_graceful_shutdown(async move { cancel.cancelled().await })
                     .await?;
-                // every request has handed over its usage event: publish or spool them all
+                // requests whose client went away may still be running upstream: wait for
+                // them, then publish or spool every usage event
+                state.wait_for_requests().await;
                 started.publisher.flush().await;
                 Ok(())
             });

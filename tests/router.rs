@@ -293,6 +293,20 @@ async fn chat_plain_and_streamed_are_billed_exactly_as_answered() {
     assert_eq!(r.status(), 401);
     let v: Value = r.json().await.unwrap();
     assert_eq!(v["error"]["code"], "invalid_api_key");
+    // tags the event contract would refuse are refused here, not dead-lettered later
+    let r = s
+        .app
+        .http
+        .post(s.router("/v1/chat/completions"))
+        .bearer_auth(&s.key)
+        .header("x-tokenledger-tags", format!("project={}", "x".repeat(300)))
+        .json(&json!({"model": "gpt-4o-mini", "messages": msg}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 400);
+    let v: Value = r.json().await.unwrap();
+    assert_eq!(v["error"]["code"], "invalid_tags");
     s.app.drain().await;
     assert_eq!(s.app.count("select count(*) from events").await, before);
     s.app.rebuild_and_verify().await;

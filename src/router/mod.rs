@@ -102,6 +102,8 @@ pub struct Inner {
     metrics: Metrics,
     /// provider -> not before (after a 429/503 with Retry-After)
     cooldown: Mutex<HashMap<String, Instant>>,
+    /// Every request's task: waited for at shutdown, so each hands over its usage event.
+    jobs: tokio_util::task::TaskTracker,
 }
 
 #[derive(Clone)]
@@ -160,6 +162,7 @@ pub async fn start(
         settings: settings.clone(),
         metrics,
         cooldown: Mutex::default(),
+        jobs: tokio_util::task::TaskTracker::new(),
     });
     let st = RouterState(inner);
     let (st2, engine) = (st.clone(), engine.clone());
@@ -179,6 +182,14 @@ pub async fn start(
         state: st,
         publisher,
     })
+}
+
+impl RouterState {
+    /// Wait until every request task has finished (and handed over its usage event).
+    pub async fn wait_for_requests(&self) {
+        self.0.jobs.close();
+        self.0.jobs.wait().await;
+    }
 }
 
 pub fn routes(st: RouterState) -> Router {
@@ -516,7 +527,28 @@ fn tags_of(headers: &HeaderMap) -> Result<BTreeMap<String, String>, Response> {
                 format!("{TAGS_HEADER}: {pair:?} is not key=value"),
             )
         })?;
-        tags.insert(k.trim().to_string(), v.trim().to_string());
+        let (k, v) = (k.trim(), v.trim());
+        for (what, x, max) in [
+            ("key", k, crate::events::limits::TAG_KEY_BYTES),
+            ("value", v, crate::events::limits::TAG_VALUE_BYTES),
+        ] {
+            if let Some((_, m)) = crate::events::string_problem(x, max) {
+                return Err(bad_request(
+                    "invalid_tags",
+                    format!("{TAGS_HEADER}: tag {what} {x:?} {m}"),
+                ));
+            }
+        }
+        tags.insert(k.to_string(), v.to_string());
+    }
+    if tags.len() > crate::events::limits::TAGS {
+        return Err(bad_request(
+            "invalid_tags",
+            format!(
+                "{TAGS_HEADER}: at most {} tags",
+                crate::events::limits::TAGS
+            ),
+        ));
     }
     Ok(tags)
 }
@@ -713,7 +745,8 @@ async fn handle(st: RouterState, headers: HeaderMap, body: Bytes, endpoint: Endp
         tags,
     };
     let (tx, rx) = oneshot::channel();
-    tokio::spawn(job.run(tx));
+    let jobs = job.st.0.jobs.clone();
+    jobs.spawn(job.run(tx));
     match rx.await {
         Ok(r) => r,
         Err(_) => oai_error(
@@ -761,6 +794,7 @@ impl Job {
         let mut last_retry_after: Option<Duration> = None;
         let mut i = 0;
         let mut retried_last = false;
+        let mut last_tried: Option<Candidate> = None;
         while i < self.candidates.len() {
             let c = self.candidates[i].clone();
             let Some(p) = ups.provider(&c.provider) else {
@@ -782,6 +816,7 @@ impl Job {
                 i += 1;
                 continue;
             }
+            last_tried = Some(c.clone());
             match self.attempt(p, &c).await {
                 Ok(resp) => {
                     return self.finish(p, &c, resp, attempts, reply).await;
@@ -820,7 +855,6 @@ impl Job {
                 }
             }
         }
-        let last = self.candidates.last().cloned();
         let mut r = oai_error(
             StatusCode::BAD_GATEWAY,
             "server_error",
@@ -833,11 +867,15 @@ impl Job {
             }
         }
         let _ = reply.send(with_request_id(r, &self.request_id));
-        if let Some(c) = last {
-            // the chain ends at the last candidate tried; nothing was consumed
-            let mut chain = attempts;
-            chain.pop();
-            self.record_failure(&c, chain, Status::Error);
+        match last_tried {
+            Some(c) => {
+                // the chain ends at the last candidate tried; nothing was consumed
+                let mut chain = attempts;
+                chain.pop();
+                self.record_failure(&c, chain, Status::Error);
+            }
+            None => tracing::warn!(request_id = %self.request_id,
+                "no candidate could be tried; its hold (if any) expires unsettled"),
         }
     }
 
