@@ -98,6 +98,14 @@ impl App {
             );
             tasks.spawn(async move { crate::engine::run_publisher(engine, bus, s, c).await });
         }
+        if self.state.settings.has_role("webhooks") {
+            let (pool, s, c) = (
+                self.state.pool.clone(),
+                self.state.settings.webhooks.clone(),
+                self.cancel.clone(),
+            );
+            tasks.spawn(async move { crate::webhooks::dispatch::run(pool, s, c).await });
+        }
         if let Some((listener, started)) = self.router {
             let state = started.state.clone();
             let routes = crate::router::routes(started.state);

@@ -484,6 +484,15 @@ async fn decide_batch(
         };
         match decide(book, tenant, currency, req, &mut standings, now, ttl) {
             Ok((d, holds)) => {
+                if let Some(name) = &d.denied_by {
+                    if let Some(b) = book
+                        .budgets_at(tenant, now)
+                        .into_iter()
+                        .find(|b| &b.name == name)
+                    {
+                        rows.action_taken(tenant, req, &d, b, now);
+                    }
+                }
                 rows.add(tenant, req, &d, holds);
                 out.push(Ok(d));
             }
@@ -520,6 +529,10 @@ struct Rows {
     h_period: Vec<String>,
     h_amount: Vec<Decimal>,
     h_expires: Vec<DateTime<Utc>>,
+    a_tenant: Vec<String>,
+    a_key: Vec<String>,
+    a_payload: Vec<String>,
+    a_at: Vec<DateTime<Utc>>,
 }
 
 impl Rows {
@@ -565,6 +578,45 @@ impl Rows {
         }
     }
 
+    /// A `budget.action_taken` alert fact: the first time in a budget's period that it
+    /// blocked or downgraded a request (recorded with the decision, once per action).
+    fn action_taken(
+        &mut self,
+        tenant: &str,
+        req: &AuthRequest,
+        d: &AuthDecision,
+        b: &Budget,
+        now: DateTime<Utc>,
+    ) {
+        let action = match d.decision {
+            Verdict::Deny => "blocked",
+            Verdict::Downgrade => "downgraded",
+            Verdict::Allow => return,
+        };
+        let period = period_key(b.period, now);
+        let view = d.budgets.iter().find(|v| v.budget == b.name);
+        let payload = serde_json::json!({
+            "budget": b.name, "budget_version": b.id, "scope": b.scope,
+            "scope_value": b.scope_value, "period": period, "period_kind": b.period,
+            "amount": b.amount.normalize().to_string(),
+            "spent": view.map(|v| v.spent.normalize().to_string()),
+            "held": view.map(|v| v.held.normalize().to_string()),
+            "action": action, "budget_action": b.action,
+            "authorization_id": d.authorization_id,
+            "api_key_id": req.api_key_id,
+            "requested_model": req.model, "requested_provider": req.provider,
+            "downgraded_to": (d.decision == Verdict::Downgrade).then(|| {
+                format!("{}/{}", d.provider.as_deref().unwrap_or_default(), d.model.as_deref().unwrap_or_default())
+            }),
+            "estimated_cost": d.estimated_cost.map(|c| c.normalize().to_string()),
+            "reason": d.reason,
+        });
+        self.a_tenant.push(tenant.to_string());
+        self.a_key.push(format!("{}/{period}/{action}", b.name));
+        self.a_payload.push(payload.to_string());
+        self.a_at.push(now);
+    }
+
     async fn write(&self, c: &mut sqlx::PgConnection) -> sqlx::Result<()> {
         if self.id.is_empty() {
             return Ok(());
@@ -583,6 +635,10 @@ impl Rows {
                select * from unnest($17::uuid[], $18::text[], $19::text[], $20::text[],
                  $21::numeric[], $22::timestamptz[])
                returning 1)
+             , f as (insert into alert_facts (tenant_id, type, unique_key, payload, occurred_at)
+               select t, 'budget.action_taken', k, p::jsonb, o
+               from unnest($23::text[], $24::text[], $25::text[], $26::timestamptz[]) as x(t, k, p, o)
+               on conflict (tenant_id, type, unique_key) do nothing)
              insert into open_holds (hold_id, tenant_id, budget, period, amount, expires_at)
              select * from unnest($17::uuid[], $18::text[], $19::text[], $20::text[], $21::numeric[],
                $22::timestamptz[])",
@@ -609,6 +665,10 @@ impl Rows {
         .bind(&self.h_period)
         .bind(&self.h_amount)
         .bind(&self.h_expires)
+        .bind(&self.a_tenant)
+        .bind(&self.a_key)
+        .bind(&self.a_payload)
+        .bind(&self.a_at)
         .execute(c)
         .await?;
         Ok(())

@@ -34,7 +34,7 @@ pub struct BenchArgs {
     pub latency_secs: u64,
     #[arg(long, default_value_t = 50)]
     pub tenants: usize,
-    /// Run only these measurements (comma-separated of a, b, c, d, l, t, q, h, z, r);
+    /// Run only these measurements (comma-separated of a, b, c, d, l, t, q, h, z, r, w);
     /// default all.
     #[arg(long)]
     pub only: Option<String>,
@@ -210,6 +210,9 @@ pub async fn run(s0: &Settings, a: BenchArgs) -> anyhow::Result<()> {
     }
     if only("r") {
         crate::bench_router::router_overhead(s0, &a).await?;
+    }
+    if only("w") {
+        crate::bench_webhooks::webhooks(s0, &a).await?;
     }
     Ok(())
 }

@@ -31,8 +31,8 @@ pub struct Settings {
     /// Accepted clock skew: new prices take effect no earlier than now plus this
     /// (`TOKENLEDGER_CLOCK_SKEW_SECS`, default 300).
     pub clock_skew: Duration,
-    /// Roles `serve` runs: `api`, `writer`, `pricing`, `router` (`TOKENLEDGER_ROLES`,
-    /// default `api,writer,pricing`).
+    /// Roles `serve` runs: `api`, `writer`, `pricing`, `webhooks`, `router`
+    /// (`TOKENLEDGER_ROLES`, default `api,writer,pricing,webhooks`).
     pub roles: Vec<String>,
     /// Test-only fault injection: abort the process right after the N-th batch commits,
     /// before acknowledging it (`TOKENLEDGER_FAULT_ABORT_AFTER_COMMIT`).
@@ -57,6 +57,82 @@ pub struct Settings {
     /// The router's upstream file (`TOKENLEDGER_ROUTER_CONFIG`, default
     /// `config/router.json`), reloaded when it changes.
     pub router_config: std::path::PathBuf,
+    pub webhooks: WebhookSettings,
+}
+
+/// The webhook dispatcher's settings.
+#[derive(Clone, Debug)]
+pub struct WebhookSettings {
+    /// Delay before each attempt, the first counted from the alert
+    /// (`TOKENLEDGER_WEBHOOK_RETRY_SCHEDULE`, seconds, comma-separated; default
+    /// `0,5,300,1800,7200,18000,36000,36000`: eight attempts over 27.6 hours).
+    pub schedule: Vec<Duration>,
+    /// Whole-attempt timeout, connection included (`TOKENLEDGER_WEBHOOK_TIMEOUT_MS`,
+    /// default 15000, at most 60000).
+    pub timeout: Duration,
+    /// An endpoint failing for this long without a success is disabled
+    /// (`TOKENLEDGER_WEBHOOK_DISABLE_AFTER_SECS`, default 432000: five days).
+    pub disable_after: Duration,
+    /// Destinations exempt from the address guard, and the only ones that may use plain
+    /// http (`TOKENLEDGER_WEBHOOK_ALLOW`: comma-separated `ip`, `ip/prefix` or `ip:port`,
+    /// `[v6]:port`; default none).
+    pub allow: Vec<crate::webhooks::guard::Allow>,
+    /// How often the dispatcher looks for new alert facts and due messages
+    /// (`TOKENLEDGER_WEBHOOK_POLL_MS`, default 100).
+    pub poll: Duration,
+    /// Deliveries in flight per dispatcher (`TOKENLEDGER_WEBHOOK_CONCURRENCY`, default 32).
+    pub concurrency: usize,
+}
+
+impl WebhookSettings {
+    pub fn from_env() -> anyhow::Result<Self> {
+        let schedule = var(
+            "TOKENLEDGER_WEBHOOK_RETRY_SCHEDULE",
+            "0,5,300,1800,7200,18000,36000,36000",
+        )
+        .split(',')
+        .map(|x| {
+            x.trim()
+                .parse::<f64>()
+                .ok()
+                .filter(|f| f.is_finite() && *f >= 0.0 && *f <= 86_400.0 * 7.0)
+                .map(|f| Duration::from_micros((f * 1e6).round() as u64))
+                .ok_or_else(|| {
+                    anyhow::anyhow!(
+                        "TOKENLEDGER_WEBHOOK_RETRY_SCHEDULE: {x:?} is not a delay in seconds"
+                    )
+                })
+        })
+        .collect::<anyhow::Result<Vec<_>>>()?;
+        anyhow::ensure!(
+            !schedule.is_empty(),
+            "TOKENLEDGER_WEBHOOK_RETRY_SCHEDULE needs at least one attempt"
+        );
+        let allow = var("TOKENLEDGER_WEBHOOK_ALLOW", "")
+            .split(',')
+            .map(str::trim)
+            .filter(|x| !x.is_empty())
+            .map(|x| {
+                x.parse()
+                    .map_err(|e| anyhow::anyhow!("TOKENLEDGER_WEBHOOK_ALLOW: {x:?}: {e}"))
+            })
+            .collect::<anyhow::Result<Vec<_>>>()?;
+        Ok(WebhookSettings {
+            schedule,
+            timeout: Duration::from_millis(
+                parse("TOKENLEDGER_WEBHOOK_TIMEOUT_MS", 15_000u64)?.clamp(100, 60_000),
+            ),
+            disable_after: Duration::from_secs(parse(
+                "TOKENLEDGER_WEBHOOK_DISABLE_AFTER_SECS",
+                432_000u64,
+            )?),
+            allow,
+            poll: Duration::from_millis(
+                parse("TOKENLEDGER_WEBHOOK_POLL_MS", 100u64)?.clamp(5, 10_000),
+            ),
+            concurrency: parse("TOKENLEDGER_WEBHOOK_CONCURRENCY", 32usize)?.clamp(1, 1024),
+        })
+    }
 }
 
 fn var(name: &str, default: &str) -> String {
@@ -79,15 +155,15 @@ pub const DEFAULT_ADMIN_TOKEN: &str = "tl_admin_dev_only";
 
 impl Settings {
     pub fn from_env() -> anyhow::Result<Self> {
-        let roles = var("TOKENLEDGER_ROLES", "api,writer,pricing")
+        let roles = var("TOKENLEDGER_ROLES", "api,writer,pricing,webhooks")
             .split(',')
             .map(|s| s.trim().to_string())
             .filter(|s| !s.is_empty())
             .collect::<Vec<_>>();
         for r in &roles {
             anyhow::ensure!(
-                r == "api" || r == "writer" || r == "pricing" || r == "router",
-                "unknown role {r:?} in TOKENLEDGER_ROLES (known: api, writer, pricing, router)"
+                ["api", "writer", "pricing", "router", "webhooks"].contains(&r.as_str()),
+                "unknown role {r:?} in TOKENLEDGER_ROLES (known: api, writer, pricing, router, webhooks)"
             );
         }
         let fault = match std::env::var("TOKENLEDGER_FAULT_ABORT_AFTER_COMMIT") {
@@ -115,6 +191,7 @@ impl Settings {
             )?),
             router_addr: var("TOKENLEDGER_ROUTER_ADDR", "127.0.0.1:8081"),
             router_config: var("TOKENLEDGER_ROUTER_CONFIG", "config/router.json").into(),
+            webhooks: WebhookSettings::from_env()?,
             roles,
             fault_abort_after_commit: fault,
             db_max_connections: parse("TOKENLEDGER_DB_MAX_CONNECTIONS", 8u32)?,

@@ -6,6 +6,7 @@ pub mod error;
 pub mod ingest;
 pub mod reads;
 pub mod terms;
+pub mod webhooks;
 
 use axum::extract::{DefaultBodyLimit, State};
 use axum::http::{header, StatusCode};
@@ -59,10 +60,14 @@ pub fn query_error(e: axum::extract::rejection::QueryRejection) -> ApiError {
         terms::add_provider_reservation, terms::list_provider_reservations,
         terms::add_commitment, terms::list_commitments, terms::commitment_positions, terms::period_close,
         terms::price_diff, terms::quote, terms::routing_decision, terms::add_routing_class, terms::list_routing_classes,
+        webhooks::create_endpoint, webhooks::list_endpoints, webhooks::get_endpoint,
+        webhooks::update_endpoint, webhooks::delete_endpoint, webhooks::rotate_secret,
+        webhooks::send_test, webhooks::replay_range, webhooks::list_messages,
+        webhooks::get_message, webhooks::replay_message,
     ),
     components(schemas(crate::catalog::prices::NewPrice)),
     modifiers(&Security),
-    tags((name = "ingest"), (name = "reads"), (name = "prices"), (name = "terms"), (name = "admin"))
+    tags((name = "ingest"), (name = "reads"), (name = "prices"), (name = "terms"), (name = "webhooks"), (name = "admin"))
 )]
 pub struct ApiDoc;
 
@@ -137,6 +142,34 @@ pub fn router(state: AppState) -> Router {
             get(terms::budget_versions).delete(terms::retire_budget),
         )
         .route("/v1/alerts", get(terms::list_alerts))
+        .route(
+            "/v1/webhooks/endpoints",
+            post(webhooks::create_endpoint).get(webhooks::list_endpoints),
+        )
+        .route(
+            "/v1/webhooks/endpoints/{id}",
+            get(webhooks::get_endpoint)
+                .patch(webhooks::update_endpoint)
+                .delete(webhooks::delete_endpoint),
+        )
+        .route(
+            "/v1/webhooks/endpoints/{id}/rotate-secret",
+            post(webhooks::rotate_secret),
+        )
+        .route(
+            "/v1/webhooks/endpoints/{id}/test",
+            post(webhooks::send_test),
+        )
+        .route(
+            "/v1/webhooks/endpoints/{id}/replay",
+            post(webhooks::replay_range),
+        )
+        .route("/v1/webhooks/messages", get(webhooks::list_messages))
+        .route("/v1/webhooks/messages/{id}", get(webhooks::get_message))
+        .route(
+            "/v1/webhooks/messages/{id}/replay",
+            post(webhooks::replay_message),
+        )
         .route("/v1/authorize", post(terms::authorize))
         .route("/v1/quote", post(terms::quote))
         .route("/v1/routing/{class}", get(terms::routing_decision))

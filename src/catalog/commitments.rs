@@ -20,6 +20,10 @@ pub struct NewCommitment {
     /// Percentage of the on-demand price charged for overage (default 100).
     #[schema(value_type = Option<String>)]
     pub overage_rate_percent: Option<Decimal>,
+    /// Percentages of `amount` drawn that raise `commitment.threshold_crossed` alerts
+    /// (default 50, 80).
+    #[schema(value_type = Option<Vec<String>>)]
+    pub alert_thresholds: Option<Vec<Decimal>>,
     /// False ends the commitment from `effective_from`.
     #[serde(default = "yes")]
     pub active: bool,
@@ -40,6 +44,7 @@ type Row = (
     Decimal,
     Decimal,
     Decimal,
+    Vec<Decimal>,
 );
 
 fn from_row(r: Row) -> Commitment {
@@ -52,11 +57,13 @@ fn from_row(r: Row) -> Commitment {
         amount: r.5,
         discount_percent: r.6,
         overage_rate_percent: r.7,
+        alert_thresholds: r.8,
     }
 }
 
 const COLUMNS: &str =
-    "id, tenant_id, name, effective_from, active, amount, discount_percent, overage_rate_percent";
+    "id, tenant_id, name, effective_from, active, amount, discount_percent, overage_rate_percent,
+  alert_thresholds";
 
 pub async fn load_all(c: &mut sqlx::PgConnection) -> Result<Vec<Commitment>, sqlx::Error> {
     let rows: Vec<Row> = sqlx::query_as(&format!("select {COLUMNS} from commitments"))
@@ -83,6 +90,9 @@ pub async fn add(
         amount: new.amount,
         discount_percent: new.discount_percent,
         overage_rate_percent: new.overage_rate_percent.unwrap_or(Decimal::ONE_HUNDRED),
+        alert_thresholds: new
+            .alert_thresholds
+            .unwrap_or_else(crate::pricing::commitments::default_alert_thresholds),
     };
     c.check().map_err(CatalogError::InvalidTerms)?;
     let mut tx = pool.begin().await?;
@@ -90,7 +100,8 @@ pub async fn add(
         super::tenant_term_effective(&mut tx, tenant_id, new.effective_from, now, skew).await?;
     let (id,): (i64,) = sqlx::query_as(
         "insert into commitments (tenant_id, name, effective_from, active, amount, discount_percent,
-           overage_rate_percent) values ($1, $2, $3, $4, $5, $6, $7) returning id",
+           overage_rate_percent, alert_thresholds) values ($1, $2, $3, $4, $5, $6, $7, $8)
+         returning id",
     )
     .bind(tenant_id)
     .bind(&c.name)
@@ -99,6 +110,7 @@ pub async fn add(
     .bind(c.amount)
     .bind(c.discount_percent)
     .bind(c.overage_rate_percent)
+    .bind(&c.alert_thresholds)
     .fetch_one(&mut *tx)
     .await
     .map_err(super::tenant_fk(tenant_id))?;

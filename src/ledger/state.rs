@@ -37,6 +37,10 @@ pub struct BudgetMove {
     pub after: Decimal,
     pub crossed: Vec<Decimal>,
     pub budget: Budget,
+    /// The event took spend to the limit.
+    pub exhausted: bool,
+    /// The event made the period's burn rate project past the limit: when it is reached.
+    pub forecast: Option<DateTime<Utc>>,
 }
 
 /// How an event moves the state.
@@ -56,6 +60,8 @@ pub struct Moves {
     pub reservation_exhausted: Option<u64>,
     /// The event used up the commitment for its period: (amount).
     pub commitment_exhausted: Option<Decimal>,
+    /// Drawdown thresholds (percent) of the commitment the event crossed, with its version.
+    pub commitment_crossed: Vec<(Decimal, i64, Decimal)>,
     pub budgets: Vec<BudgetMove>,
 }
 
@@ -95,6 +101,21 @@ impl Moves {
                 }),
             ));
         }
+        if let Some((key, pos)) = &self.commitment {
+            for (t, version, amount) in &self.commitment_crossed {
+                out.push((
+                    "commitment.threshold_crossed",
+                    format!("{}/{}/{}", key.1, key.2, t.normalize()),
+                    serde_json::json!({
+                        "commitment": key.1, "commitment_version": version, "period": key.2,
+                        "threshold_percent": t.normalize().to_string(),
+                        "amount": amount.normalize().to_string(),
+                        "drawn": pos.drawn.normalize().to_string(),
+                        "event_id": event_id, "request_id": request_id,
+                    }),
+                ));
+            }
+        }
         if let (Some((key, used)), Some(capacity)) =
             (&self.reservation, &self.reservation_exhausted)
         {
@@ -123,6 +144,35 @@ impl Moves {
                         "limit_reached": *t >= Decimal::ONE_HUNDRED,
                         "event_id": event_id, "request_id": request_id,
                     }),
+                ));
+            }
+            let base = || {
+                serde_json::json!({
+                    "budget": b.name, "budget_version": b.id, "scope": b.scope,
+                    "scope_value": b.scope_value, "period": m.key.2, "period_kind": b.period,
+                    "amount": b.amount.normalize().to_string(),
+                    "spent": m.after.normalize().to_string(), "action": b.action,
+                    "downgrade_class": b.downgrade_class,
+                    "event_id": event_id, "request_id": request_id,
+                })
+            };
+            if m.exhausted {
+                out.push((
+                    "budget.exhausted",
+                    format!("{}/{}", b.name, m.key.2),
+                    base(),
+                ));
+            }
+            if let Some(when) = m.forecast {
+                let mut p = base();
+                let (start, end) = crate::pricing::budgets::period_bounds(b.period, when);
+                p["forecast_date"] = serde_json::json!(when);
+                p["period_start"] = serde_json::json!(start);
+                p["period_end"] = serde_json::json!(end);
+                out.push((
+                    "budget.forecast_exceeded",
+                    format!("{}/{}", b.name, m.key.2),
+                    p,
                 ));
             }
         }
@@ -199,6 +249,13 @@ pub fn rate_usage(
             if !before.closed && before.drawn < c.amount && after.drawn >= c.amount {
                 moves.commitment_exhausted = Some(c.amount);
             }
+            if !before.closed {
+                moves.commitment_crossed = c
+                    .crossed(before.drawn, after.drawn)
+                    .into_iter()
+                    .map(|t| (t, c.id, c.amount))
+                    .collect();
+            }
             moves.commitment = Some((key, after));
         }
     }
@@ -218,6 +275,11 @@ pub fn rate_usage(
             });
             moves.budgets.push(BudgetMove {
                 crossed: b.crossed(before, after),
+                exhausted: before < b.amount && b.amount <= after,
+                // raised when this event's spend first makes the projection pass the limit
+                forecast: b
+                    .forecast(at, after)
+                    .filter(|_| b.forecast(at, before).is_none()),
                 key,
                 before,
                 after,

@@ -76,7 +76,52 @@ pub fn period_key(p: BudgetPeriod, at: DateTime<Utc>) -> String {
     }
 }
 
+/// The instants a period starts and ends (exclusive): calendar-aligned in UTC.
+pub fn period_bounds(p: BudgetPeriod, at: DateTime<Utc>) -> (DateTime<Utc>, DateTime<Utc>) {
+    let day = at.date_naive();
+    let start = match p {
+        BudgetPeriod::Day => day,
+        BudgetPeriod::Week => {
+            day - chrono::Duration::days(day.weekday().num_days_from_monday() as i64)
+        }
+        BudgetPeriod::Month => day.with_day(1).expect("first of month"),
+    };
+    let end = match p {
+        BudgetPeriod::Day => start + chrono::Duration::days(1),
+        BudgetPeriod::Week => start + chrono::Duration::days(7),
+        BudgetPeriod::Month => start
+            .checked_add_months(chrono::Months::new(1))
+            .expect("next month"),
+    };
+    let utc = |d: chrono::NaiveDate| d.and_hms_opt(0, 0, 0).expect("midnight").and_utc();
+    (utc(start), utc(end))
+}
+
+/// Share of a period that must have passed before a forecast is made: earlier, one
+/// request's spend says little about the period's burn rate.
+pub const FORECAST_MIN_ELAPSED_PERCENT: i64 = 5;
+
 impl Budget {
+    /// When spend `spent` at `at`, continuing at the period's average rate so far
+    /// (spent / time elapsed), reaches the limit — if that is before the period ends and
+    /// the limit is not reached yet. Computed from the event's time, never the clock.
+    pub fn forecast(&self, at: DateTime<Utc>, spent: Decimal) -> Option<DateTime<Utc>> {
+        if spent <= Decimal::ZERO || spent >= self.amount {
+            return None;
+        }
+        let (start, end) = period_bounds(self.period, at);
+        let elapsed = (at - start).num_microseconds()?;
+        let length = (end - start).num_microseconds()?;
+        if elapsed <= 0 || elapsed * 100 < length * FORECAST_MIN_ELAPSED_PERCENT {
+            return None;
+        }
+        // elapsed x limit / spent, in whole microseconds (rounded down)
+        let reach = (Decimal::from(elapsed).checked_mul(self.amount)? / spent).floor();
+        let reach: i64 = reach.try_into().ok()?;
+        let when = start + chrono::Duration::microseconds(reach);
+        (when < end).then_some(when)
+    }
+
     pub fn check(&self) -> Result<(), String> {
         super::check_term_name(&self.name)?;
         match self.scope {
@@ -203,6 +248,40 @@ mod tests {
             vec![Decimal::from(100)]
         );
         assert_eq!(b.crossed(Decimal::from(10), Decimal::from(30)), vec![]);
+    }
+
+    #[test]
+    fn bounds_and_forecasts() {
+        let at: DateTime<Utc> = "2026-11-25T12:00:00Z".parse().unwrap();
+        let (s, e) = period_bounds(BudgetPeriod::Week, at);
+        assert_eq!(s.to_rfc3339(), "2026-11-23T00:00:00+00:00");
+        assert_eq!(e.to_rfc3339(), "2026-11-30T00:00:00+00:00");
+        let (s, e) = period_bounds(BudgetPeriod::Month, "2026-12-31T23:59:59Z".parse().unwrap());
+        assert_eq!(
+            (s.to_rfc3339(), e.to_rfc3339()),
+            (
+                "2026-12-01T00:00:00+00:00".into(),
+                "2027-01-01T00:00:00+00:00".into()
+            )
+        );
+        let mut b = budget();
+        // week budget of 10: 2.5 days in with 5 spent reaches 10 after 5 days (Saturday)
+        let at: DateTime<Utc> = "2026-11-25T12:00:00Z".parse().unwrap();
+        assert_eq!(
+            b.forecast(at, Decimal::from(5)).unwrap().to_rfc3339(),
+            "2026-11-28T00:00:00+00:00"
+        );
+        // 2 spent: 12.5 days, past the week's end
+        assert!(b.forecast(at, Decimal::from(2)).is_none());
+        // reached already, or too early in the period
+        assert!(b.forecast(at, Decimal::from(10)).is_none());
+        assert!(b
+            .forecast("2026-11-23T01:00:00Z".parse().unwrap(), Decimal::from(5))
+            .is_none());
+        b.period = BudgetPeriod::Day;
+        assert!(b
+            .forecast("2026-11-23T06:00:00Z".parse().unwrap(), Decimal::from(5))
+            .is_some());
     }
 
     #[test]

@@ -30,6 +30,14 @@ pub struct Commitment {
     /// Overage is charged at this percentage of the on-demand price (100 = on demand).
     #[schema(value_type = String)]
     pub overage_rate_percent: Decimal,
+    /// Percentages of `amount` drawn at which an alert fact is recorded (default 50, 80;
+    /// reaching 100 is `commitment.exhausted`).
+    #[schema(value_type = Vec<String>)]
+    pub alert_thresholds: Vec<Decimal>,
+}
+
+pub fn default_alert_thresholds() -> Vec<Decimal> {
+    vec![Decimal::from(50), Decimal::from(80)]
 }
 
 impl Commitment {
@@ -49,7 +57,34 @@ impl Commitment {
         {
             return Err("overage_rate_percent must be above 0 and at most 1000".into());
         }
+        if self.alert_thresholds.len() > 10
+            || self
+                .alert_thresholds
+                .iter()
+                .any(|t| *t <= Decimal::ZERO || *t > Decimal::ONE_HUNDRED)
+            || self.alert_thresholds.windows(2).any(|w| w[0] >= w[1])
+        {
+            return Err(
+                "alert_thresholds must be at most 10 ascending percentages above 0 and at most 100"
+                    .into(),
+            );
+        }
         Ok(())
+    }
+
+    /// The alert thresholds crossed going from `before` to `after` drawn.
+    pub fn crossed(&self, before: Decimal, after: Decimal) -> Vec<Decimal> {
+        self.alert_thresholds
+            .iter()
+            .filter(|t| {
+                let at = self
+                    .amount
+                    .checked_mul(**t)
+                    .map(|x| x / Decimal::ONE_HUNDRED);
+                at.is_some_and(|at| before < at && at <= after)
+            })
+            .copied()
+            .collect()
     }
 }
 
@@ -143,6 +178,7 @@ mod tests {
 
     fn commitment(amount: i64, discount: u32, overage: u32) -> Commitment {
         Commitment {
+            alert_thresholds: default_alert_thresholds(),
             id: 1,
             tenant_id: "t".into(),
             name: "c".into(),

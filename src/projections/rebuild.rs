@@ -321,7 +321,8 @@ async fn rerate(
     // every ledger alert fact is one the replay raises, and the other way round
     let recorded: std::collections::BTreeSet<AlertKey> = sqlx::query_as(
         "select tenant_id, type || ' ' || unique_key from alert_facts
-         where type in ('budget.threshold_crossed', 'tier.crossed', 'commitment.exhausted',
+         where type in ('budget.threshold_crossed', 'budget.exhausted', 'budget.forecast_exceeded',
+           'tier.crossed', 'commitment.threshold_crossed', 'commitment.exhausted',
            'reservation.exhausted')",
     )
     .fetch_all(&mut *c)
