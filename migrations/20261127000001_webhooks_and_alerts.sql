@@ -89,3 +89,7 @@ grant select, update on webhook_cursor to tokenledger_app;
 
 -- commitment drawdown alert thresholds (percent of the amount)
 alter table commitments add column alert_thresholds numeric[] not null default '{50,80}';
+
+-- reservation under-utilisation alerts: below this share of capacity over the last day
+alter table reservations add column underutilization_alert_percent numeric
+  check (underutilization_alert_percent > 0 and underutilization_alert_percent <= 100);

@@ -339,6 +339,7 @@ pub async fn run_publisher(
     let bucket_name = settings.routing_bucket.clone();
     let interval = settings.publish_interval;
     let mut closed = HashSet::new();
+    let mut ticked = HashSet::new();
     // tenants whose reservation ran out in a minute: republish once that minute is over
     let mut refill: HashMap<String, String> = HashMap::new();
     // alert fact ids handled in the look-back window
@@ -358,6 +359,9 @@ pub async fn run_publisher(
         first = false;
         if let Err(e) = close_ended_periods(&engine, &bus, &settings, &mut closed).await {
             tracing::warn!(error = %e, "publishing period closes failed; retrying");
+        }
+        if let Err(e) = tick_hourly(&engine, &bus, &settings, &mut ticked).await {
+            tracing::warn!(error = %e, "publishing evaluation ticks failed; retrying");
         }
         let r: anyhow::Result<()> = async {
             if store.is_none() {
@@ -478,6 +482,82 @@ pub async fn publish_period_close(
     .await?
     .await?;
     Ok(ev.id)
+}
+
+/// The id of a tenant's evaluation tick for an hour (deterministic: published twice, it is
+/// one event).
+pub fn tick_event_id(hour: &str) -> String {
+    format!("evaluation-tick:{hour}")
+}
+
+/// Publish a tenant's `evaluation_tick` for the hour string `YYYY-MM-DDTHH` (the tick at
+/// the top of that hour, which must have passed). Waits for JetStream's ack.
+pub async fn publish_tick(
+    bus: &crate::bus::Bus,
+    settings: &crate::settings::Settings,
+    tenant: &str,
+    hour: &str,
+) -> anyhow::Result<String> {
+    use crate::events::{Event, EventData, SystemData};
+    let at = crate::ledger::state::tick_instant(hour)
+        .ok_or_else(|| anyhow::anyhow!("hour must be YYYY-MM-DDTHH"))?;
+    anyhow::ensure!(at <= Utc::now(), "tick {hour} is in the future");
+    let ev = Event::new(
+        tick_event_id(hour),
+        "tokenledger/clock".into(),
+        at,
+        EventData::System(SystemData {
+            tenant_id: tenant.to_string(),
+            kind: "evaluation_tick".into(),
+            period: hour.to_string(),
+        }),
+    );
+    bus.publish_with_id(
+        settings.usage_subject(tenant),
+        ev.canonical.clone().into(),
+        &ev.msg_id(),
+    )
+    .await?
+    .await?;
+    Ok(ev.id)
+}
+
+/// The clock's hourly ticks: for every tenant with a reservation that alerts on
+/// under-utilisation, the tick at the top of the current hour, once.
+async fn tick_hourly(
+    engine: &Engine,
+    bus: &crate::bus::Bus,
+    settings: &crate::settings::Settings,
+    done: &mut HashSet<(String, String)>,
+) -> anyhow::Result<()> {
+    let (book, _) = engine.book().await?;
+    let hour = crate::ledger::state::tick_hour(Utc::now());
+    let tenants: Vec<String> = book
+        .reserving_tenants()
+        .filter(|t| {
+            book.reservation_versions(t)
+                .values()
+                .flatten()
+                .any(|v| v.underutilization_alert_percent.is_some())
+        })
+        .filter(|t| !done.contains(&(t.to_string(), hour.clone())))
+        .map(str::to_string)
+        .collect();
+    for t in tenants {
+        let recorded: bool = sqlx::query_scalar(
+            "select exists (select 1 from events where tenant_id = $1 and id = $2)",
+        )
+        .bind(&t)
+        .bind(tick_event_id(&hour))
+        .fetch_one(engine.pool())
+        .await?;
+        if !recorded {
+            publish_tick(bus, settings, &t, &hour).await?;
+        }
+        done.insert((t, hour.clone()));
+    }
+    done.retain(|(_, h)| *h == hour);
+    Ok(())
 }
 
 /// The clock: once a month has ended, publish its close for every tenant with a

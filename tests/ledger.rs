@@ -555,6 +555,40 @@ async fn openapi_health_and_metrics_are_served() {
         .unwrap();
     assert!(doc["openapi"].as_str().unwrap().starts_with("3.1"));
     assert!(doc["paths"]["/v1/events"]["post"].is_object());
+    for p in [
+        "/v1/webhooks/endpoints",
+        "/v1/webhooks/endpoints/{id}/rotate-secret",
+        "/v1/webhooks/messages/{id}",
+    ] {
+        assert!(doc["paths"][p].is_object(), "{p} is not documented");
+    }
+    // every schema reference resolves
+    fn refs(v: &Value, out: &mut Vec<String>) {
+        match v {
+            Value::Object(m) => {
+                for (k, x) in m {
+                    match (k.as_str(), x) {
+                        ("$ref", Value::String(r)) => out.push(r.clone()),
+                        _ => refs(x, out),
+                    }
+                }
+            }
+            Value::Array(a) => a.iter().for_each(|x| refs(x, out)),
+            _ => {}
+        }
+    }
+    let mut all = Vec::new();
+    refs(&doc, &mut all);
+    assert!(all.iter().any(|r| r.ends_with("/EndpointWithSecret")));
+    for r in &all {
+        let name = r
+            .strip_prefix("#/components/schemas/")
+            .unwrap_or_else(|| panic!("unexpected reference {r}"));
+        assert!(
+            doc["components"]["schemas"][name].is_object(),
+            "{r} does not resolve"
+        );
+    }
     assert_eq!(app.status("/healthz").await, 200);
     assert_eq!(app.status("/readyz").await, 200);
     let m = app

@@ -784,3 +784,96 @@ async fn one_alert_fact_per_threshold_per_period_under_concurrent_ingest_and_acr
     );
     s.app.stop().await;
 }
+
+#[tokio::test]
+async fn an_hourly_tick_raises_reservation_underutilisation_once_per_day_and_replays() {
+    let mut s = setup(true).await;
+    let (_, _) = s
+        .endpoint("/res", json!(["reservation.underutilized"]))
+        .await;
+    let past = "2020-01-01T00:00:00Z";
+    for r in [
+        // 1,000 tokens a minute, alert below half of that over a day
+        json!({"name": "idle", "provider": "openai", "model": "b-model", "units": 1,
+            "tokens_per_minute_per_unit": 1000, "price_per_unit_hour": "0.1",
+            "underutilization_alert_percent": "50", "effective_from": past}),
+        // 1 token a minute: one request covers 1 of 1,440 a day (0.0694%), above 0.05%
+        json!({"name": "busy", "provider": "openai", "model": "gpt-4o-mini", "units": 1,
+            "tokens_per_minute_per_unit": 1, "price_per_unit_hour": "0.1",
+            "underutilization_alert_percent": "0.05", "effective_from": past}),
+    ] {
+        let r = s
+            .app
+            .admin_post("/v1/admin/tenants/acme/reservations", Some(&r))
+            .await;
+        assert_eq!(r.status(), 201, "{}", r.text().await.unwrap());
+    }
+    let r = s
+        .app
+        .admin_post(
+            "/v1/admin/tenants/acme/reservations",
+            Some(
+                &json!({"name": "bad", "provider": "openai", "model": "x", "units": 1,
+                "tokens_per_minute_per_unit": 1, "price_per_unit_hour": "0.1",
+                "underutilization_alert_percent": "150"}),
+            ),
+        )
+        .await;
+    assert_eq!(r.status(), 422);
+    let now = chrono::Utc::now();
+    let two_hours_ago = (now - chrono::Duration::hours(2)).to_rfc3339();
+    let mut a = common::usage("u1", "acme", "b-model", 1000, 0);
+    a["time"] = json!(two_hours_ago);
+    let mut b = common::usage("u2", "acme", "gpt-4o-mini", 1000, 0);
+    b["time"] = json!(two_hours_ago);
+    s.app.ingest(ADMIN, &json!([a, b])).await;
+    s.app.wait_count("select count(*) from events", 2).await;
+
+    // the ticks of this hour and the previous one (and this one again: one event)
+    use tokenledger::ledger::state::{tick_hour, tick_instant};
+    let bus = tokenledger::bus::connect(&s.app.settings).await.unwrap();
+    let hours = [
+        tick_hour(now - chrono::Duration::hours(1)),
+        tick_hour(now),
+        tick_hour(now),
+    ];
+    for h in &hours {
+        tokenledger::engine::publish_tick(&bus, &s.app.settings, "acme", h)
+            .await
+            .unwrap();
+    }
+    s.app.wait_count("select count(*) from events", 4).await;
+    s.app.drain().await;
+    let facts: Vec<(String, Value)> = sqlx::query_as(
+        "select unique_key, payload from alert_facts where type = 'reservation.underutilized'
+         order by id",
+    )
+    .fetch_all(&s.app.owner)
+    .await
+    .unwrap();
+    // once per UTC day: two ticks an hour apart share a day unless midnight lies between
+    let mut days: Vec<String> = hours
+        .iter()
+        .map(|h| {
+            (tick_instant(h).unwrap() - chrono::Duration::microseconds(1))
+                .format("%Y-%m-%d")
+                .to_string()
+        })
+        .collect();
+    days.dedup();
+    let keys: Vec<&str> = facts.iter().map(|f| f.0.as_str()).collect();
+    let want: Vec<String> = days.iter().map(|d| format!("idle/{d}")).collect();
+    assert_eq!(keys, want, "only the idle reservation, once a day");
+    let p = &facts[0].1;
+    assert_eq!(p["covered_tokens"], 1000);
+    assert_eq!(p["capacity_tokens"], 1_440_000);
+    assert_eq!(p["utilization_percent"], "0.0694");
+    assert_eq!(p["alert_below_percent"], "50");
+    let got = s.recv.wait_at("/res", facts.len()).await;
+    let body: Value = serde_json::from_str(&got[0].body).unwrap();
+    assert_eq!(body["type"], "reservation.underutilized");
+    assert_eq!(body["data"]["reservation"], "idle");
+    // replay raises exactly these
+    s.app.rebuild_and_verify().await;
+    s.app.stop().await;
+}

@@ -19,6 +19,10 @@ pub struct NewReservation {
     pub tokens_per_minute_per_unit: u64,
     #[schema(value_type = String)]
     pub price_per_unit_hour: Decimal,
+    /// Raise `reservation.underutilized` when the last day's utilisation, evaluated
+    /// hourly, is below this percentage (absent: never).
+    #[schema(value_type = Option<String>)]
+    pub underutilization_alert_percent: Option<Decimal>,
     /// False ends the reservation from `effective_from`.
     #[serde(default = "yes")]
     pub active: bool,
@@ -41,6 +45,7 @@ type Row = (
     i32,
     i64,
     Decimal,
+    Option<Decimal>,
 );
 
 fn from_row(r: Row) -> Reservation {
@@ -55,11 +60,12 @@ fn from_row(r: Row) -> Reservation {
         units: r.7 as u32,
         tokens_per_minute_per_unit: r.8 as u64,
         price_per_unit_hour: r.9,
+        underutilization_alert_percent: r.10,
     }
 }
 
 const COLUMNS: &str = "id, tenant_id, name, effective_from, active, provider, model, units,
-    tokens_per_minute_per_unit, price_per_unit_hour";
+    tokens_per_minute_per_unit, price_per_unit_hour, underutilization_alert_percent";
 
 pub async fn load_all(c: &mut sqlx::PgConnection) -> Result<Vec<Reservation>, sqlx::Error> {
     let rows: Vec<Row> = sqlx::query_as(&format!("select {COLUMNS} from reservations"))
@@ -88,6 +94,7 @@ pub async fn add(
         units: new.units,
         tokens_per_minute_per_unit: new.tokens_per_minute_per_unit,
         price_per_unit_hour: new.price_per_unit_hour,
+        underutilization_alert_percent: new.underutilization_alert_percent,
     };
     r.check().map_err(CatalogError::InvalidTerms)?;
     let mut tx = pool.begin().await?;
@@ -95,8 +102,8 @@ pub async fn add(
         super::tenant_term_effective(&mut tx, tenant_id, new.effective_from, now, skew).await?;
     let (id,): (i64,) = sqlx::query_as(
         "insert into reservations (tenant_id, name, effective_from, active, provider, model, units,
-           tokens_per_minute_per_unit, price_per_unit_hour)
-         values ($1, $2, $3, $4, $5, $6, $7, $8, $9) returning id",
+           tokens_per_minute_per_unit, price_per_unit_hour, underutilization_alert_percent)
+         values ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10) returning id",
     )
     .bind(tenant_id)
     .bind(&r.name)
@@ -107,6 +114,7 @@ pub async fn add(
     .bind(r.units as i32)
     .bind(r.tokens_per_minute_per_unit as i64)
     .bind(r.price_per_unit_hour)
+    .bind(r.underutilization_alert_percent)
     .fetch_one(&mut *tx)
     .await
     .map_err(
@@ -182,7 +190,8 @@ pub struct NewProviderReservation {
 
 /// The tenant columns, with an empty tenant: ours.
 const PROVIDER_COLUMNS: &str = "id, '' as tenant_id, name, effective_from, active, provider,
-    model, units, tokens_per_minute_per_unit, price_per_unit_hour";
+    model, units, tokens_per_minute_per_unit, price_per_unit_hour,
+    null::numeric as underutilization_alert_percent";
 
 /// Our provider reservations (`tenant_id` empty).
 pub async fn load_provider(c: &mut sqlx::PgConnection) -> Result<Vec<Reservation>, sqlx::Error> {
@@ -214,6 +223,7 @@ pub async fn add_provider(
         units: new.units,
         tokens_per_minute_per_unit: new.tokens_per_minute_per_unit,
         price_per_unit_hour: new.price_per_unit_hour,
+        underutilization_alert_percent: None,
     };
     r.check().map_err(CatalogError::InvalidTerms)?;
     let (id,): (i64,) = sqlx::query_as(

@@ -476,16 +476,39 @@ fn system(map: Map<String, Value>, errors: &mut Vec<FieldError>) -> Option<Syste
     };
     let tenant_id = tenant(&mut f);
     let kind = f.string("kind", true, 32);
-    if kind.as_deref().is_some_and(|k| k != "period_close") {
-        f.fail("kind", "unknown_kind", "must be period_close");
+    let known = |k: &str| k == "period_close" || k == "evaluation_tick";
+    if kind.as_deref().is_some_and(|k| !known(k)) {
+        f.fail(
+            "kind",
+            "unknown_kind",
+            "must be period_close or evaluation_tick",
+        );
     }
-    let period = f.string("period", true, 7);
-    let month_ok = |p: &str| crate::pricing::tiers::parse_period(p).is_some();
-    if period.as_deref().is_some_and(|p| !month_ok(p)) {
-        f.fail("period", "invalid_period", "must be a month, YYYY-MM");
+    let period = f.string("period", true, 13);
+    // a close names a month; a tick the hour it ends (UTC), YYYY-MM-DDTHH
+    let period_ok = |k: &str, p: &str| match k {
+        "period_close" => crate::pricing::tiers::parse_period(p).is_some(),
+        _ => crate::ledger::state::tick_instant(p).is_some(),
+    };
+    if let (Some(k), Some(p)) = (kind.as_deref(), period.as_deref()) {
+        if known(k) && !period_ok(k, p) {
+            f.fail(
+                "period",
+                "invalid_period",
+                if k == "period_close" {
+                    "must be a month, YYYY-MM"
+                } else {
+                    "must be an hour, YYYY-MM-DDTHH"
+                },
+            );
+        }
     }
     f.finish();
-    if kind.as_deref() != Some("period_close") || !period.as_deref().is_some_and(month_ok) {
+    if !kind.as_deref().is_some_and(known)
+        || !period
+            .as_deref()
+            .is_some_and(|p| period_ok(kind.as_deref().unwrap_or_default(), p))
+    {
         return None;
     }
     Some(SystemData {

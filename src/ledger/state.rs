@@ -43,6 +43,102 @@ pub struct BudgetMove {
     pub forecast: Option<DateTime<Utc>>,
 }
 
+/// A reservation's trailing day, as an evaluation tick found it.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Underuse {
+    pub reservation: String,
+    pub version: i64,
+    /// The UTC day the alert counts for (that of the window's last instant).
+    pub day: String,
+    pub window_start: DateTime<Utc>,
+    pub window_end: DateTime<Utc>,
+    pub covered_tokens: u64,
+    pub capacity_tokens: u64,
+    pub utilization_percent: Decimal,
+    pub alert_below_percent: Decimal,
+}
+
+/// The instant an evaluation tick's hour (`YYYY-MM-DDTHH`, UTC) ends.
+pub fn tick_instant(hour: &str) -> Option<DateTime<Utc>> {
+    if hour.len() != 13 {
+        return None;
+    }
+    chrono::NaiveDateTime::parse_from_str(&format!("{hour}:00"), "%Y-%m-%dT%H:%M")
+        .ok()
+        .map(|t| t.and_utc())
+}
+
+/// The hour string of an instant (the tick that ends at the top of that hour).
+pub fn tick_hour(at: DateTime<Utc>) -> String {
+    at.format("%Y-%m-%dT%H").to_string()
+}
+
+/// Evaluate a tenant's reservations at a tick: each with an under-utilisation share set
+/// whose covered tokens over the 24 hours before the tick are below that share of the
+/// capacity in force minute by minute raises `reservation.underutilized` (once per UTC
+/// day). From the ledger's own state: replay finds the same.
+pub fn evaluate_tick(book: &PriceBook, tenant: &str, hour: &str, state: &TenantState) -> Moves {
+    let mut moves = Moves::default();
+    let Some(end) = tick_instant(hour) else {
+        return moves;
+    };
+    let start = end - chrono::Duration::days(1);
+    let last = end - chrono::Duration::microseconds(1);
+    for (name, versions) in book.reservation_versions(tenant) {
+        let in_force = |at: DateTime<Utc>| {
+            versions
+                .iter()
+                .filter(|v| v.effective_from <= at)
+                .max_by_key(|v| (v.effective_from, v.id))
+                .filter(|v| v.active)
+        };
+        let Some(current) = in_force(last) else {
+            continue;
+        };
+        let Some(share) = current.underutilization_alert_percent else {
+            continue;
+        };
+        let (mut used, mut capacity) = (0u64, 0u64);
+        for m in 0..1440 {
+            let at = start + chrono::Duration::minutes(m);
+            if let Some(v) = in_force(at) {
+                capacity += v.capacity();
+                let key = (tenant.to_string(), name.to_string(), minute_of(at));
+                used += state.reservations.get(&key).copied().unwrap_or_default();
+            }
+        }
+        if capacity == 0 {
+            continue;
+        }
+        let pct =
+            (Decimal::from(used) * Decimal::ONE_HUNDRED / Decimal::from(capacity)).round_dp(4);
+        if pct < share {
+            moves.underutilized.push(Underuse {
+                reservation: name.to_string(),
+                version: current.id,
+                day: last.format("%Y-%m-%d").to_string(),
+                window_start: start,
+                window_end: end,
+                covered_tokens: used,
+                capacity_tokens: capacity,
+                utilization_percent: pct,
+                alert_below_percent: share,
+            });
+        }
+    }
+    moves
+}
+
+/// The minutes (`YYYY-MM-DDTHH:MM`) a tick's window covers.
+pub fn tick_minutes(hour: &str) -> Vec<String> {
+    let Some(end) = tick_instant(hour) else {
+        return Vec::new();
+    };
+    (0..1440)
+        .map(|m| minute_of(end - chrono::Duration::minutes(1440 - m)))
+        .collect()
+}
+
 /// How an event moves the state.
 #[derive(Clone, Debug, Default)]
 pub struct Moves {
@@ -62,6 +158,8 @@ pub struct Moves {
     pub commitment_exhausted: Option<Decimal>,
     /// Drawdown thresholds (percent) of the commitment the event crossed, with its version.
     pub commitment_crossed: Vec<(Decimal, i64, Decimal)>,
+    /// Reservations an evaluation tick found used below their alert share.
+    pub underutilized: Vec<Underuse>,
     pub budgets: Vec<BudgetMove>,
 }
 
@@ -125,6 +223,20 @@ impl Moves {
                 serde_json::json!({
                     "reservation": key.1, "minute": key.2, "capacity": capacity,
                     "covered": used, "event_id": event_id, "request_id": request_id,
+                }),
+            ));
+        }
+        for u in &self.underutilized {
+            out.push((
+                "reservation.underutilized",
+                format!("{}/{}", u.reservation, u.day),
+                serde_json::json!({
+                    "reservation": u.reservation, "reservation_version": u.version,
+                    "day": u.day, "window_start": u.window_start, "window_end": u.window_end,
+                    "covered_tokens": u.covered_tokens, "capacity_tokens": u.capacity_tokens,
+                    "utilization_percent": u.utilization_percent.normalize().to_string(),
+                    "alert_below_percent": u.alert_below_percent.normalize().to_string(),
+                    "event_id": event_id,
                 }),
             ));
         }

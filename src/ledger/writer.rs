@@ -11,7 +11,7 @@ use chrono::{DateTime, Utc};
 use sqlx::PgPool;
 
 use super::accounts::{adjustment_leg, close_legs, usage_legs, Leg};
-use super::state::{close_period, rate_usage, TenantState};
+use super::state::{close_period, evaluate_tick, rate_usage, tick_minutes, TenantState};
 use super::store::{
     self, BookStamp, ConflictRows, DeadRows, EventRows, Projections, RatedUsage, TierPositions,
     TransferRows,
@@ -233,6 +233,16 @@ impl Writer {
                     EventData::System(x) => x.period.clone(),
                     _ => period_of(e.time),
                 });
+            }
+            if let EventData::System(x) = &e.data {
+                // an evaluation tick reads the reservations' trailing day
+                if x.kind == "evaluation_tick"
+                    && known.tenants.contains_key(&x.tenant_id)
+                    && self.book.has_reservations(&x.tenant_id)
+                {
+                    reserving.push(x.tenant_id.clone());
+                    minutes.extend(tick_minutes(&x.period));
+                }
             }
             if let EventData::Usage(u) = &e.data {
                 if !known.tenants.contains_key(&u.tenant_id) {
@@ -456,6 +466,21 @@ impl Writer {
                 rating: None,
                 note: Some(serde_json::to_string(a).expect("adjustment serialises")),
             }),
+            EventData::System(x) if x.kind == "evaluation_tick" => {
+                let moves = evaluate_tick(&self.book, &x.tenant_id, &x.period, &known.state);
+                for (type_, key, payload) in moves.alerts(&ev.id, "") {
+                    b.alerts.tenant.push(x.tenant_id.clone());
+                    b.alerts.type_.push(type_.into());
+                    b.alerts.key.push(key);
+                    b.alerts.payload.push(payload.to_string());
+                    b.alerts.occurred_at.push(ev.time);
+                }
+                Ok(Charge {
+                    legs: Vec::new(),
+                    rating: None,
+                    note: None,
+                })
+            }
             EventData::System(x) => {
                 let (line, moves) = close_period(&self.book, &x.tenant_id, &x.period, &known.state);
                 known.state.apply(&moves);

@@ -25,6 +25,10 @@ pub struct Reservation {
     pub tokens_per_minute_per_unit: u64,
     #[schema(value_type = String)]
     pub price_per_unit_hour: Decimal,
+    /// `reservation.underutilized` when the trailing day's utilisation is below this
+    /// percentage at an hourly evaluation tick (None: never).
+    #[schema(value_type = Option<String>)]
+    pub underutilization_alert_percent: Option<Decimal>,
 }
 
 impl Reservation {
@@ -46,6 +50,12 @@ impl Reservation {
                 "price_per_unit_hour must be between 0 and {}",
                 super::MAX_TERM_AMOUNT
             ));
+        }
+        if self
+            .underutilization_alert_percent
+            .is_some_and(|p| p <= Decimal::ZERO || p > Decimal::ONE_HUNDRED)
+        {
+            return Err("underutilization_alert_percent must be above 0 and at most 100".into());
         }
         Ok(())
     }
@@ -151,6 +161,7 @@ mod tests {
             model: "m".into(),
             units,
             tokens_per_minute_per_unit: tpm,
+            underutilization_alert_percent: None,
             price_per_unit_hour: Decimal::from(2),
         }
     }

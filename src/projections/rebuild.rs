@@ -323,7 +323,7 @@ async fn rerate(
         "select tenant_id, type || ' ' || unique_key from alert_facts
          where type in ('budget.threshold_crossed', 'budget.exhausted', 'budget.forecast_exceeded',
            'tier.crossed', 'commitment.threshold_crossed', 'commitment.exhausted',
-           'reservation.exhausted')",
+           'reservation.exhausted', 'reservation.underutilized')",
     )
     .fetch_all(&mut *c)
     .await?
@@ -402,6 +402,14 @@ fn rerate_one(
     };
     let u = match &ev.data {
         EventData::Usage(u) => u,
+        EventData::System(x) if x.kind == "evaluation_tick" => {
+            // a tick charges nothing; the alerts it raises are compared below
+            let moves = crate::ledger::state::evaluate_tick(book, &x.tenant_id, &x.period, state);
+            for (type_, key, _) in moves.alerts(&r.id, "") {
+                alerts.insert((r.tenant_id.clone(), format!("{type_} {key}")));
+            }
+            return None;
+        }
         EventData::System(x) => {
             // a period's close: replay it and compare with what it billed
             let (line, moves) = close_period(book, &x.tenant_id, &x.period, state);

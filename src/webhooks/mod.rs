@@ -22,6 +22,7 @@ pub const EVENT_TYPES: &[&str] = &[
     "commitment.threshold_crossed",
     "commitment.exhausted",
     "reservation.exhausted",
+    "reservation.underutilized",
     "tier.crossed",
     "webhook.endpoint_disabled",
 ];
