@@ -24,7 +24,9 @@ $bin fake-upstream --addr 127.0.0.1:9000 >/dev/null &
 fake_pid=$!
 export TOKENLEDGER_ROUTER_ADDR=${TOKENLEDGER_ROUTER_ADDR:-127.0.0.1:8081}
 router=http://$TOKENLEDGER_ROUTER_ADDR
-$bin serve --roles api,writer,pricing,router &
+# the fake upstream doubles as the demo's webhook receiver, on loopback: allow exactly it
+export TOKENLEDGER_WEBHOOK_ALLOW=${TOKENLEDGER_WEBHOOK_ALLOW:-127.0.0.1:9000}
+$bin serve --roles api,writer,pricing,webhooks,router &
 serve_pid=$!
 trap 'kill $serve_pid $fake_pid 2>/dev/null; wait $serve_pid 2>/dev/null' EXIT INT TERM
 for _ in $(seq 1 100); do curl -sf "$api/readyz" >/dev/null && break; sleep 0.2; done
@@ -34,6 +36,20 @@ admin -X POST "$api/v1/admin/tenants" -H 'content-type: application/json' \
   -d '{"id":"demo","name":"Demo Inc"}' >/dev/null 2>&1 || true
 key=$(admin -X POST "$api/v1/admin/tenants/demo/api-keys" -H 'content-type: application/json' \
   -d '{"name":"demo"}' | sed -E 's/.*"secret":"([^"]+)".*/\1/')
+
+# a webhook endpoint (once) and a small monthly budget that alerts, so the demo traffic
+# crosses its thresholds and the alerts are delivered, signed
+hook=http://127.0.0.1:9000/fake/webhooks
+if ! curl -sf "$api/v1/webhooks/endpoints" -H "authorization: Bearer $key" | grep -q "$hook"; then
+  curl -sf -X POST "$api/v1/webhooks/endpoints" -H "authorization: Bearer $key" -H 'content-type: application/json' \
+    -d "{\"url\":\"$hook\",\"description\":\"demo receiver\"}" >/dev/null
+  budget='{"name":"demo-monthly","scope":"tenant","period":"month","amount":"0.2","action":"alert"'
+  # dated back while the tenant has no usage yet, else from now (plus the clock skew)
+  curl -sf -X POST "$api/v1/budgets" -H "authorization: Bearer $key" -H 'content-type: application/json' \
+    -d "$budget,\"effective_from\":\"2020-01-01T00:00:00Z\"}" >/dev/null 2>&1 ||
+    curl -sf -X POST "$api/v1/budgets" -H "authorization: Bearer $key" -H 'content-type: application/json' \
+      -d "$budget}" >/dev/null || true
+fi
 
 run=$(date +%s)
 now=$(date -u +%Y-%m-%dT%H:%M:%SZ)
@@ -80,6 +96,11 @@ curl -sfN "$router/v1/chat/completions" -H "authorization: Bearer $key" -H 'cont
 sleep 1
 echo "== GET /v1/requests/$rid (what the ledger recorded for the routed request)"
 curl -sf "$api/v1/requests/$rid" -H "authorization: Bearer $key" | head -c 700; echo
+echo "== webhooks the demo receiver got (budget alerts, signed per Standard Webhooks)"
+sleep 1
+curl -sf http://127.0.0.1:9000/fake/webhooks | head -c 900; echo
+echo "== GET /v1/webhooks/messages?limit=2 (the delivery log)"
+curl -sf "$api/v1/webhooks/messages?limit=2" -H "authorization: Bearer $key" | head -c 700; echo
 echo "== tokenledger verify"
 $bin verify
 echo

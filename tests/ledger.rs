@@ -562,6 +562,14 @@ async fn openapi_health_and_metrics_are_served() {
     ] {
         assert!(doc["paths"][p].is_object(), "{p} is not documented");
     }
+    // the payloads we send, as OpenAPI 3.1 webhooks
+    for t in tokenledger::webhooks::EVENT_TYPES {
+        let w = &doc["webhooks"][*t]["post"];
+        assert!(
+            w["requestBody"]["content"]["application/json"]["schema"].is_object(),
+            "{t}"
+        );
+    }
     // every schema reference resolves
     fn refs(v: &Value, out: &mut Vec<String>) {
         match v {

@@ -151,12 +151,17 @@ fn webhook_settings(s: &mut Settings, recv: SocketAddr) {
 }
 
 async fn setup(dispatcher: bool) -> Setup {
+    setup_with(dispatcher, |_| {}).await
+}
+
+async fn setup_with(dispatcher: bool, f: impl FnOnce(&mut Settings)) -> Setup {
     let (recv, addr) = start_receiver().await;
     let mut s = fresh_settings().await;
     if dispatcher {
         s.roles.push("webhooks".into());
     }
     webhook_settings(&mut s, addr);
+    f(&mut s);
     let app = TestApp::start(s).await;
     app.seed_prices().await;
     let r = app
@@ -875,5 +880,59 @@ async fn an_hourly_tick_raises_reservation_underutilisation_once_per_day_and_rep
     assert_eq!(body["data"]["reservation"], "idle");
     // replay raises exactly these
     s.app.rebuild_and_verify().await;
+    s.app.stop().await;
+}
+
+#[tokio::test]
+async fn an_endpoint_failing_past_the_disable_period_is_disabled_and_the_tenant_told() {
+    // every attempt fails; the endpoint may fail for 0.5 s before it is disabled
+    let mut s = setup_with(true, |s| {
+        s.webhooks.disable_after = Duration::from_millis(500);
+    })
+    .await;
+    let (down, _) = s.endpoint("/down", json!(["tier.crossed"])).await;
+    let (_, _) = s
+        .endpoint("/pager", json!(["webhook.endpoint_disabled"]))
+        .await;
+    s.recv.always("/down", Reply::Status(503));
+    let (_, m) = s
+        .call("POST", &format!("/v1/webhooks/endpoints/{down}/test"), None)
+        .await;
+    let m = s.settled(m["id"].as_str().unwrap()).await;
+    assert_eq!(m["status"], "failed");
+    let n = m["attempts"].as_i64().unwrap();
+    assert!(
+        (2..5).contains(&n),
+        "disabled before the schedule ran out: {m}"
+    );
+    let (_, e) = s
+        .call("GET", &format!("/v1/webhooks/endpoints/{down}"), None)
+        .await;
+    assert_eq!(
+        (e["enabled"].as_bool(), e["disabled_reason"].as_str()),
+        (Some(false), Some("failing")),
+        "{e}"
+    );
+    let told = s.recv.wait_at("/pager", 1).await;
+    let body: Value = serde_json::from_str(&told[0].body).unwrap();
+    assert_eq!(body["type"], "webhook.endpoint_disabled");
+    assert_eq!(body["data"]["reason"], "failing");
+    assert!(body["data"]["failing_since"].is_string());
+    // no further attempts once disabled; re-enabling clears the reason
+    tokio::time::sleep(Duration::from_millis(700)).await;
+    assert_eq!(s.recv.at("/down").len() as i64, n);
+    let (st, e) = s
+        .call(
+            "PATCH",
+            &format!("/v1/webhooks/endpoints/{down}"),
+            Some(json!({"enabled": true})),
+        )
+        .await;
+    assert_eq!(st, 200);
+    assert!(
+        e["enabled"].as_bool().unwrap()
+            && e["disabled_reason"].is_null()
+            && e["failing_since"].is_null()
+    );
     s.app.stop().await;
 }

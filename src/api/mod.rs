@@ -197,7 +197,10 @@ pub fn router(state: AppState) -> Router {
 }
 
 async fn openapi() -> impl IntoResponse {
-    Json(ApiDoc::openapi())
+    // utoipa has no OpenAPI 3.1 `webhooks`: the payloads we send are added here
+    let mut doc = serde_json::to_value(ApiDoc::openapi()).unwrap_or_default();
+    doc["webhooks"] = crate::webhooks::schema::openapi_webhooks();
+    Json(doc)
 }
 
 async fn readyz(State(st): State<AppState>) -> Result<&'static str, ApiError> {

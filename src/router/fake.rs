@@ -8,6 +8,9 @@
 //! once the prompt reaches 32 tokens; reasoning tokens = half the completion for upstream
 //! model names starting with `o<digit>` or containing `reason`.
 //!
+//! It also stands in for a customer's webhook receiver in the demo: `POST /fake/webhooks`
+//! keeps the last 100 deliveries (headers and body), `GET /fake/webhooks` lists them.
+//!
 //! Behaviour (`POST /fake/behavior`, JSON; `GET /fake/stats` counts requests):
 //! `{"mode": "ok" | "fail_500" | "fail_429" | "stall" | "omit_usage" | "cut_stream",
 //!   "times": n (apply to the next n requests, then back to ok; absent: until changed),
@@ -75,6 +78,7 @@ struct Inner {
     behavior: Mutex<Behavior>,
     requests: AtomicU64,
     seq: AtomicU64,
+    webhooks: Mutex<std::collections::VecDeque<Value>>,
 }
 
 /// A running fake upstream: its base URL (ending in `/v1`) and its controls.
@@ -125,6 +129,7 @@ fn app(inner: Arc<Inner>) -> Router {
         .route("/v1/models", get(models))
         .route("/fake/behavior", post(set_behavior))
         .route("/fake/stats", get(stats))
+        .route("/fake/webhooks", post(webhook).get(webhooks))
         .with_state(inner)
 }
 
@@ -135,6 +140,35 @@ async fn set_behavior(State(st): State<Arc<Inner>>, Json(b): Json<Behavior>) -> 
 
 async fn stats(State(st): State<Arc<Inner>>) -> Json<Value> {
     Json(json!({"requests": st.requests.load(Ordering::Relaxed)}))
+}
+
+/// A webhook receiver: keep the delivery's Standard Webhooks headers and body.
+async fn webhook(
+    State(st): State<Arc<Inner>>,
+    headers: axum::http::HeaderMap,
+    body: String,
+) -> StatusCode {
+    let h = |k: &str| {
+        headers
+            .get(k)
+            .and_then(|v| v.to_str().ok())
+            .map(str::to_string)
+    };
+    let mut w = st.webhooks.lock().expect("fake lock");
+    if w.len() >= 100 {
+        w.pop_front();
+    }
+    w.push_back(json!({
+        "webhook-id": h("webhook-id"), "webhook-timestamp": h("webhook-timestamp"),
+        "webhook-signature": h("webhook-signature"),
+        "body": serde_json::from_str::<Value>(&body).unwrap_or(Value::String(body)),
+    }));
+    StatusCode::NO_CONTENT
+}
+
+async fn webhooks(State(st): State<Arc<Inner>>) -> Json<Value> {
+    let w = st.webhooks.lock().expect("fake lock");
+    Json(json!({"data": w.iter().collect::<Vec<_>>()}))
 }
 
 async fn models() -> Json<Value> {

@@ -52,6 +52,14 @@ struct Claimed {
     secrets: Vec<String>,
 }
 
+/// A finished attempt, to be recorded.
+struct Done {
+    m: Claimed,
+    started: DateTime<Utc>,
+    latency: i32,
+    out: Outcome,
+}
+
 /// What one attempt came to.
 #[derive(Debug, Default)]
 struct Outcome {
@@ -336,128 +344,161 @@ impl Dispatcher {
         }
     }
 
-    /// Deliver one claimed attempt and record what came of it.
-    async fn deliver(&self, m: Claimed) {
+    /// Make one claimed attempt; what came of it is recorded by `record` (in batches).
+    async fn deliver(&self, m: Claimed) -> Done {
         let started = Utc::now();
         let t0 = Instant::now();
         let out = self.attempt(&m).await;
         let latency = t0.elapsed().as_millis().min(i32::MAX as u128) as i32;
-        if let Err(e) = self.record(&m, started, latency, &out).await {
-            // the lease runs out and the message is tried again
-            tracing::warn!(error = %e, message = %m.id, "recording a webhook attempt failed");
+        Done {
+            m,
+            started,
+            latency,
+            out,
         }
     }
 
-    async fn record(
-        &self,
-        m: &Claimed,
-        started: DateTime<Utc>,
-        latency: i32,
-        out: &Outcome,
-    ) -> sqlx::Result<()> {
-        let mut tx = self.pool.begin().await?;
-        let logged: Option<i32> = sqlx::query_scalar(
-            "insert into webhook_attempts (message_id, attempt, endpoint_id, url, started_at,
-               latency_ms, status_code, error, response_body)
-             values ($1, $2, $3, $4, $5, $6, $7, $8, $9)
-             on conflict do nothing returning attempt",
-        )
-        .bind(&m.id)
-        .bind(m.attempt)
-        .bind(m.endpoint_id)
-        .bind(&m.url)
-        .bind(started)
-        .bind(latency)
-        .bind(out.status.map(i32::from))
-        .bind(&out.error)
-        .bind(&out.body)
-        .fetch_optional(&mut *tx)
-        .await?;
-        if logged.is_none() {
-            return Ok(());
+    /// Record a batch of attempts in one transaction: the attempt log (whose key refuses a
+    /// second record of one attempt), each message's outcome under its attempt number,
+    /// and the endpoints' failing clocks; disable what answered 410 or failed for too long.
+    async fn record(&self, done: &[Done]) -> sqlx::Result<()> {
+        let n = done.len();
+        let (mut ids, mut attempts, mut endpoints, mut urls, mut started, mut latency) = (
+            Vec::with_capacity(n),
+            Vec::with_capacity(n),
+            Vec::with_capacity(n),
+            Vec::with_capacity(n),
+            Vec::with_capacity(n),
+            Vec::with_capacity(n),
+        );
+        let (mut status, mut error, mut body, mut outcome, mut delay) = (
+            Vec::with_capacity(n),
+            Vec::with_capacity(n),
+            Vec::with_capacity(n),
+            Vec::with_capacity(n),
+            Vec::with_capacity(n),
+        );
+        for d in done {
+            let gone = d.out.status == Some(410);
+            let next = (!gone && !d.out.ok())
+                .then(|| {
+                    self.settings
+                        .schedule
+                        .get(d.m.schedule_pos as usize)
+                        .copied()
+                })
+                .flatten()
+                .map(|x| self.delay(x, d.out.retry_after));
+            ids.push(d.m.id.clone());
+            attempts.push(d.m.attempt);
+            endpoints.push(d.m.endpoint_id);
+            urls.push(d.m.url.clone());
+            started.push(d.started);
+            latency.push(d.latency);
+            status.push(d.out.status.map(i32::from));
+            error.push(d.out.error.clone());
+            body.push(d.out.body.clone());
+            outcome.push(match (d.out.ok(), next) {
+                (true, _) => "succeeded",
+                (false, Some(_)) => "pending",
+                (false, None) => "failed",
+            });
+            delay.push(next.unwrap_or_default());
         }
-        let status = out.status.map(i32::from);
-        if out.ok() {
-            sqlx::query(
-                "update webhook_messages set status = 'succeeded', last_status = $3, last_error = null,
-                   updated_at = now()
-                 where id = $1 and attempts = $2",
-            )
-            .bind(&m.id)
-            .bind(m.attempt)
-            .bind(status)
-            .execute(&mut *tx)
-            .await?;
+        let mut tx = self.pool.begin().await?;
+        // the outcome is written only under the number the claim took, for attempts logged
+        // now (a second record of one attempt changes nothing)
+        let logged: Vec<(String, i32)> = sqlx::query_as(
+            "with x as (
+               select * from unnest($1::text[], $2::int4[], $3::uuid[], $4::text[],
+                 $5::timestamptz[], $6::int4[], $7::int4[], $8::text[], $9::text[], $10::text[],
+                 $11::interval[])
+                 as x(id, attempt, endpoint, url, started, latency, status, error, body, outcome,
+                   delay)),
+             a as (insert into webhook_attempts (message_id, attempt, endpoint_id, url, started_at,
+                 latency_ms, status_code, error, response_body)
+               select id, attempt, endpoint, url, started, latency, status, error, body from x
+               on conflict do nothing returning message_id, attempt),
+             m as (update webhook_messages m set status = x.outcome,
+                 next_attempt_at = case when x.outcome = 'pending' then now() + x.delay
+                   else m.next_attempt_at end,
+                 last_status = x.status, last_error = x.error, updated_at = now()
+               from x join a on a.message_id = x.id and a.attempt = x.attempt
+               where m.id = x.id and m.attempts = x.attempt and m.status = 'pending'
+               returning 1)
+             select message_id, attempt from a",
+        )
+        .bind(&ids)
+        .bind(&attempts)
+        .bind(&endpoints)
+        .bind(&urls)
+        .bind(&started)
+        .bind(&latency)
+        .bind(&status)
+        .bind(&error)
+        .bind(&body)
+        .bind(&outcome)
+        .bind(&delay)
+        .fetch_all(&mut *tx)
+        .await?;
+        let logged: std::collections::HashSet<(String, i32)> = logged.into_iter().collect();
+        let done: Vec<&Done> = done
+            .iter()
+            .filter(|d| logged.contains(&(d.m.id.clone(), d.m.attempt)))
+            .collect();
+        // a success stops an endpoint's failing clock; a failure starts it
+        let ok: Vec<Uuid> = done
+            .iter()
+            .filter(|d| d.out.ok())
+            .map(|d| d.m.endpoint_id)
+            .collect();
+        if !ok.is_empty() {
             sqlx::query(
                 "update webhook_endpoints set failing_since = null
-                 where id = $1 and failing_since is not null",
+                 where id = any($1) and failing_since is not null",
             )
-            .bind(m.endpoint_id)
+            .bind(&ok)
             .execute(&mut *tx)
             .await?;
-            return tx.commit().await;
         }
-        let gone = out.status == Some(410);
-        let schedule = &self.settings.schedule;
-        let next = (!gone)
-            .then(|| schedule.get(m.schedule_pos as usize).copied())
-            .flatten()
-            .map(|d| self.delay(d, out.retry_after));
-        match next {
-            Some(d) => {
-                sqlx::query(
-                    "update webhook_messages set next_attempt_at = now() + $3, last_status = $4,
-                       last_error = $5, updated_at = now()
-                     where id = $1 and attempts = $2 and status = 'pending'",
-                )
-                .bind(&m.id)
-                .bind(m.attempt)
-                .bind(d)
-                .bind(status)
-                .bind(&out.error)
-                .execute(&mut *tx)
-                .await?;
-            }
-            None => {
-                sqlx::query(
-                    "update webhook_messages set status = 'failed', last_status = $3, last_error = $4,
-                       updated_at = now()
-                     where id = $1 and attempts = $2 and status = 'pending'",
-                )
-                .bind(&m.id)
-                .bind(m.attempt)
-                .bind(status)
-                .bind(&out.error)
-                .execute(&mut *tx)
-                .await?;
-            }
-        }
-        // the endpoint's failing clock, and disabling: at once on 410, after the
-        // disable-after period of failures otherwise
-        let failing_since: Option<DateTime<Utc>> = sqlx::query_scalar(
-            "update webhook_endpoints set failing_since = coalesce(failing_since, $2)
-             where id = $1 and enabled returning failing_since",
-        )
-        .bind(m.endpoint_id)
-        .bind(started)
-        .fetch_optional(&mut *tx)
-        .await?
-        .flatten();
-        let overdue = failing_since.is_some_and(|f| {
-            Utc::now() - f
-                >= chrono::Duration::from_std(self.settings.disable_after).unwrap_or_default()
-        });
-        if failing_since.is_some() && (gone || overdue) {
-            let reason = if gone { "gone" } else { "failing" };
-            disable(
-                &mut tx,
-                &m.tenant_id,
-                m.endpoint_id,
-                reason,
-                &m.url,
-                failing_since,
+        let failed: Vec<&&Done> = done.iter().filter(|d| !d.out.ok()).collect();
+        if !failed.is_empty() {
+            let eps: Vec<Uuid> = failed.iter().map(|d| d.m.endpoint_id).collect();
+            let at: Vec<DateTime<Utc>> = failed.iter().map(|d| d.started).collect();
+            let clocks: Vec<(Uuid, DateTime<Utc>)> = sqlx::query_as(
+                "update webhook_endpoints e set failing_since = coalesce(e.failing_since, x.at)
+                 from (select id, min(at) as at from unnest($1::uuid[], $2::timestamptz[])
+                       as u(id, at) group by id) x
+                 where e.id = x.id and e.enabled returning e.id, e.failing_since",
             )
+            .bind(&eps)
+            .bind(&at)
+            .fetch_all(&mut *tx)
             .await?;
+            let limit = chrono::Duration::from_std(self.settings.disable_after).unwrap_or_default();
+            for (endpoint, since) in clocks {
+                let gone = failed
+                    .iter()
+                    .find(|d| d.m.endpoint_id == endpoint && d.out.status == Some(410));
+                let overdue = Utc::now() - since >= limit;
+                if gone.is_some() || overdue {
+                    let d = gone
+                        .copied()
+                        .or_else(|| failed.iter().copied().find(|d| d.m.endpoint_id == endpoint));
+                    if let Some(d) = d {
+                        let reason = if gone.is_some() { "gone" } else { "failing" };
+                        disable(
+                            &mut tx,
+                            &d.m.tenant_id,
+                            endpoint,
+                            reason,
+                            &d.m.url,
+                            Some(since),
+                        )
+                        .await?;
+                    }
+                }
+            }
         }
         tx.commit().await
     }
@@ -567,6 +608,26 @@ pub async fn run(
     let d = Dispatcher::new(pool, settings.clone());
     let slots = Arc::new(Semaphore::new(settings.concurrency));
     let tracker = TaskTracker::new();
+    // attempts are recorded in batches, by one task
+    let (tx, mut rx) = tokio::sync::mpsc::channel::<Done>(settings.concurrency * 4);
+    let rd = d.clone();
+    let recorder = tokio::spawn(async move {
+        let mut batch = Vec::new();
+        while let Some(first) = rx.recv().await {
+            batch.push(first);
+            while batch.len() < 512 {
+                match rx.try_recv() {
+                    Ok(x) => batch.push(x),
+                    Err(_) => break,
+                }
+            }
+            if let Err(e) = rd.record(&batch).await {
+                // their leases run out and the messages are tried again
+                tracing::warn!(error = %e, n = batch.len(), "recording webhook attempts failed");
+            }
+            batch.clear();
+        }
+    });
     tracing::info!("webhook dispatcher running");
     loop {
         if cancel.is_cancelled() {
@@ -584,9 +645,12 @@ pub async fn run(
                     busy |= batch.len() == free;
                     for m in batch {
                         let permit = slots.clone().acquire_owned().await?;
-                        let d = d.clone();
+                        let (d, tx) = (d.clone(), tx.clone());
                         tracker.spawn(async move {
-                            d.deliver(m).await;
+                            let done = d.deliver(m).await;
+                            // the message stays leased until its record commits; the
+                            // bounded queue holds deliveries back when recording lags
+                            let _ = tx.send(done).await;
                             drop(permit);
                         });
                     }
@@ -600,15 +664,19 @@ pub async fn run(
                 _ = tokio::time::sleep(settings.poll) => {}
             }
         } else {
-            // every slot taken: wait for one to free up
+            // every slot taken: wait for half of them to free up, then claim that many in
+            // one statement (not one message per claim)
+            let half = (settings.concurrency as u32).div_ceil(2);
             tokio::select! {
                 _ = cancel.cancelled() => break,
-                p = slots.clone().acquire_owned() => drop(p?),
+                p = slots.clone().acquire_many_owned(half) => drop(p?),
             }
         }
     }
     tracker.close();
     tracker.wait().await;
+    drop(tx);
+    recorder.await?;
     Ok(())
 }
 

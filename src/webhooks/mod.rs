@@ -5,6 +5,7 @@
 
 pub mod dispatch;
 pub mod guard;
+pub mod schema;
 pub mod sign;
 
 use chrono::{DateTime, Utc};
