@@ -93,19 +93,21 @@ pub async fn webhooks(s0: &Settings, a: &BenchArgs) -> anyhow::Result<()> {
 
     // the dispatcher: n pending messages to one endpoint, claimed, signed, delivered, logged
     let tenant = loadgen::tenant_name(0);
-    let e = webhooks::create_endpoint(
-        &pool,
-        &tenant,
-        webhooks::NewEndpoint {
-            tenant_id: None,
-            url: url.clone(),
-            description: None,
-            event_types: Some(vec!["budget.threshold_crossed".into()]),
-            enabled: None,
-        },
-        &s.webhooks.allow,
-    )
-    .await?;
+    let allow = s.webhooks.allow.clone();
+    let endpoint = |tenant: String| {
+        let (pool, url, allow) = (pool.clone(), url.clone(), allow.clone());
+        async move {
+            let new = webhooks::NewEndpoint {
+                tenant_id: None,
+                url,
+                description: None,
+                event_types: Some(vec!["budget.threshold_crossed".into()]),
+                enabled: None,
+            };
+            webhooks::create_endpoint(&pool, &tenant, new, &allow).await
+        }
+    };
+    let e = endpoint(tenant.clone()).await?;
     sqlx::query(
         "insert into webhook_messages (id, tenant_id, endpoint_id, type, body, status, next_attempt_at)
          select 'msg_bench_' || g, $1, $2, 'webhook.test', $3, 'pending', now()
@@ -191,19 +193,7 @@ pub async fn webhooks(s0: &Settings, a: &BenchArgs) -> anyhow::Result<()> {
         )
         .await?;
         if i > 0 {
-            webhooks::create_endpoint(
-                &pool,
-                &t,
-                webhooks::NewEndpoint {
-                    tenant_id: None,
-                    url: url.clone(),
-                    description: None,
-                    event_types: Some(vec!["budget.threshold_crossed".into()]),
-                    enabled: None,
-                },
-                &s.webhooks.allow,
-            )
-            .await?;
+            endpoint(t).await?;
         }
     }
     let now = chrono::Utc::now();

@@ -460,28 +460,19 @@ pub async fn publish_period_close(
     tenant: &str,
     period: &str,
 ) -> anyhow::Result<String> {
-    use crate::events::{Event, EventData, SystemData};
     let end = crate::pricing::tiers::period_end(period)
         .ok_or_else(|| anyhow::anyhow!("period must be YYYY-MM"))?;
     anyhow::ensure!(end <= Utc::now(), "period {period} has not ended");
-    let ev = Event::new(
+    publish_system(
+        bus,
+        settings,
+        tenant,
         close_event_id(period),
-        "tokenledger/clock".into(),
         end,
-        EventData::System(SystemData {
-            tenant_id: tenant.to_string(),
-            kind: "period_close".into(),
-            period: period.to_string(),
-        }),
-    );
-    bus.publish_with_id(
-        settings.usage_subject(tenant),
-        ev.canonical.clone().into(),
-        &ev.msg_id(),
+        "period_close",
+        period,
     )
-    .await?
-    .await?;
-    Ok(ev.id)
+    .await
 }
 
 /// The id of a tenant's evaluation tick for an hour (deterministic: published twice, it is
@@ -498,18 +489,40 @@ pub async fn publish_tick(
     tenant: &str,
     hour: &str,
 ) -> anyhow::Result<String> {
-    use crate::events::{Event, EventData, SystemData};
     let at = crate::ledger::state::tick_instant(hour)
         .ok_or_else(|| anyhow::anyhow!("hour must be YYYY-MM-DDTHH"))?;
     anyhow::ensure!(at <= Utc::now(), "tick {hour} is in the future");
-    let ev = Event::new(
+    publish_system(
+        bus,
+        settings,
+        tenant,
         tick_event_id(hour),
+        at,
+        "evaluation_tick",
+        hour,
+    )
+    .await
+}
+
+/// Publish one system event to the tenant's log and wait for JetStream's ack.
+async fn publish_system(
+    bus: &crate::bus::Bus,
+    settings: &crate::settings::Settings,
+    tenant: &str,
+    id: String,
+    at: chrono::DateTime<Utc>,
+    kind: &str,
+    period: &str,
+) -> anyhow::Result<String> {
+    use crate::events::{Event, EventData, SystemData};
+    let ev = Event::new(
+        id,
         "tokenledger/clock".into(),
         at,
         EventData::System(SystemData {
             tenant_id: tenant.to_string(),
-            kind: "evaluation_tick".into(),
-            period: hour.to_string(),
+            kind: kind.into(),
+            period: period.to_string(),
         }),
     );
     bus.publish_with_id(

@@ -178,20 +178,28 @@ impl Budget {
 
     /// The thresholds crossed going from `before` to `after` spent.
     pub fn crossed(&self, before: Decimal, after: Decimal) -> Vec<Decimal> {
-        self.thresholds
-            .iter()
-            .filter(|t| {
-                // amounts and thresholds are capped, so this cannot overflow; if it could,
-                // the threshold is simply never reached
-                let at = self
-                    .amount
-                    .checked_mul(**t)
-                    .map(|x| x / Decimal::ONE_HUNDRED);
-                at.is_some_and(|at| before < at && at <= after)
-            })
-            .copied()
-            .collect()
+        thresholds_crossed(self.amount, &self.thresholds, before, after)
     }
+}
+
+/// The thresholds (percentages of `amount`) crossed going from `before` to `after`:
+/// those with before < amount × t / 100 <= after.
+pub fn thresholds_crossed(
+    amount: Decimal,
+    thresholds: &[Decimal],
+    before: Decimal,
+    after: Decimal,
+) -> Vec<Decimal> {
+    thresholds
+        .iter()
+        .filter(|t| {
+            // amounts and thresholds are capped, so this cannot overflow; if it could,
+            // the threshold is simply never reached
+            let at = amount.checked_mul(**t).map(|x| x / Decimal::ONE_HUNDRED);
+            at.is_some_and(|at| before < at && at <= after)
+        })
+        .copied()
+        .collect()
 }
 
 /// A budget a charge counted toward; stored in the breakdown so rebuild can sum spend.

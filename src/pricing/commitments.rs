@@ -74,17 +74,7 @@ impl Commitment {
 
     /// The alert thresholds crossed going from `before` to `after` drawn.
     pub fn crossed(&self, before: Decimal, after: Decimal) -> Vec<Decimal> {
-        self.alert_thresholds
-            .iter()
-            .filter(|t| {
-                let at = self
-                    .amount
-                    .checked_mul(**t)
-                    .map(|x| x / Decimal::ONE_HUNDRED);
-                at.is_some_and(|at| before < at && at <= after)
-            })
-            .copied()
-            .collect()
+        super::budgets::thresholds_crossed(self.amount, &self.alert_thresholds, before, after)
     }
 }
 
