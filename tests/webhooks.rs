@@ -934,5 +934,32 @@ async fn an_endpoint_failing_past_the_disable_period_is_disabled_and_the_tenant_
             && e["disabled_reason"].is_null()
             && e["failing_since"].is_null()
     );
+    // the receiver is back: replaying the last hour's failed messages delivers them
+    s.recv.always("/down", Reply::Status(200));
+    let since = (chrono::Utc::now() - chrono::Duration::hours(1)).to_rfc3339();
+    let (st, r) = s
+        .call(
+            "POST",
+            &format!("/v1/webhooks/endpoints/{down}/replay"),
+            Some(json!({"since": since})),
+        )
+        .await;
+    assert_eq!((st, r["replayed"].as_i64()), (200, Some(1)), "{r}");
+    let m = s.settled(m["id"].as_str().unwrap()).await;
+    assert_eq!(m["status"], "succeeded", "{m}");
+    assert_eq!(m["attempts"].as_i64().unwrap(), n + 1);
+    let got = s.recv.at("/down");
+    assert_eq!(
+        got.first().unwrap().headers["webhook-id"],
+        got.last().unwrap().headers["webhook-id"]
+    );
+    let (st, r) = s
+        .call(
+            "POST",
+            &format!("/v1/webhooks/endpoints/{down}/replay"),
+            Some(json!({"since": since, "until": "2020-01-01T00:00:00Z"})),
+        )
+        .await;
+    assert_eq!((st, r["code"].as_str()), (422, Some("invalid_webhook")));
     s.app.stop().await;
 }
