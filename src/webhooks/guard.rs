@@ -122,6 +122,10 @@ pub fn refused_class(ip: IpAddr) -> Option<&'static str> {
         .chain(more.iter())
         .find(|(net, len, _)| in_net(ip, *net, *len))
         .map(|(_, _, c)| *c)
+        // of IPv6, only global unicast (2000::/3) is reachable on the internet
+        .or_else(|| {
+            (ip.is_ipv6() && !in_net(ip, v6("2000::"), 3)).then_some("not global unicast IPv6")
+        })
 }
 
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
@@ -253,6 +257,8 @@ mod tests {
             ("::1", true),
             ("::ffff:127.0.0.1", true),
             ("::ffff:8.8.8.8", true),
+            ("::ffff:0:8.8.8.8", true),
+            ("5f00::1", true),
             ("::127.0.0.1", true),
             ("64:ff9b::a00:1", true),
             ("2002:7f00:1::", true),
