@@ -34,7 +34,10 @@ pub struct BenchArgs {
     pub latency_secs: u64,
     #[arg(long, default_value_t = 50)]
     pub tenants: usize,
-    /// Run only these measurements (comma-separated of a, b, c, d, l, t, q, h, z, r, w);
+    /// Tenants of the invoice benchmark (i).
+    #[arg(long, default_value_t = 1000)]
+    pub invoice_tenants: usize,
+    /// Run only these measurements (comma-separated of a, b, c, d, l, t, q, h, z, r, w, i);
     /// default all.
     #[arg(long)]
     pub only: Option<String>,
@@ -214,6 +217,9 @@ pub async fn run(s0: &Settings, a: BenchArgs) -> anyhow::Result<()> {
     if only("w") {
         crate::bench_webhooks::webhooks(s0, &a).await?;
     }
+    if only("i") {
+        crate::bench_invoices::invoices(s0, &a).await?;
+    }
     Ok(())
 }
 
@@ -262,6 +268,7 @@ async fn plain_postgres(s0: &Settings, a: &BenchArgs) -> anyhow::Result<f64> {
             commitments: &Default::default(),
             reservations: &Default::default(),
             provider_minutes: &Default::default(),
+            accruals: &Default::default(),
         };
         store::append(&mut tx, rows).await?;
         tx.commit().await?;

@@ -573,15 +573,44 @@ async fn tick_hourly(
     Ok(())
 }
 
-/// The clock: once a month has ended, publish its close for every tenant with a
-/// commitment in force at its end or any reservation (skipping closes already recorded).
+/// Publish a period's close for every tenant that existed before the period ended (or has
+/// lines for it, e.g. backfilled usage) and has not closed it yet; returns those tenants. Each close is one system event (deterministic
+/// id), so publishing twice, or from two processes at once, records one close per tenant.
+pub async fn publish_closes(
+    pool: &sqlx::PgPool,
+    bus: &crate::bus::Bus,
+    settings: &crate::settings::Settings,
+    period: &str,
+) -> anyhow::Result<Vec<String>> {
+    let end = crate::pricing::tiers::period_end(period)
+        .ok_or_else(|| anyhow::anyhow!("period must be YYYY-MM"))?;
+    anyhow::ensure!(end <= Utc::now(), "period {period} has not ended");
+    let tenants: Vec<String> = sqlx::query_scalar(
+        "select t.id from tenants t
+         where (t.created_at < $1
+                or exists (select 1 from invoice_accruals a where a.tenant_id = t.id and a.period = $3))
+           and not exists (select 1 from events e where e.tenant_id = t.id and e.id = $2)
+         order by t.id",
+    )
+    .bind(end)
+    .bind(close_event_id(period))
+    .bind(period)
+    .fetch_all(pool)
+    .await?;
+    for t in &tenants {
+        publish_period_close(bus, settings, t, period).await?;
+    }
+    Ok(tenants)
+}
+
+/// The clock: once a month has ended and the grace period passed, publish its close for
+/// every tenant (each close finalises that tenant's invoice).
 async fn close_ended_periods(
     engine: &Engine,
     bus: &crate::bus::Bus,
     settings: &crate::settings::Settings,
     done: &mut HashSet<(String, String)>,
 ) -> anyhow::Result<()> {
-    let (book, _) = engine.book().await?;
     let now = Utc::now();
     let start = chrono::NaiveDate::from_ymd_opt(
         chrono::Datelike::year(&now),
@@ -591,29 +620,16 @@ async fn close_ended_periods(
     .and_then(|d| d.and_hms_opt(0, 0, 0))
     .map(|t| t.and_utc())
     .ok_or_else(|| anyhow::anyhow!("calendar"))?;
-    let last = start - chrono::Duration::nanoseconds(1);
-    let period = period_of(last);
-    let mut tenants: Vec<String> = book
-        .committed_tenants()
-        .filter(|t| book.had_commitment(t, start))
-        .chain(book.reserving_tenants())
-        .filter(|t| !done.contains(&(t.to_string(), period.clone())))
-        .map(str::to_string)
-        .collect();
-    tenants.sort();
-    tenants.dedup();
-    for t in tenants {
-        let recorded: bool = sqlx::query_scalar(
-            "select exists (select 1 from events where tenant_id = $1 and id = $2)",
-        )
-        .bind(&t)
-        .bind(close_event_id(&period))
-        .fetch_one(engine.pool())
-        .await?;
-        if !recorded {
-            publish_period_close(bus, settings, &t, &period).await?;
-        }
-        done.insert((t, period.clone()));
+    let grace = chrono::Duration::from_std(settings.invoice_grace)?;
+    if now < start + grace {
+        return Ok(());
     }
+    let period = period_of(start - chrono::Duration::nanoseconds(1));
+    let key = (String::new(), period.clone());
+    if done.contains(&key) {
+        return Ok(());
+    }
+    publish_closes(engine.pool(), bus, settings, &period).await?;
+    done.insert(key);
     Ok(())
 }

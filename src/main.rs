@@ -98,6 +98,68 @@ enum Cmd {
     },
     /// Measure raw JetStream, raw Postgres, a naive pipeline and the real one.
     Bench(bench::BenchArgs),
+    /// Invoices: close a period, show or list invoices.
+    Invoice {
+        #[command(subcommand)]
+        cmd: InvoiceCmd,
+    },
+    /// Reconcile a period: internal (ledger vs projections vs invoices), against a
+    /// provider's export, or margin.
+    Reconcile {
+        /// `YYYY-MM`
+        #[arg(long)]
+        period: String,
+        /// Compare against this provider's export (with --file and --format).
+        #[arg(long)]
+        provider: Option<String>,
+        #[arg(long)]
+        file: Option<PathBuf>,
+        /// A preset (openai-usage, anthropic-usage, openrouter-generations) or custom.
+        #[arg(long, default_value = "custom")]
+        format: String,
+        /// For custom: the column mapping as JSON (see the README).
+        #[arg(long)]
+        mapping: Option<String>,
+        #[arg(long, default_value = "USD")]
+        currency: String,
+        /// Tolerances as JSON: {"tokens": 0, "tokens_percent": "0", "amount": "0.000001",
+        /// "amount_percent": "0"}.
+        #[arg(long)]
+        tolerances: Option<String>,
+        /// Print the margin report instead.
+        #[arg(long)]
+        margin: bool,
+    },
+}
+
+#[derive(Subcommand, Debug)]
+enum InvoiceCmd {
+    /// Close a period for every tenant and wait until every invoice is finalised.
+    Close {
+        /// `YYYY-MM`, a month that has ended.
+        #[arg(long)]
+        period: String,
+        /// Give up waiting after this many seconds.
+        #[arg(long, default_value_t = 300)]
+        wait_secs: u64,
+    },
+    /// Print a tenant's invoice for a period (the draft while the period is open).
+    Show {
+        #[arg(long)]
+        tenant: String,
+        #[arg(long)]
+        period: String,
+        /// json, csv or html
+        #[arg(long, default_value = "json")]
+        format: String,
+    },
+    /// List invoices (all tenants, or one).
+    List {
+        #[arg(long)]
+        tenant: Option<String>,
+        #[arg(long)]
+        period: Option<String>,
+    },
 }
 
 #[derive(Subcommand, Debug)]
@@ -278,6 +340,109 @@ async fn main() -> anyhow::Result<()> {
             Ok(())
         }
         Cmd::Bench(args) => bench::run(&s, args).await,
+        Cmd::Invoice { cmd } => invoice(&s, cmd).await,
+        Cmd::Reconcile {
+            period,
+            provider,
+            file,
+            format,
+            mapping,
+            currency,
+            tolerances,
+            margin,
+        } => {
+            use tokenledger::api::invoices::{get_run, run_reconciliation, RunRequest};
+            use tokenledger::invoices::reconcile;
+            let pool = db::connect(&s.database_url, 2).await?;
+            let api = |e: tokenledger::api::ApiError| anyhow::anyhow!("{}: {}", e.code, e.detail);
+            let mut req = RunRequest {
+                kind: if margin { "margin" } else { "internal" }.into(),
+                period: Some(period.clone()),
+                export_id: None,
+                tolerances: tolerances
+                    .as_deref()
+                    .map(serde_json::from_str)
+                    .transpose()
+                    .context("tolerances")?,
+            };
+            if let Some(p) = provider {
+                let file = file.context("--file: the provider's export")?;
+                let text = std::fs::read_to_string(&file)
+                    .with_context(|| format!("reading {}", file.display()))?;
+                let m = match (format.as_str(), mapping) {
+                    ("custom", Some(m)) => serde_json::from_str(&m).context("mapping")?,
+                    ("custom", None) => anyhow::bail!("--mapping is needed with --format custom"),
+                    (f, _) => reconcile::preset(f)
+                        .with_context(|| format!("unknown format {f}: {:?}", reconcile::PRESETS))?,
+                };
+                let rows = reconcile::normalise(&text, &m).map_err(|e| anyhow::anyhow!(e))?;
+                let name = file.display().to_string();
+                let id =
+                    reconcile::import(&pool, &p, &period, &format, &name, &currency, &rows).await?;
+                req.kind = "provider".into();
+                req.export_id = Some(id);
+            }
+            let id = run_reconciliation(&pool, req).await.map_err(api)?;
+            let run = get_run(&pool, id).await.map_err(api)?;
+            println!("{}", serde_json::to_string_pretty(&run)?);
+            Ok(())
+        }
+    }
+}
+
+async fn invoice(s: &Settings, cmd: InvoiceCmd) -> anyhow::Result<()> {
+    use tokenledger::invoices::{document, store};
+    let pool = db::connect(&s.database_url, 2).await?;
+    match cmd {
+        InvoiceCmd::Close { period, wait_secs } => {
+            let b = bus::connect(s).await?;
+            b.ensure_stream().await?;
+            let published = tokenledger::engine::publish_closes(&pool, &b, s, &period).await?;
+            println!(
+                "published the {period} close for {} tenant(s)",
+                published.len()
+            );
+            let started = std::time::Instant::now();
+            loop {
+                let (all, done) = store::close_status(&pool, &period).await?;
+                if done.len() >= all.len() {
+                    println!(
+                        "{period}: {} invoice(s) finalised in {:.1} s",
+                        done.len(),
+                        started.elapsed().as_secs_f64()
+                    );
+                    return Ok(());
+                }
+                anyhow::ensure!(
+                    started.elapsed().as_secs() < wait_secs,
+                    "{} of {} invoices finalised after {wait_secs} s: is the writer running?",
+                    done.len(),
+                    all.len()
+                );
+                tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+            }
+        }
+        InvoiceCmd::Show {
+            tenant,
+            period,
+            format,
+        } => {
+            let inv = store::for_period(&pool, &tenant, &period)
+                .await?
+                .with_context(|| format!("tenant {tenant} not found"))?;
+            match format.as_str() {
+                "json" => println!("{}", serde_json::to_string_pretty(&inv)?),
+                "csv" => print!("{}", document::to_csv(&inv)),
+                "html" => print!("{}", document::to_html(&inv)),
+                f => anyhow::bail!("format {f}: json, csv or html"),
+            }
+            Ok(())
+        }
+        InvoiceCmd::List { tenant, period } => {
+            let l = store::list(&pool, tenant.as_deref(), period.as_deref()).await?;
+            println!("{}", serde_json::to_string_pretty(&l)?);
+            Ok(())
+        }
     }
 }
 

@@ -31,6 +31,10 @@ pub struct Settings {
     /// Accepted clock skew: new prices take effect no earlier than now plus this
     /// (`TOKENLEDGER_CLOCK_SKEW_SECS`, default 300).
     pub clock_skew: Duration,
+    /// How long after a month ends the clock waits before closing it for every tenant, so
+    /// usage delivered late still lands in its own month
+    /// (`TOKENLEDGER_INVOICE_GRACE_SECS`, default 3600).
+    pub invoice_grace: Duration,
     /// Roles `serve` runs: `api`, `writer`, `pricing`, `webhooks`, `router`
     /// (`TOKENLEDGER_ROLES`, default `api,writer,pricing,webhooks`).
     pub roles: Vec<String>,
@@ -183,6 +187,7 @@ impl Settings {
             batch_wait: Duration::from_millis(parse("TOKENLEDGER_BATCH_WAIT_MS", 5u64)?),
             ack_wait: Duration::from_millis(parse("TOKENLEDGER_ACK_WAIT_MS", 30_000u64)?),
             clock_skew: Duration::from_secs(parse("TOKENLEDGER_CLOCK_SKEW_SECS", 300u64)?),
+            invoice_grace: Duration::from_secs(parse("TOKENLEDGER_INVOICE_GRACE_SECS", 3600u64)?),
             hold_ttl: Duration::from_secs(parse("TOKENLEDGER_HOLD_TTL_SECS", 3600u64)?),
             routing_bucket: var("TOKENLEDGER_ROUTING_BUCKET", "routing"),
             publish_interval: Duration::from_millis(parse(

@@ -4,6 +4,7 @@ pub mod admin;
 pub mod auth;
 pub mod error;
 pub mod ingest;
+pub mod invoices;
 pub mod reads;
 pub mod terms;
 pub mod webhooks;
@@ -64,10 +65,13 @@ pub fn query_error(e: axum::extract::rejection::QueryRejection) -> ApiError {
         webhooks::update_endpoint, webhooks::delete_endpoint, webhooks::rotate_secret,
         webhooks::send_test, webhooks::replay_range, webhooks::list_messages,
         webhooks::get_message, webhooks::replay_message,
+        invoices::list, invoices::draft, invoices::get, invoices::close, invoices::add_note,
+        invoices::list_notes, invoices::import, invoices::run, invoices::list_runs,
+        invoices::get_reconciliation, invoices::margin,
     ),
     components(schemas(crate::catalog::prices::NewPrice)),
     modifiers(&Security),
-    tags((name = "ingest"), (name = "reads"), (name = "prices"), (name = "terms"), (name = "webhooks"), (name = "admin"))
+    tags((name = "ingest"), (name = "reads"), (name = "prices"), (name = "terms"), (name = "webhooks"), (name = "invoices"), (name = "admin"))
 )]
 pub struct ApiDoc;
 
@@ -170,6 +174,28 @@ pub fn router(state: AppState) -> Router {
             "/v1/webhooks/messages/{id}/replay",
             post(webhooks::replay_message),
         )
+        .route("/v1/invoices", get(invoices::list))
+        .route("/v1/invoices/draft", get(invoices::draft))
+        .route("/v1/invoices/{number}", get(invoices::get))
+        .route("/v1/invoices/{number}/notes", get(invoices::list_notes))
+        .route("/v1/admin/invoices/close", post(invoices::close))
+        .route(
+            "/v1/admin/invoices/{number}/notes",
+            post(invoices::add_note),
+        )
+        .route(
+            "/v1/admin/provider-exports",
+            post(invoices::import).layer(DefaultBodyLimit::max(64 << 20)),
+        )
+        .route(
+            "/v1/admin/reconciliations",
+            get(invoices::list_runs).post(invoices::run),
+        )
+        .route(
+            "/v1/admin/reconciliations/{id}",
+            get(invoices::get_reconciliation),
+        )
+        .route("/v1/admin/margin", get(invoices::margin))
         .route("/v1/authorize", post(terms::authorize))
         .route("/v1/quote", post(terms::quote))
         .route("/v1/routing/{class}", get(terms::routing_decision))

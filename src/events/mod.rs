@@ -90,7 +90,7 @@ impl UsageData {
     }
 }
 
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, serde::Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum Direction {
     /// Reduces what the tenant owes.
@@ -100,7 +100,7 @@ pub enum Direction {
 }
 
 /// An operator's correction (`tokenledger.adjustment.v1`): never an edit.
-#[derive(Clone, Debug, PartialEq, Serialize)]
+#[derive(Clone, Debug, PartialEq, Serialize, serde::Deserialize)]
 pub struct AdjustmentData {
     pub tenant_id: String,
     pub direction: Direction,

@@ -1,7 +1,7 @@
 //! Batched SQL for the append transaction: arrays + unnest, one statement for the
 //! whole batch, never one round trip per event.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, HashMap, HashSet};
 
 use chrono::{DateTime, NaiveDate, Utc};
 use rust_decimal::Decimal;
@@ -137,9 +137,16 @@ pub type BookStamp = i64;
 /// The SQL expression of the book stamp.
 pub const BOOK_STAMP: &str = "(select n from terms_version where id = 1)";
 
-pub async fn lock_tenants(c: &mut PgConnection, tenants: &[String]) -> sqlx::Result<Locked> {
-    let rows: Vec<(String, i64, String, i64)> = sqlx::query_as(&format!(
-        "select h.tenant_id, h.last_seq, t.currency::text, {BOOK_STAMP}
+pub async fn lock_tenants(
+    c: &mut PgConnection,
+    tenants: &[String],
+) -> sqlx::Result<(Locked, HashSet<(String, String)>)> {
+    // with each tenant, the periods it has closed (its `period-close:` events): usage of a
+    // closed period is billed late on the next open invoice
+    let rows: Vec<(String, i64, String, i64, Vec<String>)> = sqlx::query_as(&format!(
+        "select h.tenant_id, h.last_seq, t.currency::text, {BOOK_STAMP},
+           array(select substr(e.id, 14) from events e where e.tenant_id = h.tenant_id
+                 and e.id >= 'period-close:' and e.id < 'period-close;')
          from tenant_heads h
          join tenants t on t.id = h.tenant_id
          where h.tenant_id = any($1) order by h.tenant_id for update of h"
@@ -148,9 +155,16 @@ pub async fn lock_tenants(c: &mut PgConnection, tenants: &[String]) -> sqlx::Res
     .fetch_all(c)
     .await?;
     let stamp = rows.first().map(|r| r.3);
+    let closed = rows
+        .iter()
+        .flat_map(|r| r.4.iter().map(|p| (r.0.clone(), p.clone())))
+        .collect();
     Ok((
-        rows.into_iter().map(|(t, s, c, ..)| (t, (s, c))).collect(),
-        stamp,
+        (
+            rows.into_iter().map(|(t, s, c, ..)| (t, (s, c))).collect(),
+            stamp,
+        ),
+        closed,
     ))
 }
 
@@ -264,6 +278,7 @@ pub struct Rows<'a> {
     pub commitments: &'a CommitmentPositions,
     pub reservations: &'a ReservationMinutes,
     pub provider_minutes: &'a ProviderMinutes,
+    pub accruals: &'a crate::invoices::accrue::Accruals,
 }
 
 /// One statement appends the whole batch: events, transfers, conflicts, dead letters,
@@ -329,7 +344,14 @@ const APPEND: &str = concat!("with
          on conflict (tenant_id, reservation, minute) do update set covered = excluded.covered),
   pm as (insert into provider_usage_minutes as m (provider, model, minute, tokens)
          select * from unnest($92::text[], $93::text[], $94::text[], $95::int8[])
-         on conflict (provider, model, minute) do update set tokens = m.tokens + excluded.tokens)
+         on conflict (provider, model, minute) do update set tokens = m.tokens + excluded.tokens),
+  ia as (insert into invoice_accruals as a (tenant_id, period, line_key, kind, origin_period, provider,
+           model, token_class, unit_price, name, refs, description, quantity, amount)
+         select * from unnest($96::text[], $97::text[], $98::text[], $99::text[], $100::text[],
+           $101::text[], $102::text[], $103::text[], $104::numeric[], $105::text[], $106::text[],
+           $107::text[], $108::numeric[], $109::numeric[])
+         on conflict (tenant_id, period, line_key) do update set quantity = a.quantity + excluded.quantity,
+           amount = a.amount + excluded.amount)
 select 1");
 
 /// Tokens per (provider, model, minute) a batch adds (shared across tenants, so added to,
@@ -559,6 +581,29 @@ pub async fn append(c: &mut PgConnection, r: Rows<'_>) -> sqlx::Result<()> {
         .bind(pm.keys().map(|k| k.1.clone()).collect::<Vec<_>>())
         .bind(pm.keys().map(|k| k.2.clone()).collect::<Vec<_>>())
         .bind(pm.values().copied().collect::<Vec<_>>());
+    let ac = r.accruals;
+    let col = |f: &dyn Fn(&(String, String, crate::invoices::accrue::LineKey)) -> String| {
+        ac.keys().map(f).collect::<Vec<String>>()
+    };
+    let q = q
+        .bind(col(&|k| k.0.clone()))
+        .bind(col(&|k| k.1.clone()))
+        .bind(col(&|k| k.2.text()))
+        .bind(col(&|k| k.2.kind.clone()))
+        .bind(col(&|k| k.2.origin.clone()))
+        .bind(col(&|k| k.2.provider.clone()))
+        .bind(col(&|k| k.2.model.clone()))
+        .bind(col(&|k| k.2.class.clone()))
+        .bind(ac.keys().map(|k| k.2.unit_price).collect::<Vec<_>>())
+        .bind(col(&|k| k.2.name.clone()))
+        .bind(col(&|k| k.2.refs.clone()))
+        .bind(
+            ac.values()
+                .map(|a| a.description.clone())
+                .collect::<Vec<_>>(),
+        )
+        .bind(ac.values().map(|a| a.quantity).collect::<Vec<_>>())
+        .bind(ac.values().map(|a| a.amount).collect::<Vec<_>>());
     q.execute(c).await?;
     Ok(())
 }

@@ -5,19 +5,22 @@
 //! transfers, conflicts and dead letters; update projections; commit. The caller acks
 //! only after `apply` returned, i.e. after the commit.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 
 use chrono::{DateTime, Utc};
 use sqlx::PgPool;
 
 use super::accounts::{adjustment_leg, close_legs, usage_legs, Leg};
-use super::state::{close_period, evaluate_tick, rate_usage, tick_minutes, TenantState};
+use super::state::{
+    close_period, evaluate_tick, rate_usage, tick_minutes, CloseRecord, TenantState,
+};
 use super::store::{
     self, BookStamp, ConflictRows, DeadRows, EventRows, Projections, RatedUsage, TierPositions,
     TransferRows,
 };
 use crate::catalog::prices::load_book;
 use crate::events::{parse_bytes, Event, EventData, UsageData};
+use crate::invoices::accrue::{closed_by, invoice_period, Accruals, Sink};
 use crate::pricing::budgets::{period_key, BudgetPeriod};
 use crate::pricing::reservations::minute_of;
 use crate::pricing::{period_of, CustomerPrice, PriceBook, PricingError, Rating, Side, Terms};
@@ -77,6 +80,8 @@ struct Charge {
     legs: Vec<Leg>,
     rating: Option<Rating>,
     note: Option<String>,
+    /// What a period close charged.
+    close: Option<CloseRecord>,
 }
 
 /// Why an event cannot apply: a dead-letter reason code and a sentence.
@@ -104,6 +109,11 @@ struct Batch {
     reservations: store::ReservationMinutes,
     /// Tokens this batch adds per (provider, model, minute) under our provider reservations.
     provider_minutes: store::ProviderMinutes,
+    /// What this batch adds to invoices, per (tenant, invoice period, line).
+    accruals: Accruals,
+    /// Period closes this batch applies: (tenant, period, close event id, seq, currency);
+    /// their invoices are finalised after the batch's rows are written.
+    closes: Vec<(String, String, String, i64, String)>,
 }
 
 impl Batch {
@@ -122,6 +132,7 @@ impl Batch {
             commitments: &self.commitments,
             reservations: &self.reservations,
             provider_minutes: &self.provider_minutes,
+            accruals: &self.accruals,
         };
         store::append(tx, rows).await
     }
@@ -140,6 +151,9 @@ struct Known {
     /// Tier positions and budget spend of the batch's tenants that have schedules or
     /// budgets, before the batch (moved as the batch is staged).
     state: TenantState,
+    /// (tenant, period) closed in ledger order so far: usage of a closed period is billed
+    /// late on the next open invoice.
+    closed: HashSet<(String, String)>,
 }
 
 impl Known {
@@ -150,7 +164,7 @@ impl Known {
             .collect();
         tenants.sort();
         tenants.dedup();
-        let (locked, book_stamp) = store::lock_tenants(tx, &tenants).await?;
+        let ((locked, book_stamp), closed) = store::lock_tenants(tx, &tenants).await?;
         let keys: Vec<(String, String)> = parsed
             .iter()
             .map(|(_, e)| (e.tenant_id().to_string(), e.id.clone()))
@@ -168,6 +182,7 @@ impl Known {
             requests: HashMap::new(),
             book_stamp,
             state: TenantState::default(),
+            closed,
         };
         for (t, id, hash, rq) in store::existing(tx, &keys, &reqs).await? {
             if let Some(r) = rq {
@@ -294,6 +309,12 @@ impl Writer {
             outcomes[i] = self.stage(&mut b, &mut known, &msgs[i], ev);
         }
         b.write(&mut tx).await?;
+        for (tenant, period, event_id, seq, currency) in &b.closes {
+            crate::invoices::store::finalize(
+                &mut tx, tenant, period, currency, event_id, *seq, now,
+            )
+            .await?;
+        }
         tx.commit().await?;
         Ok(outcomes)
     }
@@ -389,6 +410,7 @@ impl Writer {
             }
         }
         stage_event(&mut b.events, &ev, seq);
+        accrue(b, known, &ev, &charge, seq, currency);
         for (n, leg) in charge.legs.iter().enumerate() {
             stage_transfer(b, &ev, seq, n as i16, currency, leg, &charge);
         }
@@ -449,6 +471,7 @@ impl Writer {
                         legs: usage_legs(&u.provider, &r),
                         rating: Some(r),
                         note: None,
+                        close: None,
                     })
                 }
                 Err(e @ PricingError::Unpriced { .. }) => Err(("unpriced_model", e.to_string())),
@@ -465,6 +488,7 @@ impl Writer {
                 legs: vec![adjustment_leg(a)],
                 rating: None,
                 note: Some(serde_json::to_string(a).expect("adjustment serialises")),
+                close: None,
             }),
             EventData::System(x) if x.kind == "evaluation_tick" => {
                 let moves = evaluate_tick(&self.book, &x.tenant_id, &x.period, &known.state);
@@ -479,6 +503,7 @@ impl Writer {
                     legs: Vec::new(),
                     rating: None,
                     note: None,
+                    close: None,
                 })
             }
             EventData::System(x) => {
@@ -492,15 +517,66 @@ impl Writer {
                         legs: close_legs(&l),
                         rating: None,
                         note: Some(serde_json::to_string(&l).expect("close line serialises")),
+                        close: Some(l),
                     },
                     None => Charge {
                         legs: Vec::new(),
                         rating: None,
                         note: None,
+                        close: None,
                     },
                 })
             }
         }
+    }
+}
+
+/// What an applied event adds to its tenant's invoice. Only events that moved money add
+/// lines (the record holds nothing else to rebuild them from); a period close adds its
+/// true-ups and fees to that period, then closes it.
+fn accrue(b: &mut Batch, known: &mut Known, ev: &Event, charge: &Charge, seq: i64, currency: &str) {
+    let tenant = ev.tenant_id();
+    let origin = match &ev.data {
+        EventData::System(x) if x.kind == "period_close" => x.period.clone(),
+        EventData::System(_) => return,
+        _ => period_of(ev.time),
+    };
+    let is_close = closed_by(&ev.id).is_some() && matches!(ev.data, EventData::System(_));
+    if !charge.legs.is_empty() {
+        let closed = |p: &str| known.closed.contains(&(tenant.to_string(), p.to_string()));
+        let Some(period) = (if is_close {
+            Some(origin.clone())
+        } else {
+            invoice_period(&origin, closed)
+        }) else {
+            return;
+        };
+        let late = if period == origin {
+            ""
+        } else {
+            origin.as_str()
+        };
+        let mut sink = Sink {
+            out: &mut b.accruals,
+            tenant,
+            period: &period,
+        };
+        match (&ev.data, &charge.rating, &charge.close) {
+            (EventData::Usage(u), Some(r), _) => sink.usage(&u.provider, &u.model, late, r),
+            (EventData::Adjustment(a), _, _) => sink.adjustment(&ev.id, late, a),
+            (EventData::System(_), _, Some(c)) => sink.close(c),
+            _ => {}
+        }
+    }
+    if is_close {
+        known.closed.insert((tenant.to_string(), origin.clone()));
+        b.closes.push((
+            tenant.to_string(),
+            origin,
+            ev.id.clone(),
+            seq,
+            currency.to_string(),
+        ));
     }
 }
 

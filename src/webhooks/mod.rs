@@ -20,6 +20,7 @@ pub const EVENT_TYPES: &[&str] = &[
     "budget.exhausted",
     "budget.forecast_exceeded",
     "budget.action_taken",
+    "invoice.finalized",
     "commitment.threshold_crossed",
     "commitment.exhausted",
     "reservation.exhausted",

@@ -136,6 +136,18 @@ fn types() -> Vec<TypeDoc> {
             ],
         ),
         (
+            "invoice.finalized",
+            "A period's close finalised the tenant's invoice (immutable from now on).",
+            vec![
+                ("invoice_number", S),
+                ("period", S),
+                ("currency", S),
+                ("total", D),
+                ("lines", I),
+                ("content_hash", S),
+            ],
+        ),
+        (
             "tier.crossed",
             "A charge moved the tenant into a higher volume tier.",
             vec![

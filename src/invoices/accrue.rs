@@ -1,0 +1,298 @@
+//! What each applied event adds to its tenant's invoice, line by line (pure). The ledger
+//! writer and the rebuild both call these, so the projection and its rebuild agree by
+//! construction.
+//!
+//! Per usage event the lines sum to what the event moved into the receivable plus what it
+//! drew from a commitment: usage at list price per model, token class and rate, minus the
+//! batch discount, minus what a reservation covered, minus tier discounts and volume
+//! credits, minus the usage a commitment covered, plus the commitment drawdown, plus (or
+//! minus) the overage rate's difference. The close adds the true-up and reservation fees, so
+//! over a closed period the lines sum to exactly the period's receivable movements.
+
+use std::collections::HashMap;
+
+use rust_decimal::Decimal;
+
+use crate::events::{AdjustmentData, Direction};
+use crate::ledger::state::CloseRecord;
+use crate::pricing::Rating;
+
+/// Line kinds in the order an invoice shows them.
+pub const KINDS: [&str; 12] = [
+    "usage",
+    "batch_discount",
+    "reservation_covered",
+    "tier_discount",
+    "tier_credit",
+    "commitment_covered",
+    "overage_rate",
+    "commitment_drawdown",
+    "commitment_true_up",
+    "commitment_difference",
+    "reservation_fee",
+    "adjustment",
+];
+
+pub const CLASSES: [&str; 5] = [
+    "input",
+    "cached_input",
+    "cache_write",
+    "output",
+    "reasoning",
+];
+
+/// A line's identity within one tenant's invoice for one period.
+#[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct LineKey {
+    pub kind: String,
+    /// The month the usage belongs to when it is billed late on a later invoice; "" if not.
+    pub origin: String,
+    pub provider: String,
+    pub model: String,
+    pub class: String,
+    /// Customer rate per million tokens (usage lines), normalised.
+    pub unit_price: Option<Decimal>,
+    pub name: String,
+    pub refs: String,
+}
+
+impl LineKey {
+    fn new(kind: &str, origin: &str) -> LineKey {
+        LineKey {
+            kind: kind.into(),
+            origin: origin.into(),
+            provider: String::new(),
+            model: String::new(),
+            class: String::new(),
+            unit_price: None,
+            name: String::new(),
+            refs: String::new(),
+        }
+    }
+
+    /// The canonical text form stored as the projection's key.
+    pub fn text(&self) -> String {
+        let price = self.unit_price.map(|p| p.normalize().to_string());
+        format!(
+            "{}|{}|{}|{}|{}|{}|{}|{}",
+            self.kind,
+            self.origin,
+            self.provider,
+            self.model,
+            self.class,
+            price.unwrap_or_default(),
+            self.name,
+            self.refs
+        )
+    }
+}
+
+/// One line's running totals: quantity, amount (full precision), and a description for
+/// lines whose meaning is not in their key (adjustments: the reason).
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct Accrued {
+    pub quantity: Decimal,
+    pub amount: Decimal,
+    pub description: String,
+}
+
+/// (tenant, invoice period, line) -> totals.
+pub type Accruals = HashMap<(String, String, LineKey), Accrued>;
+
+/// Adds lines to a tenant's invoice for one period.
+pub struct Sink<'a> {
+    pub out: &'a mut Accruals,
+    pub tenant: &'a str,
+    pub period: &'a str,
+}
+
+impl Sink<'_> {
+    fn add(&mut self, key: LineKey, quantity: Decimal, amount: Decimal, description: &str) {
+        let a = self
+            .out
+            .entry((self.tenant.to_string(), self.period.to_string(), key))
+            .or_default();
+        a.quantity += quantity;
+        a.amount += amount;
+        if a.description.is_empty() {
+            a.description = description.to_string();
+        }
+    }
+
+    /// A rated usage event of `provider`/`model`; `origin` is its own month when it is
+    /// billed late, else "".
+    pub fn usage(&mut self, provider: &str, model: &str, origin: &str, r: &Rating) {
+        let refs = match (r.price_version_id, r.markup_rule_id) {
+            (Some(p), _) => format!("cost:{} price:{p}", r.cost_version_id),
+            (None, Some(m)) => format!("cost:{} markup:{m}", r.cost_version_id),
+            (None, None) => format!("cost:{}", r.cost_version_id),
+        };
+        let one = Decimal::ONE;
+        let mut after_batch = Decimal::ZERO;
+        for (i, l) in r.lines.iter().enumerate() {
+            after_batch += l.price;
+            if l.tokens == 0 {
+                continue;
+            }
+            let mut k = LineKey::new("usage", origin);
+            k.provider = provider.into();
+            k.model = model.into();
+            k.class = CLASSES[i].into();
+            k.unit_price = Some(l.price_rate_per_mtok.normalize());
+            k.name = if r.long_context { "long_context" } else { "" }.into();
+            k.refs = refs.clone();
+            self.add(k, Decimal::from(l.tokens), l.price_list, "");
+        }
+        let batch = r.price_list - after_batch;
+        if !batch.is_zero() {
+            let mut k = LineKey::new("batch_discount", origin);
+            k.provider = provider.into();
+            k.model = model.into();
+            k.name = (r.price_batch_discount * Decimal::ONE_HUNDRED)
+                .normalize()
+                .to_string();
+            self.add(k, one, -batch, "");
+        }
+        if let Some(x) = &r.reservation {
+            let covered: u64 = x.covered.iter().sum();
+            if covered > 0 || !x.covered_price.is_zero() {
+                let mut k = LineKey::new("reservation_covered", origin);
+                k.provider = provider.into();
+                k.model = model.into();
+                k.name = x.reservation.clone();
+                k.refs = format!("reservation:{}", x.version);
+                self.add(k, Decimal::from(covered), -x.covered_price, "");
+            }
+        }
+        if let Some(t) = &r.tier {
+            let d = r.price_before_tiers - t.price;
+            if !d.is_zero() {
+                let mut k = LineKey::new("tier_discount", origin);
+                k.name = t.schedule.clone();
+                k.refs = format!("tier_schedule:{}", t.schedule_id);
+                self.add(k, t.units, -d, "");
+            }
+            if let Some(c) = t.credit.filter(|c| !c.is_zero()) {
+                let mut k = LineKey::new("tier_credit", origin);
+                k.name = t.schedule.clone();
+                k.refs = format!("tier_schedule:{}", t.schedule_id);
+                self.add(k, one, -c, "");
+            }
+        }
+        if let Some(c) = &r.commitment {
+            let refs = format!("commitment:{}", c.version);
+            if !c.covered.is_zero() {
+                let mut k = LineKey::new("commitment_covered", origin);
+                k.name = c.commitment.clone();
+                k.refs = refs.clone();
+                self.add(k, one, -c.covered, "");
+            }
+            let d = c.overage - c.overage_usage;
+            if !d.is_zero() {
+                let mut k = LineKey::new("overage_rate", origin);
+                k.name = c.commitment.clone();
+                k.refs = refs.clone();
+                self.add(k, c.overage_usage, d, "");
+            }
+            if !c.drawdown.is_zero() {
+                let mut k = LineKey::new("commitment_drawdown", origin);
+                k.name = c.commitment.clone();
+                k.refs = refs;
+                self.add(k, one, c.drawdown, "");
+            }
+        }
+    }
+
+    /// A period close: commitment true-ups and reservation fees.
+    pub fn close(&mut self, c: &CloseRecord) {
+        let one = Decimal::ONE;
+        for l in &c.commitments {
+            let refs = format!("commitment:{}", l.version);
+            if !l.true_up.is_zero() {
+                let mut k = LineKey::new("commitment_true_up", "");
+                k.name = l.commitment.clone();
+                k.refs = refs.clone();
+                self.add(k, one, l.true_up, "");
+            }
+            // billed in full: what the drawdown lines do not already carry
+            let diff = l.amount - l.drawn - l.true_up;
+            if !diff.is_zero() {
+                let mut k = LineKey::new("commitment_difference", "");
+                k.name = l.commitment.clone();
+                k.refs = refs;
+                self.add(k, one, diff, "");
+            }
+        }
+        for r in &c.reservations {
+            let mut k = LineKey::new("reservation_fee", "");
+            k.name = r.reservation.clone();
+            k.refs = r
+                .versions
+                .iter()
+                .map(|v| format!("reservation:{v}"))
+                .collect::<Vec<_>>()
+                .join(" ");
+            self.add(k, one, r.fee, "");
+        }
+    }
+
+    /// An operator's adjustment (credit or debit), one line per event.
+    pub fn adjustment(&mut self, event_id: &str, origin: &str, a: &AdjustmentData) {
+        let mut k = LineKey::new("adjustment", origin);
+        k.name = event_id.into();
+        k.refs = a
+            .corrects_event_id
+            .as_deref()
+            .map(|e| format!("corrects:{e}"))
+            .or_else(|| a.request_id.as_deref().map(|r| format!("request:{r}")))
+            .unwrap_or_default();
+        let amount = match a.direction {
+            Direction::Credit => -a.amount,
+            Direction::Debit => a.amount,
+        };
+        self.add(k, Decimal::ONE, amount, &a.reason);
+    }
+}
+
+/// The invoice period for an event of `origin`: its own month, or — when that month was
+/// closed before the event in ledger order — the first later month not closed yet.
+pub fn invoice_period(origin: &str, closed: impl Fn(&str) -> bool) -> Option<String> {
+    let mut p = origin.to_string();
+    // a tenant closes at most one period per month: a bounded walk
+    for _ in 0..1200 {
+        if !closed(&p) {
+            return Some(p);
+        }
+        p = next_period(&p)?;
+    }
+    None
+}
+
+/// The month after `YYYY-MM`.
+pub fn next_period(p: &str) -> Option<String> {
+    let (y, m) = crate::pricing::tiers::parse_period(p)?;
+    let (y, m) = if m == 12 { (y + 1, 1) } else { (y, m + 1) };
+    Some(format!("{y:04}-{m:02}"))
+}
+
+/// The period a close event id (`period-close:YYYY-MM`) closes.
+pub fn closed_by(event_id: &str) -> Option<&str> {
+    event_id.strip_prefix("period-close:")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn late_usage_goes_to_the_first_open_month() {
+        let closed = ["2026-10", "2026-11"];
+        let c = |p: &str| closed.contains(&p);
+        assert_eq!(invoice_period("2026-09", c).as_deref(), Some("2026-09"));
+        assert_eq!(invoice_period("2026-10", c).as_deref(), Some("2026-12"));
+        assert_eq!(invoice_period("2026-11", c).as_deref(), Some("2026-12"));
+        assert_eq!(next_period("2026-12").as_deref(), Some("2027-01"));
+        assert_eq!(closed_by("period-close:2026-10"), Some("2026-10"));
+        assert_eq!(closed_by("evaluation-tick:2026-10-01T00"), None);
+    }
+}
