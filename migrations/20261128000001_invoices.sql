@@ -138,6 +138,14 @@ create trigger reconciliations_no_update before update or delete on reconciliati
   for each row execute function refuse_change();
 create trigger reconciliation_findings_no_update before update or delete on reconciliation_findings
   for each row execute function refuse_change();
+create trigger provider_exports_no_truncate before truncate on provider_exports
+  for each statement execute function refuse_change();
+create trigger provider_export_rows_no_truncate before truncate on provider_export_rows
+  for each statement execute function refuse_change();
+create trigger reconciliations_no_truncate before truncate on reconciliations
+  for each statement execute function refuse_change();
+create trigger reconciliation_findings_no_truncate before truncate on reconciliation_findings
+  for each statement execute function refuse_change();
 
 grant select, insert, update on invoice_accruals to tokenledger_app;
 grant select, insert on invoices, invoice_notes, provider_exports, provider_export_rows,

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Start everything and run the ledger with demo data: PostgreSQL and NATS (started if
 # needed), migrate, seed the bundled price book and a demo tenant, run `serve`, feed
-# demo traffic, and show per-request breakdowns through the API. Ctrl-C stops it.
+# demo traffic, show per-request breakdowns through the API, close last month's invoices
+# and reconcile them. Ctrl-C stops it.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 scripts/services.sh
@@ -101,6 +102,32 @@ sleep 1
 curl -sf http://127.0.0.1:9000/fake/webhooks | head -c 900; echo
 echo "== GET /v1/webhooks/messages?limit=2 (the delivery log)"
 curl -sf "$api/v1/webhooks/messages?limit=2" -H "authorization: Bearer $key" | head -c 700; echo
+last=$(date -u -d "$(date -u +%Y-%m-01) -1 day" +%Y-%m)
+echo "== backfill: 3 requests of the demo tenant dated $last (late lines on this month's invoice once $last is closed)"
+events="["
+i=0
+for spec in "openai gpt-4o 20000 4000 1500" "anthropic claude-sonnet-4-5 60000 50000 2000" "deepseek deepseek-chat 9000 0 700"; do
+  set -- $spec
+  [ $i -gt 0 ] && events+=","
+  events+="{\"specversion\":\"1.0\",\"id\":\"backfill-$run-$i\",\"source\":\"demo\",\"type\":\"tokenledger.usage.v1\",\"time\":\"$last-15T12:00:00Z\",\"data\":{\"tenant_id\":\"demo\",\"request_id\":\"backfill-$run-$i\",\"provider\":\"$1\",\"model\":\"$2\",\"input_tokens\":$3,\"cached_input_tokens\":$4,\"output_tokens\":$5,\"status\":\"ok\",\"latency_ms\":700}}"
+  i=$((i + 1))
+done
+events+="]"
+curl -sf -X POST "$api/v1/events" -H "authorization: Bearer $key" \
+  -H 'content-type: application/cloudevents-batch+json' -d "$events" >/dev/null
+sleep 1
+echo "== tokenledger invoice close --period $last (every tenant with $last lines; a second run closes nothing new)"
+$bin invoice close --period "$last"
+number=$(curl -sf "$api/v1/invoices?period=$last" -H "authorization: Bearer $key" |
+  sed -nE 's/.*"number":"([^"]+)".*/\1/p')
+if [ -n "$number" ]; then
+  echo "== GET /v1/invoices/$number?format=csv (finalised: immutable, numbered, hashed)"
+  curl -sf "$api/v1/invoices/$number?format=csv" -H "authorization: Bearer $key"
+fi
+echo "== GET /v1/invoices/draft (this month's live draft: total, rounding, first lines)"
+curl -sf "$api/v1/invoices/draft" -H "authorization: Bearer $key" | head -c 900; echo
+echo "== tokenledger reconcile --period $last (internal: ledger vs projection vs invoices)"
+$bin reconcile --period "$last" | grep -E '"(findings|lines|finalized_invoices|tenants_with_lines)"'
 echo "== tokenledger verify"
 $bin verify
 echo

@@ -363,6 +363,9 @@ pub async fn run_publisher(
         if let Err(e) = tick_hourly(&engine, &bus, &settings, &mut ticked).await {
             tracing::warn!(error = %e, "publishing evaluation ticks failed; retrying");
         }
+        if let Err(e) = publish_notes(&engine, &bus, &settings).await {
+            tracing::warn!(error = %e, "publishing invoice notes failed; retrying");
+        }
         let r: anyhow::Result<()> = async {
             if store.is_none() {
                 store = Some(bucket(&js, &bucket_name).await?);
@@ -589,7 +592,8 @@ pub async fn publish_closes(
         "select t.id from tenants t
          where (t.created_at < $1
                 or exists (select 1 from invoice_accruals a where a.tenant_id = t.id and a.period = $3))
-           and not exists (select 1 from events e where e.tenant_id = t.id and e.id = $2)
+           and not exists (select 1 from events e where e.tenant_id = t.id and e.id = $2
+                           and e.type = 'tokenledger.system.v1')
          order by t.id",
     )
     .bind(end)
@@ -601,6 +605,29 @@ pub async fn publish_closes(
         publish_period_close(bus, settings, t, period).await?;
     }
     Ok(tenants)
+}
+
+/// Publish the adjustment of every stored credit/debit note the ledger does not hold 10 s
+/// after it was issued (the API publishes it at once; this covers a failure there).
+async fn publish_notes(
+    engine: &Engine,
+    bus: &crate::bus::Bus,
+    settings: &crate::settings::Settings,
+) -> anyhow::Result<()> {
+    let notes =
+        crate::invoices::store::unpublished_notes(engine.pool(), chrono::Duration::seconds(10))
+            .await?;
+    for (n, period) in notes {
+        let ev = crate::invoices::store::note_event(&n, &period);
+        bus.publish_with_id(
+            settings.usage_subject(&n.tenant_id),
+            ev.canonical.clone().into(),
+            &ev.msg_id(),
+        )
+        .await?
+        .await?;
+    }
+    Ok(())
 }
 
 /// The clock: once a month has ended and the grace period passed, publish its close for

@@ -376,6 +376,7 @@ async fn main() -> anyhow::Result<()> {
                         .with_context(|| format!("unknown format {f}: {:?}", reconcile::PRESETS))?,
                 };
                 let rows = reconcile::normalise(&text, &m).map_err(|e| anyhow::anyhow!(e))?;
+                reconcile::check_period(&rows, &period).map_err(|e| anyhow::anyhow!(e))?;
                 let name = file.display().to_string();
                 let id =
                     reconcile::import(&pool, &p, &period, &format, &name, &currency, &rows).await?;

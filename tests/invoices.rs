@@ -91,6 +91,20 @@ async fn a_month_closes_to_immutable_invoices_equal_to_the_ledger() {
     }
     let acme = app.tenant("acme").await;
     let beta = app.tenant("beta").await;
+    let gamma = app.tenant("gamma").await;
+    // gamma's commitment ends on October 15th, before it drew anything
+    for body in [
+        json!({"name": "monthly", "amount": "5", "discount_percent": "20",
+            "effective_from": "2020-01-01T00:00:00Z"}),
+        json!({"name": "monthly", "amount": "5", "discount_percent": "20", "active": false,
+            "effective_from": "2026-10-15T00:00:00Z"}),
+    ] {
+        created(
+            app.admin_post("/v1/admin/tenants/gamma/commitments", Some(&body))
+                .await,
+        )
+        .await;
+    }
     created(
         app.admin_post(
             "/v1/admin/tenants",
@@ -170,10 +184,14 @@ async fn a_month_closes_to_immutable_invoices_equal_to_the_ledger() {
                 usage("y1", "yen", "y-model", 25_000, 35_000),
                 "2026-10-09T10:00:00Z"
             ),
+            at(
+                usage("g1", "gamma", "c-model", 100_000, 0),
+                "2026-10-16T10:00:00Z"
+            ),
         ]),
     )
     .await;
-    app.wait_count(EVENTS, 7).await;
+    app.wait_count(EVENTS, 8).await;
     app.drain().await;
 
     // the live draft, from the projection
@@ -202,8 +220,8 @@ async fn a_month_closes_to_immutable_invoices_equal_to_the_ledger() {
         .await,
     )
     .await;
-    assert_eq!(r["published"].as_array().unwrap().len(), 3, "{r}");
-    app.wait_count("select count(*) from invoices where period = '2026-10'", 3)
+    assert_eq!(r["published"].as_array().unwrap().len(), 4, "{r}");
+    app.wait_count("select count(*) from invoices where period = '2026-10'", 4)
         .await;
     app.drain().await;
 
@@ -268,8 +286,8 @@ async fn a_month_closes_to_immutable_invoices_equal_to_the_ledger() {
     )
     .await;
     app.drain().await;
-    assert_eq!(app.count("select count(*) from invoices").await, 3);
-    assert_eq!(app.count(EVENTS).await, 10);
+    assert_eq!(app.count("select count(*) from invoices").await, 4);
+    assert_eq!(app.count(EVENTS).await, 12);
 
     // a finalised invoice cannot be changed, not even by the owner
     for sql in [
@@ -290,7 +308,7 @@ async fn a_month_closes_to_immutable_invoices_equal_to_the_ledger() {
         )]),
     )
     .await;
-    app.wait_count(EVENTS, 11).await;
+    app.wait_count(EVENTS, 13).await;
     app.drain().await;
     let again = invoice_of(&app, &acme, "2026-10").await;
     assert_eq!(again, inv, "the closed invoice did not change");
@@ -335,7 +353,7 @@ async fn a_month_closes_to_immutable_invoices_equal_to_the_ledger() {
         .await;
     assert_eq!(r.status(), 422);
     assert_eq!(r.headers()["content-type"], "application/problem+json");
-    app.wait_count(EVENTS, 12).await;
+    app.wait_count(EVENTS, 14).await;
     app.drain().await;
     let nov = invoice_of(&app, &acme, "2026-11").await;
     let adj = nov["lines"]
@@ -398,8 +416,47 @@ async fn a_month_closes_to_immutable_invoices_equal_to_the_ledger() {
     assert_eq!(
         app.count("select count(*) from alert_facts where type = 'invoice.finalized'")
             .await,
-        3
+        4
     );
+    // late usage from while gamma's commitment was in force (it drew nothing, so the close
+    // recorded no position for it): the month is closed, so it is on demand, not a drawdown
+    // no close would ever bill
+    app.ingest(
+        ADMIN,
+        &json!([at(
+            usage("g-late", "gamma", "c-model", 100_000, 0),
+            "2026-10-05T10:00:00Z"
+        )]),
+    )
+    .await;
+    app.wait_count(EVENTS, 15).await;
+    app.drain().await;
+    let req: Value = app
+        .get(&gamma, "/v1/requests/req-g-late")
+        .await
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(req["breakdown"]["commitment"]["late"], true, "{req}");
+    assert_eq!(
+        dec(&req["breakdown"]["commitment"]["drawdown"]),
+        Decimal::ZERO
+    );
+    // ids of the service's own events are refused to anyone else
+    for id in [
+        "period-close:2026-11",
+        "evaluation-tick:2026-11-01T00",
+        "invoice-note:x",
+    ] {
+        let r = app
+            .post_events(&acme, &json!([usage(id, "acme", "c-model", 1, 1)]))
+            .await;
+        assert!(
+            r.status() == 400 || r.status() == 403 || r.status() == 422,
+            "{id}: {}",
+            r.status()
+        );
+    }
     // an unfinished month cannot be closed
     let r = app
         .admin_post(

@@ -115,6 +115,9 @@ fn validate_all(caller: &Caller, items: Vec<Value>) -> Result<Vec<Event>, ApiErr
                 if matches!(ev.data, EventData::System(_)) {
                     forbidden.push(json!({"index": index, "id": ev.id,
                         "reason": "system events are appended by the service only"}));
+                } else if ev.id.starts_with(crate::invoices::store::NOTE_EVENT_PREFIX) {
+                    forbidden.push(json!({"index": index, "id": ev.id,
+                        "reason": "invoice-note: ids are the adjustments of credit and debit notes, issued through the invoices API"}));
                 } else if let Caller::Tenant { tenant_id, .. } = caller {
                     if matches!(ev.data, EventData::Adjustment(_)) {
                         forbidden.push(json!({"index": index, "id": ev.id,

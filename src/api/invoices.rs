@@ -224,7 +224,9 @@ pub struct NewNote {
 
 /// Issue a credit or debit note against a finalised invoice. The invoice never changes: the
 /// note is its own numbered, hashed document, and an adjustment event referring to the
-/// invoice carries it into the ledger, where the next open invoice settles it.
+/// invoice carries it into the ledger, where the next open invoice settles it. The note is
+/// stored first; its adjustment is published right after (and, should that fail, by the
+/// pricing role's clock until the ledger has it).
 #[utoipa::path(post, path = "/v1/admin/invoices/{number}/notes", tag = "invoices",
     params(("number" = String, Path)), request_body = NewNote,
     responses((status = 201, body = Note), (status = 404, description = "no such invoice"),
@@ -258,42 +260,27 @@ pub async fn add_note(
     if reason.is_empty() || reason.len() > 500 || reason.contains('\0') {
         return Err(invalid("invalid_note", "reason: 1 to 500 characters"));
     }
-    let now = Utc::now();
     let mut tx = st.pool.begin().await?;
-    let note = store::insert_note(&mut tx, &n.kind, &inv, n.amount, reason, now).await?;
-    // the note's adjustment, published before the note commits: a failure leaves neither
-    use crate::events::{AdjustmentData, Direction, Event, EventData};
-    let ev = Event::new(
-        note.event_id.clone(),
-        "tokenledger/invoices".into(),
-        now,
-        EventData::Adjustment(AdjustmentData {
-            tenant_id: inv.tenant_id.clone(),
-            direction: if n.kind == "credit" {
-                Direction::Credit
-            } else {
-                Direction::Debit
-            },
-            amount: n.amount,
-            currency: inv.currency.clone(),
-            reason: format!(
-                "{} note {} for invoice {number}: {reason}",
-                n.kind, note.number
-            ),
-            request_id: None,
-            corrects_event_id: inv.close_event_id.clone(),
-        }),
-    );
-    st.bus
+    let note = store::insert_note(&mut tx, &n.kind, &inv, n.amount, reason, Utc::now()).await?;
+    tx.commit().await?;
+    // the note's adjustment, published once the note is stored; if this fails the clock's
+    // sweep publishes it (same id and payload: the ledger records it once)
+    let ev = store::note_event(&note, &inv.period);
+    let published = match st
+        .bus
         .publish_with_id(
             st.settings.usage_subject(&inv.tenant_id),
             ev.canonical.clone().into(),
             &ev.msg_id(),
         )
-        .await?
         .await
-        .map_err(ApiError::internal)?;
-    tx.commit().await?;
+    {
+        Ok(ack) => ack.await.map(|_| ()).map_err(|e| e.to_string()),
+        Err(e) => Err(e.to_string()),
+    };
+    if let Err(e) = published {
+        tracing::warn!(error = %e, note = %note.number, "note adjustment not published yet; the clock will retry");
+    }
     Ok((StatusCode::CREATED, Json(note)))
 }
 
@@ -380,6 +367,7 @@ pub async fn import(
     let text = std::str::from_utf8(&body)
         .map_err(|_| invalid("invalid_export", "the export is not UTF-8"))?;
     let rows = reconcile::normalise(text, &mapping).map_err(|m| invalid("invalid_export", m))?;
+    reconcile::check_period(&rows, &q.period).map_err(|m| invalid("invalid_export", m))?;
     let id = reconcile::import(
         &st.pool,
         &q.provider,

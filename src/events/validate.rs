@@ -289,6 +289,9 @@ impl Fields<'_> {
     }
 }
 
+/// Id prefixes of system events.
+pub const RESERVED_ID_PREFIXES: [&str; 2] = ["period-close:", "evaluation-tick:"];
+
 /// Validate a parsed JSON envelope. `now` bounds how far in the future `time` may be.
 pub fn parse(value: Value, now: DateTime<Utc>) -> Result<Event, Rejection> {
     let mut errors = Vec::new();
@@ -358,6 +361,17 @@ pub fn parse(value: Value, now: DateTime<Utc>) -> Result<Event, Rejection> {
         }
         (None, Some(_)) => None,
     };
+    // the ids of the service's own events: a usage or adjustment event may not take one
+    // (it would pass for, or block, a period's close or an hour's tick)
+    if let (Some(i), Some(t)) = (&id, type_.as_deref()) {
+        if t != SYSTEM_V1 && RESERVED_ID_PREFIXES.iter().any(|p| i.starts_with(p)) {
+            errors.push(err(
+                "id",
+                "reserved",
+                format!("ids starting with {RESERVED_ID_PREFIXES:?} are the service's own"),
+            ));
+        }
+    }
     match (id.clone(), source, time, data) {
         (Some(id), Some(source), Some(time), Some(data)) if errors.is_empty() => {
             Ok(Event::new(id, source, time, data))

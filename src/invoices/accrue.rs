@@ -70,20 +70,29 @@ impl LineKey {
         }
     }
 
-    /// The canonical text form stored as the projection's key.
+    /// The canonical text form stored as the projection's key: every field length-prefixed,
+    /// so no two lines share one whatever their fields contain.
     pub fn text(&self) -> String {
-        let price = self.unit_price.map(|p| p.normalize().to_string());
-        format!(
-            "{}|{}|{}|{}|{}|{}|{}|{}",
-            self.kind,
-            self.origin,
-            self.provider,
-            self.model,
-            self.class,
-            price.unwrap_or_default(),
-            self.name,
-            self.refs
-        )
+        let price = self
+            .unit_price
+            .map(|p| p.normalize().to_string())
+            .unwrap_or_default();
+        let mut out = String::new();
+        for f in [
+            self.kind.as_str(),
+            &self.origin,
+            &self.provider,
+            &self.model,
+            &self.class,
+            &price,
+            &self.name,
+            &self.refs,
+        ] {
+            out.push_str(&f.len().to_string());
+            out.push(':');
+            out.push_str(f);
+        }
+        out
     }
 }
 
@@ -294,5 +303,15 @@ mod tests {
         assert_eq!(next_period("2026-12").as_deref(), Some("2027-01"));
         assert_eq!(closed_by("period-close:2026-10"), Some("2026-10"));
         assert_eq!(closed_by("evaluation-tick:2026-10-01T00"), None);
+    }
+
+    #[test]
+    fn keys_of_different_lines_differ_whatever_their_fields_hold() {
+        let mut a = LineKey::new("usage", "");
+        a.model = "m|x".into();
+        let mut b = LineKey::new("usage", "");
+        b.model = "m".into();
+        b.class = "x".into();
+        assert_ne!(a.text(), b.text());
     }
 }

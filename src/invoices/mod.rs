@@ -65,7 +65,7 @@ pub async fn replay(c: &mut PgConnection, hwm_table: Option<&str>) -> anyhow::Re
     if let Some(t) = hwm_table {
         let closed: Vec<(String, String)> = sqlx::query_as(&format!(
             "select tenant_id, substr(id, 14) from events e
-             where id >= 'period-close:' and id < 'period-close;'
+             where id >= 'period-close:' and id < 'period-close;' and e.type = 'tokenledger.system.v1'
                and e.seq <= coalesce((select last_seq from {t} h where h.tenant_id = e.tenant_id), 0)"
         ))
         .fetch_all(&mut *c)
@@ -77,7 +77,8 @@ pub async fn replay(c: &mut PgConnection, hwm_table: Option<&str>) -> anyhow::Re
            x.debit_account, x.credit_account, x.amount, x.breakdown::text as breakdown
          from events e
          left join transfers x on x.tenant_id = e.tenant_id and x.seq = e.seq
-         where {} and (x.seq is not null or (e.id >= 'period-close:' and e.id < 'period-close;'))
+         where {} and (x.seq is not null
+           or (e.id >= 'period-close:' and e.id < 'period-close;' and e.type = 'tokenledger.system.v1'))
          order by e.tenant_id, e.seq, x.leg",
         after("e")
     );

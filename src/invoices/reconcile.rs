@@ -272,6 +272,30 @@ pub fn normalise(text: &str, m: &Mapping) -> Result<Vec<ProviderRow>, String> {
     Ok(out_rows)
 }
 
+/// Every row must fall in the period's days; a row with a request id may be dated a day
+/// either side (a provider may date a request near midnight differently).
+pub fn check_period(rows: &[ProviderRow], period: &str) -> Result<(), String> {
+    let (Some(start), Some(end)) = (
+        crate::pricing::tiers::period_start(period),
+        crate::pricing::tiers::period_end(period),
+    ) else {
+        return Err("period must be YYYY-MM".into());
+    };
+    let (start, end) = (start.date_naive(), end.date_naive());
+    let day = chrono::Duration::days(1);
+    for r in rows {
+        let ok = if r.provider_request_id.is_some() {
+            r.day >= start - day && r.day < end + day
+        } else {
+            r.day >= start && r.day < end
+        };
+        if !ok {
+            return Err(format!("line {}: {} is outside {period}", r.line, r.day));
+        }
+    }
+    Ok(())
+}
+
 /// Store an imported export (normalised rows) for a provider and period; returns its id.
 pub async fn import(
     pool: &PgPool,
@@ -481,10 +505,13 @@ pub async fn against_provider(
            and e.occurred_at >= $2 and e.occurred_at < $3",
     )
     .bind(&provider)
-    .bind(start)
-    .bind(end)
+    // a day either side: the provider may date a request near midnight on the other side
+    // of the month's boundary; those only match by request id
+    .bind(start - chrono::Duration::days(1))
+    .bind(end + chrono::Duration::days(1))
     .fetch_all(pool)
     .await?;
+    let in_month = |d: NaiveDate| d >= start.date_naive() && d < end.date_naive();
     let currency = currency.unwrap_or_else(|| "USD".into());
     let mut findings = Vec::new();
     let per_request = theirs.iter().any(|r| r.provider_request_id.is_some());
@@ -586,7 +613,7 @@ pub async fn against_provider(
             a.amount = Some(a.amount.unwrap_or_default() + x);
         }
     }
-    for l in rest {
+    for l in rest.into_iter().filter(|l| in_month(l.day)) {
         let a = &mut agg.entry((l.day, l.model.clone())).or_default().0;
         a.requests += 1;
         a.input += l.input_tokens;
@@ -598,7 +625,12 @@ pub async fn against_provider(
     }
     let mut compared = 0u64;
     for ((day, model), (o, t)) in agg {
-        if t.requests == 0 && t.input == 0 && t.output == 0 && t.amount.is_none() {
+        let provider_empty =
+            t.input == 0 && t.cached == 0 && t.output == 0 && t.amount.is_none_or(|a| a.is_zero());
+        if provider_empty && o.requests == 0 {
+            continue;
+        }
+        if provider_empty {
             // nothing billed for this day and model
             if per_request {
                 for l in o.ledger {

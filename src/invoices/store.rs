@@ -276,8 +276,64 @@ pub struct Note {
     pub content_hash: Option<String>,
 }
 
-/// Reserve a note's number and store it (in the caller's transaction, which commits only
-/// once the adjustment event is on the bus).
+/// The id prefix of the adjustment events that carry notes into the ledger.
+pub const NOTE_EVENT_PREFIX: &str = "invoice-note:";
+
+/// The adjustment event of a note: a deterministic function of the stored note (published
+/// after the note commits, and again by the clock's sweep until the ledger has it; twice is
+/// a duplicate, never a second credit).
+pub fn note_event(n: &Note, invoice_period: &str) -> crate::events::Event {
+    use crate::events::{AdjustmentData, Direction, Event, EventData};
+    Event::new(
+        n.event_id.clone(),
+        "tokenledger/invoices".into(),
+        n.created_at,
+        EventData::Adjustment(AdjustmentData {
+            tenant_id: n.tenant_id.clone(),
+            direction: if n.kind == "credit" {
+                Direction::Credit
+            } else {
+                Direction::Debit
+            },
+            amount: n.amount,
+            currency: n.currency.clone(),
+            reason: format!(
+                "{} note {} for invoice {}: {}",
+                n.kind, n.number, n.invoice_number, n.reason
+            ),
+            request_id: None,
+            corrects_event_id: Some(crate::engine::close_event_id(invoice_period)),
+        }),
+    )
+}
+
+/// Notes whose adjustment the ledger does not hold yet, older than `age`: (note, the
+/// invoice's period).
+pub async fn unpublished_notes(
+    pool: &PgPool,
+    age: chrono::Duration,
+) -> sqlx::Result<Vec<(Note, String)>> {
+    let r: Vec<(String, String, String)> = sqlx::query_as(
+        "select n.document::text, n.content_hash, i.period from invoice_notes n
+         join invoices i on i.number = n.invoice_number
+         where n.created_at < now() - $1::interval
+           and not exists (select 1 from events e where e.tenant_id = n.tenant_id and e.id = n.event_id)
+         order by n.serial limit 100",
+    )
+    .bind(format!("{} milliseconds", age.num_milliseconds()))
+    .fetch_all(pool)
+    .await?;
+    r.into_iter()
+        .map(|(d, h, p)| {
+            let mut n: Note =
+                serde_json::from_str(&d).map_err(|e| sqlx::Error::Decode(Box::new(e)))?;
+            n.content_hash = Some(h);
+            Ok((n, p))
+        })
+        .collect()
+}
+
+/// Reserve a note's number and store it (the caller commits, then publishes its event).
 pub async fn insert_note(
     c: &mut PgConnection,
     kind: &str,
@@ -294,12 +350,14 @@ pub async fn insert_note(
     .fetch_one(&mut *c)
     .await?;
     let number = format!("{series}-{serial:06}");
+    // microseconds, as Postgres keeps it: the event rebuilt from the stored note is the same
+    let now = chrono::SubsecRound::trunc_subsecs(now, 6);
     let mut note = Note {
         number: number.clone(),
         kind: kind.into(),
         tenant_id: inv.tenant_id.clone(),
         invoice_number: inv.number.clone().unwrap_or_default(),
-        event_id: format!("invoice-note:{number}"),
+        event_id: format!("{NOTE_EVENT_PREFIX}{}", uuid::Uuid::now_v7()),
         amount: amount.normalize(),
         currency: inv.currency.clone(),
         reason: reason.into(),

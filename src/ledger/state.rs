@@ -26,6 +26,9 @@ pub struct TenantState {
     pub commitments: HashMap<Key, CommitmentPosition>,
     /// (tenant, reservation, minute) -> covered tokens
     pub reservations: HashMap<Key, u64>,
+    /// (tenant, period) whose close is applied: usage of such a period is late (it draws
+    /// on no commitment, even one whose position the close did not record)
+    pub closed: std::collections::HashSet<(String, String)>,
 }
 
 /// A budget an event counted toward: its spend after the event and the thresholds the
@@ -352,7 +355,9 @@ pub fn rate_usage(
     if let Some(c) = book.commitment_at(&u.tenant_id, at) {
         let key = (u.tenant_id.clone(), c.name.clone(), period_of(at));
         let before = state.commitments.get(&key).cloned().unwrap_or_default();
-        r = with_commitment(r, c, &before, key.2.clone())?;
+        let mut effective = before.clone();
+        effective.closed |= state.closed.contains(&(key.0.clone(), key.2.clone()));
+        r = with_commitment(r, c, &effective, key.2.clone())?;
         if let Some(a) = &r.commitment {
             let after = CommitmentPosition {
                 drawn: before.drawn + a.drawdown,

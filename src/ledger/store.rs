@@ -146,7 +146,8 @@ pub async fn lock_tenants(
     let rows: Vec<(String, i64, String, i64, Vec<String>)> = sqlx::query_as(&format!(
         "select h.tenant_id, h.last_seq, t.currency::text, {BOOK_STAMP},
            array(select substr(e.id, 14) from events e where e.tenant_id = h.tenant_id
-                 and e.id >= 'period-close:' and e.id < 'period-close;')
+                 and e.id >= 'period-close:' and e.id < 'period-close;'
+                 and e.type = 'tokenledger.system.v1')
          from tenant_heads h
          join tenants t on t.id = h.tenant_id
          where h.tenant_id = any($1) order by h.tenant_id for update of h"

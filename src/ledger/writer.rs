@@ -5,7 +5,7 @@
 //! transfers, conflicts and dead letters; update projections; commit. The caller acks
 //! only after `apply` returned, i.e. after the commit.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::HashMap;
 
 use chrono::{DateTime, Utc};
 use sqlx::PgPool;
@@ -151,9 +151,6 @@ struct Known {
     /// Tier positions and budget spend of the batch's tenants that have schedules or
     /// budgets, before the batch (moved as the batch is staged).
     state: TenantState,
-    /// (tenant, period) closed in ledger order so far: usage of a closed period is billed
-    /// late on the next open invoice.
-    closed: HashSet<(String, String)>,
 }
 
 impl Known {
@@ -181,8 +178,10 @@ impl Known {
             events: HashMap::new(),
             requests: HashMap::new(),
             book_stamp,
-            state: TenantState::default(),
-            closed,
+            state: TenantState {
+                closed,
+                ..TenantState::default()
+            },
         };
         for (t, id, hash, rq) in store::existing(tx, &keys, &reqs).await? {
             if let Some(r) = rq {
@@ -303,7 +302,9 @@ impl Writer {
                 periods: &periods,
                 minutes: &minutes,
             };
+            let closed = std::mem::take(&mut known.state.closed);
             known.state = store::load_state(&mut tx, who).await?;
+            known.state.closed = closed;
         }
         for (i, ev) in parsed {
             outcomes[i] = self.stage(&mut b, &mut known, &msgs[i], ev);
@@ -543,7 +544,12 @@ fn accrue(b: &mut Batch, known: &mut Known, ev: &Event, charge: &Charge, seq: i6
     };
     let is_close = closed_by(&ev.id).is_some() && matches!(ev.data, EventData::System(_));
     if !charge.legs.is_empty() {
-        let closed = |p: &str| known.closed.contains(&(tenant.to_string(), p.to_string()));
+        let closed = |p: &str| {
+            known
+                .state
+                .closed
+                .contains(&(tenant.to_string(), p.to_string()))
+        };
         let Some(period) = (if is_close {
             Some(origin.clone())
         } else {
@@ -569,7 +575,10 @@ fn accrue(b: &mut Batch, known: &mut Known, ev: &Event, charge: &Charge, seq: i6
         }
     }
     if is_close {
-        known.closed.insert((tenant.to_string(), origin.clone()));
+        known
+            .state
+            .closed
+            .insert((tenant.to_string(), origin.clone()));
         b.closes.push((
             tenant.to_string(),
             origin,

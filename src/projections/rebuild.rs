@@ -426,6 +426,7 @@ fn rerate_one(
             // a period's close: replay it and compare with what it billed
             let (line, moves) = close_period(book, &x.tenant_id, &x.period, state);
             state.apply(&moves);
+            state.closed.insert((x.tenant_id.clone(), x.period.clone()));
             let lines = line.iter().flat_map(|l| &l.commitments);
             let billed: Decimal = lines.clone().map(|c| c.amount).sum();
             let true_up: Decimal = lines.map(|c| c.true_up).sum();
