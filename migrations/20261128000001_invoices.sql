@@ -27,6 +27,23 @@ create table invoice_accruals (
   description text not null default '',
   quantity numeric not null,
   amount numeric not null,
+  -- usage rows (one per provider, model, versions and context length; quantity counts
+  -- requests): tokens, list amount and customer rate per million tokens of each class
+  input_tokens numeric not null default 0,
+  cached_input_tokens numeric not null default 0,
+  cache_write_tokens numeric not null default 0,
+  output_tokens numeric not null default 0,
+  reasoning_tokens numeric not null default 0,
+  input_amount numeric not null default 0,
+  cached_input_amount numeric not null default 0,
+  cache_write_amount numeric not null default 0,
+  output_amount numeric not null default 0,
+  reasoning_amount numeric not null default 0,
+  input_rate numeric,
+  cached_input_rate numeric,
+  cache_write_rate numeric,
+  output_rate numeric,
+  reasoning_rate numeric,
   primary key (tenant_id, period, line_key)
 ) with (fillfactor = 70);
 

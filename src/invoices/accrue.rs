@@ -41,6 +41,131 @@ pub const CLASSES: [&str; 5] = [
     "reasoning",
 ];
 
+/// The projection's columns after `tenant_id, period, line_key`, in the order the writer
+/// and the rebuild bind them.
+pub const COLUMNS: &str =
+    "kind, origin_period, provider, model, token_class, unit_price, name, refs,
+  description, quantity, amount, input_tokens, cached_input_tokens, cache_write_tokens,
+  output_tokens, reasoning_tokens, input_amount, cached_input_amount, cache_write_amount,
+  output_amount, reasoning_amount, input_rate, cached_input_rate, cache_write_rate, output_rate,
+  reasoning_rate";
+
+/// What an upsert does on a row that exists: totals add, rates stay.
+pub const ON_CONFLICT: &str = "on conflict (tenant_id, period, line_key) do update set
+  quantity = a.quantity + excluded.quantity, amount = a.amount + excluded.amount,
+  input_tokens = a.input_tokens + excluded.input_tokens,
+  cached_input_tokens = a.cached_input_tokens + excluded.cached_input_tokens,
+  cache_write_tokens = a.cache_write_tokens + excluded.cache_write_tokens,
+  output_tokens = a.output_tokens + excluded.output_tokens,
+  reasoning_tokens = a.reasoning_tokens + excluded.reasoning_tokens,
+  input_amount = a.input_amount + excluded.input_amount,
+  cached_input_amount = a.cached_input_amount + excluded.cached_input_amount,
+  cache_write_amount = a.cache_write_amount + excluded.cache_write_amount,
+  output_amount = a.output_amount + excluded.output_amount,
+  reasoning_amount = a.reasoning_amount + excluded.reasoning_amount,
+  input_rate = coalesce(a.input_rate, excluded.input_rate),
+  cached_input_rate = coalesce(a.cached_input_rate, excluded.cached_input_rate),
+  cache_write_rate = coalesce(a.cache_write_rate, excluded.cache_write_rate),
+  output_rate = coalesce(a.output_rate, excluded.output_rate),
+  reasoning_rate = coalesce(a.reasoning_rate, excluded.reasoning_rate)";
+
+/// An accrual map's rows as columns for `unnest`, in `COLUMNS` order after the key.
+#[derive(Default)]
+pub struct Columns {
+    pub tenant: Vec<String>,
+    pub period: Vec<String>,
+    pub key: Vec<String>,
+    pub text: [Vec<String>; 5],
+    pub unit_price: Vec<Option<Decimal>>,
+    pub name: Vec<String>,
+    pub refs: Vec<String>,
+    pub description: Vec<String>,
+    pub quantity: Vec<Decimal>,
+    pub amount: Vec<Decimal>,
+    pub tokens: [Vec<Decimal>; 5],
+    pub amounts: [Vec<Decimal>; 5],
+    pub rates: [Vec<Option<Decimal>>; 5],
+}
+
+type Query<'q> = sqlx::query::Query<'q, sqlx::Postgres, sqlx::postgres::PgArguments>;
+
+impl Columns {
+    pub fn of<'a>(
+        rows: impl Iterator<Item = (&'a (String, String, LineKey), &'a Accrued)>,
+    ) -> Columns {
+        let mut c = Columns::default();
+        for ((t, p, k), v) in rows {
+            c.tenant.push(t.clone());
+            c.period.push(p.clone());
+            c.key.push(k.text());
+            let fields = [&k.kind, &k.origin, &k.provider, &k.model, &k.class];
+            for (col, f) in c.text.iter_mut().zip(fields) {
+                col.push(f.clone());
+            }
+            c.unit_price.push(k.unit_price);
+            c.name.push(k.name.clone());
+            c.refs.push(k.refs.clone());
+            c.description.push(v.description.clone());
+            c.quantity.push(v.quantity);
+            c.amount.push(v.amount);
+            for (i, x) in v.classes.iter().enumerate() {
+                c.tokens[i].push(x.tokens);
+                c.amounts[i].push(x.amount);
+                c.rates[i].push(x.rate);
+            }
+        }
+        c
+    }
+
+    /// Bind every column, in order, to a query whose next parameter is the tenant's.
+    pub fn bind(self, q: Query<'_>) -> Query<'_> {
+        let [kind, origin, provider, model, class] = self.text;
+        let mut q = q
+            .bind(self.tenant)
+            .bind(self.period)
+            .bind(self.key)
+            .bind(kind)
+            .bind(origin)
+            .bind(provider)
+            .bind(model)
+            .bind(class)
+            .bind(self.unit_price)
+            .bind(self.name)
+            .bind(self.refs)
+            .bind(self.description)
+            .bind(self.quantity)
+            .bind(self.amount);
+        for v in self.tokens {
+            q = q.bind(v);
+        }
+        for v in self.amounts {
+            q = q.bind(v);
+        }
+        for v in self.rates {
+            q = q.bind(v);
+        }
+        q
+    }
+
+    /// `unnest(...)` of the bound columns (tenant, period, key, then `COLUMNS`), their
+    /// parameters numbered from `first`.
+    pub fn unnest(first: usize) -> String {
+        let types = [
+            "text", "text", "text", "text", "text", "text", "text", "text", "numeric", "text",
+            "text", "text", "numeric", "numeric",
+        ];
+        let mut parts: Vec<String> = types
+            .iter()
+            .enumerate()
+            .map(|(i, t)| format!("${}::{t}[]", first + i))
+            .collect();
+        for i in 0..15 {
+            parts.push(format!("${}::numeric[]", first + types.len() + i));
+        }
+        format!("unnest({})", parts.join(", "))
+    }
+}
+
 /// A line's identity within one tenant's invoice for one period.
 #[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct LineKey {
@@ -97,12 +222,27 @@ impl LineKey {
 }
 
 /// One line's running totals: quantity, amount (full precision), and a description for
-/// lines whose meaning is not in their key (adjustments: the reason).
+/// lines whose meaning is not in their key (adjustments: the reason). A `usage` row is
+/// one per provider, model, price versions and context length: its quantity counts
+/// requests and its classes carry the tokens, list amount and rate of each token class
+/// (the invoice shows one line per class), so the writer upserts one row where there are
+/// up to five lines.
 #[derive(Clone, Debug, Default, PartialEq)]
 pub struct Accrued {
     pub quantity: Decimal,
     pub amount: Decimal,
     pub description: String,
+    pub classes: [ClassTotals; 5],
+}
+
+/// One token class of a usage row.
+#[derive(Clone, Copy, Debug, Default, PartialEq)]
+pub struct ClassTotals {
+    pub tokens: Decimal,
+    pub amount: Decimal,
+    /// Customer rate per million tokens (the same for every request of the row: it follows
+    /// from the versions and the context length in the row's key).
+    pub rate: Option<Decimal>,
 }
 
 /// (tenant, invoice period, line) -> totals.
@@ -138,19 +278,26 @@ impl Sink<'_> {
         };
         let one = Decimal::ONE;
         let mut after_batch = Decimal::ZERO;
+        let mut k = LineKey::new("usage", origin);
+        k.provider = provider.into();
+        k.model = model.into();
+        k.name = if r.long_context { "long_context" } else { "" }.into();
+        k.refs = refs;
+        let row = self
+            .out
+            .entry((self.tenant.to_string(), self.period.to_string(), k))
+            .or_default();
+        row.quantity += one;
         for (i, l) in r.lines.iter().enumerate() {
             after_batch += l.price;
             if l.tokens == 0 {
                 continue;
             }
-            let mut k = LineKey::new("usage", origin);
-            k.provider = provider.into();
-            k.model = model.into();
-            k.class = CLASSES[i].into();
-            k.unit_price = Some(l.price_rate_per_mtok.normalize());
-            k.name = if r.long_context { "long_context" } else { "" }.into();
-            k.refs = refs.clone();
-            self.add(k, Decimal::from(l.tokens), l.price_list, "");
+            let c = &mut row.classes[i];
+            c.tokens += Decimal::from(l.tokens);
+            c.amount += l.price_list;
+            row.amount += l.price_list;
+            c.rate.get_or_insert(l.price_rate_per_mtok.normalize());
         }
         let batch = r.price_list - after_batch;
         if !batch.is_zero() {

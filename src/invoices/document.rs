@@ -6,7 +6,7 @@ use rust_decimal::{Decimal, RoundingStrategy};
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
-use super::accrue::{LineKey, CLASSES, KINDS};
+use super::accrue::{Accrued, LineKey, CLASSES, KINDS};
 
 /// Decimal places of a currency's minor unit (ISO 4217). Currencies not listed have two.
 pub fn minor_units(currency: &str) -> u32 {
@@ -27,13 +27,11 @@ pub fn round_line(amount: Decimal, currency: &str) -> Decimal {
     amount.round_dp_with_strategy(minor_units(currency), RoundingStrategy::MidpointNearestEven)
 }
 
-/// One accrued line as read from the projection.
+/// One accrued row as read from the projection.
 #[derive(Clone, Debug)]
 pub struct AccrualRow {
     pub key: LineKey,
-    pub description: String,
-    pub quantity: Decimal,
-    pub amount: Decimal,
+    pub totals: Accrued,
 }
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
@@ -196,37 +194,52 @@ pub fn build(tenant: &str, period: &str, currency: &str, mut rows: Vec<AccrualRo
         .collect();
     versions.sort();
     versions.dedup();
-    let lines: Vec<InvoiceLine> = rows
-        .iter()
-        .map(|r| {
-            let k = &r.key;
-            InvoiceLine {
-                kind: k.kind.clone(),
-                late_from: some(&k.origin),
-                description: describe(k, &r.description),
-                provider: some(&k.provider),
-                model: some(&k.model),
-                token_class: some(&k.class),
-                name: some(&k.name),
-                versions: some(&k.refs),
-                quantity: r.quantity.normalize(),
-                unit: match k.kind.as_str() {
-                    "usage" | "reservation_covered" => "tokens",
-                    "tier_discount" => "tier units",
-                    "overage_rate" => "overage amount",
-                    "batch_discount"
-                    | "commitment_covered"
-                    | "commitment_drawdown"
-                    | "tier_credit" => "requests",
-                    _ => "items",
+    let mut lines: Vec<InvoiceLine> = Vec::with_capacity(rows.len());
+    for r in &rows {
+        let k = &r.key;
+        let line =
+            |class: Option<usize>, quantity: Decimal, rate: Option<Decimal>, amount: Decimal| {
+                let mut key = k.clone();
+                if let Some(i) = class {
+                    key.class = CLASSES[i].into();
                 }
-                .into(),
-                unit_price_per_mtok: k.unit_price.map(|p| p.normalize()),
-                amount_exact: r.amount.normalize(),
-                amount: round_line(r.amount, currency),
+                InvoiceLine {
+                    kind: key.kind.clone(),
+                    late_from: some(&key.origin),
+                    description: describe(&key, &r.totals.description),
+                    provider: some(&key.provider),
+                    model: some(&key.model),
+                    token_class: some(&key.class),
+                    name: some(&key.name),
+                    versions: some(&key.refs),
+                    quantity: quantity.normalize(),
+                    unit: match key.kind.as_str() {
+                        "usage" | "reservation_covered" => "tokens",
+                        "tier_discount" => "tier units",
+                        "overage_rate" => "overage amount",
+                        "batch_discount"
+                        | "commitment_covered"
+                        | "commitment_drawdown"
+                        | "tier_credit" => "requests",
+                        _ => "items",
+                    }
+                    .into(),
+                    unit_price_per_mtok: rate.map(|p| p.normalize()),
+                    amount_exact: amount.normalize(),
+                    amount: round_line(amount, currency),
+                }
+            };
+        if k.kind == "usage" {
+            // one line per token class
+            for (i, c) in r.totals.classes.iter().enumerate() {
+                if !c.tokens.is_zero() || !c.amount.is_zero() {
+                    lines.push(line(Some(i), c.tokens, c.rate, c.amount));
+                }
             }
-        })
-        .collect();
+        } else {
+            lines.push(line(None, r.totals.quantity, k.unit_price, r.totals.amount));
+        }
+    }
     let total: Decimal = lines.iter().map(|l| l.amount).sum();
     let total_exact: Decimal = lines.iter().map(|l| l.amount_exact).sum();
     let start = crate::pricing::tiers::period_start(period).unwrap_or_default();
@@ -396,26 +409,29 @@ mod tests {
     }
 
     fn row(kind: &str, amount: &str) -> AccrualRow {
-        let mut key = LineKey {
+        let key = LineKey {
             kind: kind.into(),
             origin: String::new(),
             provider: "openai".into(),
             model: "gpt-4o".into(),
-            class: "input".into(),
-            unit_price: Some(d("2.5")),
+            class: String::new(),
+            unit_price: None,
             name: String::new(),
             refs: "cost:1 markup:2".into(),
         };
-        if kind != "usage" {
-            key.class.clear();
-            key.unit_price = None;
-        }
-        AccrualRow {
-            key,
-            description: String::new(),
+        let mut totals = Accrued {
             quantity: Decimal::ONE,
             amount: d(amount),
+            ..Accrued::default()
+        };
+        if kind == "usage" {
+            totals.classes[0] = super::super::accrue::ClassTotals {
+                tokens: Decimal::from(1000),
+                amount: d(amount),
+                rate: Some(d("2.5")),
+            };
         }
+        AccrualRow { key, totals }
     }
 
     #[test]

@@ -183,48 +183,21 @@ fn apply(out: &mut Replay, legs: Vec<Leg>) {
     }
 }
 
-/// Write replayed lines into `{prefix}invoice_accruals` (added to what is there).
+/// Write replayed lines into `table` (added to what is there).
 pub async fn write_accruals(c: &mut PgConnection, table: &str, a: &Accruals) -> sqlx::Result<()> {
     let entries: Vec<_> = a.iter().collect();
     for chunk in entries.chunks(10_000) {
-        let k = |f: &dyn Fn(&accrue::LineKey) -> String| {
-            chunk.iter().map(|(k, _)| f(&k.2)).collect::<Vec<String>>()
-        };
-        sqlx::query(&format!(
-            "insert into {table} as a (tenant_id, period, line_key, kind, origin_period, provider,
-               model, token_class, unit_price, name, refs, description, quantity, amount)
-             select * from unnest($1::text[], $2::text[], $3::text[], $4::text[], $5::text[],
-               $6::text[], $7::text[], $8::text[], $9::numeric[], $10::text[], $11::text[],
-               $12::text[], $13::numeric[], $14::numeric[])
-             on conflict (tenant_id, period, line_key) do update set
-               quantity = a.quantity + excluded.quantity, amount = a.amount + excluded.amount"
-        ))
-        .bind(chunk.iter().map(|(k, _)| k.0.clone()).collect::<Vec<_>>())
-        .bind(chunk.iter().map(|(k, _)| k.1.clone()).collect::<Vec<_>>())
-        .bind(k(&|k| k.text()))
-        .bind(k(&|k| k.kind.clone()))
-        .bind(k(&|k| k.origin.clone()))
-        .bind(k(&|k| k.provider.clone()))
-        .bind(k(&|k| k.model.clone()))
-        .bind(k(&|k| k.class.clone()))
-        .bind(
-            chunk
-                .iter()
-                .map(|(k, _)| k.2.unit_price)
-                .collect::<Vec<_>>(),
-        )
-        .bind(k(&|k| k.name.clone()))
-        .bind(k(&|k| k.refs.clone()))
-        .bind(
-            chunk
-                .iter()
-                .map(|(_, v)| v.description.clone())
-                .collect::<Vec<_>>(),
-        )
-        .bind(chunk.iter().map(|(_, v)| v.quantity).collect::<Vec<_>>())
-        .bind(chunk.iter().map(|(_, v)| v.amount).collect::<Vec<_>>())
-        .execute(&mut *c)
-        .await?;
+        let sql = format!(
+            "insert into {table} as a (tenant_id, period, line_key, {})
+             select * from {} {}",
+            accrue::COLUMNS,
+            accrue::Columns::unnest(1),
+            accrue::ON_CONFLICT
+        );
+        accrue::Columns::of(chunk.iter().copied())
+            .bind(sqlx::query(&sql))
+            .execute(&mut *c)
+            .await?;
     }
     Ok(())
 }
@@ -243,38 +216,41 @@ pub async fn check(
     let mut diffs: Vec<String> = r.problems.clone();
     let want = |p: &str| period.is_none_or(|x| x == p);
     // live projection vs replay
-    let live: Vec<(String, String, String, Decimal, Decimal)> = sqlx::query_as(
-        "select tenant_id, period, line_key, quantity, amount from invoice_accruals
-         where ($1::text is null or period = $1)",
-    )
+    let live: Vec<store::StoredRow> = sqlx::query_as(&format!(
+        "{} where ($1::text is null or period = $1)",
+        store::select_accruals()
+    ))
     .bind(period)
     .fetch_all(&mut *c)
     .await?;
-    let mut replayed: HashMap<(String, String, String), (Decimal, Decimal)> = r
+    let mut replayed: HashMap<(String, String, String), &accrue::Accrued> = r
         .accruals
         .iter()
         .filter(|(k, _)| want(&k.1))
-        .map(|(k, v)| {
-            (
-                (k.0.clone(), k.1.clone(), k.2.text()),
-                (v.quantity, v.amount),
-            )
-        })
+        .map(|(k, v)| ((k.0.clone(), k.1.clone(), k.2.text()), v))
         .collect();
-    for (t, p, key, q, a) in live {
+    for row in live {
+        let (t, p, key) = (
+            row.tenant_id.clone(),
+            row.period.clone(),
+            row.line_key.clone(),
+        );
+        let live = row.row().totals;
         match replayed.remove(&(t.clone(), p.clone(), key.clone())) {
-            Some((rq, ra)) if rq == q && ra == a => {}
-            Some((rq, ra)) => diffs.push(format!(
-                "invoice_accruals {t} {p} [{key}]: live quantity {q} amount {a}, replayed {rq} {ra}"
+            Some(x) if *x == live => {}
+            Some(x) => diffs.push(format!(
+                "invoice_accruals {t} {p} [{key}]: live {live:?}, replayed {x:?}"
             )),
             None => diffs.push(format!(
-                "invoice_accruals {t} {p} [{key}]: live only ({q}, {a})"
+                "invoice_accruals {t} {p} [{key}]: live only ({}, {})",
+                live.quantity, live.amount
             )),
         }
     }
-    for ((t, p, key), (q, a)) in replayed {
+    for ((t, p, key), x) in replayed {
         diffs.push(format!(
-            "invoice_accruals {t} {p} [{key}]: replayed only ({q}, {a})"
+            "invoice_accruals {t} {p} [{key}]: replayed only ({}, {})",
+            x.quantity, x.amount
         ));
     }
     // per (tenant, period): lines vs the ledger
@@ -330,9 +306,7 @@ pub async fn check(
             .filter(|(k, _)| k.0 == t && k.1 == p)
             .map(|(k, v)| document::AccrualRow {
                 key: k.2.clone(),
-                description: v.description.clone(),
-                quantity: v.quantity,
-                amount: v.amount,
+                totals: v.clone(),
             })
             .collect();
         rows.sort_by(|a, b| a.key.cmp(&b.key));

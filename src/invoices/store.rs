@@ -6,59 +6,97 @@ use rust_decimal::Decimal;
 use serde::Serialize;
 use sqlx::{PgConnection, PgPool};
 
-use super::accrue::LineKey;
+use super::accrue::{Accrued, ClassTotals, LineKey};
 use super::document::{build, seal, AccrualRow, Invoice};
 
-type Row = (
-    String,
-    String,
-    String,
-    String,
-    String,
-    Option<Decimal>,
-    String,
-    String,
-    String,
-    Decimal,
-    Decimal,
-);
+/// One projection row as stored.
+#[derive(sqlx::FromRow)]
+pub struct StoredRow {
+    pub tenant_id: String,
+    pub period: String,
+    pub line_key: String,
+    pub kind: String,
+    pub origin_period: String,
+    pub provider: String,
+    pub model: String,
+    pub token_class: String,
+    pub unit_price: Option<Decimal>,
+    pub name: String,
+    pub refs: String,
+    pub description: String,
+    pub quantity: Decimal,
+    pub amount: Decimal,
+    pub input_tokens: Decimal,
+    pub cached_input_tokens: Decimal,
+    pub cache_write_tokens: Decimal,
+    pub output_tokens: Decimal,
+    pub reasoning_tokens: Decimal,
+    pub input_amount: Decimal,
+    pub cached_input_amount: Decimal,
+    pub cache_write_amount: Decimal,
+    pub output_amount: Decimal,
+    pub reasoning_amount: Decimal,
+    pub input_rate: Option<Decimal>,
+    pub cached_input_rate: Option<Decimal>,
+    pub cache_write_rate: Option<Decimal>,
+    pub output_rate: Option<Decimal>,
+    pub reasoning_rate: Option<Decimal>,
+}
 
-const SELECT_ACCRUALS: &str =
-    "select kind, origin_period, provider, model, token_class, unit_price, name, refs,
-   description, quantity, amount from invoice_accruals where tenant_id = $1 and period = $2";
-
-fn rows(r: Vec<Row>) -> Vec<AccrualRow> {
-    r.into_iter()
-        .map(
-            |(
-                kind,
-                origin,
-                provider,
-                model,
-                class,
-                unit_price,
-                name,
-                refs,
-                description,
-                quantity,
-                amount,
-            )| AccrualRow {
-                key: LineKey {
-                    kind,
-                    origin,
-                    provider,
-                    model,
-                    class,
-                    unit_price,
-                    name,
-                    refs,
-                },
-                description,
-                quantity,
-                amount,
+impl StoredRow {
+    pub fn row(self) -> AccrualRow {
+        let tokens = [
+            self.input_tokens,
+            self.cached_input_tokens,
+            self.cache_write_tokens,
+            self.output_tokens,
+            self.reasoning_tokens,
+        ];
+        let amounts = [
+            self.input_amount,
+            self.cached_input_amount,
+            self.cache_write_amount,
+            self.output_amount,
+            self.reasoning_amount,
+        ];
+        let rates = [
+            self.input_rate,
+            self.cached_input_rate,
+            self.cache_write_rate,
+            self.output_rate,
+            self.reasoning_rate,
+        ];
+        AccrualRow {
+            key: LineKey {
+                kind: self.kind,
+                origin: self.origin_period,
+                provider: self.provider,
+                model: self.model,
+                class: self.token_class,
+                unit_price: self.unit_price,
+                name: self.name,
+                refs: self.refs,
             },
-        )
-        .collect()
+            totals: Accrued {
+                quantity: self.quantity,
+                amount: self.amount,
+                description: self.description,
+                classes: std::array::from_fn(|i| ClassTotals {
+                    tokens: tokens[i],
+                    amount: amounts[i],
+                    rate: rates[i],
+                }),
+            },
+        }
+    }
+}
+
+/// Every column of the projection.
+pub fn select_accruals() -> String {
+    format!(
+        "select tenant_id, period, line_key, {} from invoice_accruals",
+        super::accrue::COLUMNS
+    )
 }
 
 /// The accrued lines of a tenant's period.
@@ -67,12 +105,15 @@ pub async fn accruals(
     tenant: &str,
     period: &str,
 ) -> sqlx::Result<Vec<AccrualRow>> {
-    let r: Vec<Row> = sqlx::query_as(SELECT_ACCRUALS)
-        .bind(tenant)
-        .bind(period)
-        .fetch_all(c)
-        .await?;
-    Ok(rows(r))
+    let r: Vec<StoredRow> = sqlx::query_as(&format!(
+        "{} where tenant_id = $1 and period = $2",
+        select_accruals()
+    ))
+    .bind(tenant)
+    .bind(period)
+    .fetch_all(c)
+    .await?;
+    Ok(r.into_iter().map(StoredRow::row).collect())
 }
 
 /// Finalise a tenant's invoice for a period, in the transaction that applies the period's

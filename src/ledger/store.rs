@@ -285,7 +285,7 @@ pub struct Rows<'a> {
 /// One statement appends the whole batch: events, transfers, conflicts, dead letters,
 /// rollup and balance upserts and the new tenant heads, as data-modifying CTEs over
 /// arrays. One round trip instead of seven keeps small batches (low rates) fast.
-const APPEND: &str = concat!("with
+const APPEND_START: &str = concat!("with
   ev as (insert into events (tenant_id, id, seq, type, source, occurred_at, envelope, payload_hash,
            request_id, model, provider, api_key_id, status, batch, input_tokens, cached_input_tokens,
            cache_write_tokens, output_tokens, reasoning_tokens)
@@ -346,14 +346,19 @@ const APPEND: &str = concat!("with
   pm as (insert into provider_usage_minutes as m (provider, model, minute, tokens)
          select * from unnest($92::text[], $93::text[], $94::text[], $95::int8[])
          on conflict (provider, model, minute) do update set tokens = m.tokens + excluded.tokens),
-  ia as (insert into invoice_accruals as a (tenant_id, period, line_key, kind, origin_period, provider,
-           model, token_class, unit_price, name, refs, description, quantity, amount)
-         select * from unnest($96::text[], $97::text[], $98::text[], $99::text[], $100::text[],
-           $101::text[], $102::text[], $103::text[], $104::numeric[], $105::text[], $106::text[],
-           $107::text[], $108::numeric[], $109::numeric[])
-         on conflict (tenant_id, period, line_key) do update set quantity = a.quantity + excluded.quantity,
-           amount = a.amount + excluded.amount)
-select 1");
+");
+
+/// The batch's statement: `APPEND_START` and the invoice accrual upsert.
+static APPEND: std::sync::LazyLock<String> = std::sync::LazyLock::new(|| {
+    use crate::invoices::accrue::{Columns, COLUMNS, ON_CONFLICT};
+    format!(
+        "{APPEND_START}
+  ia as (insert into invoice_accruals as a (tenant_id, period, line_key, {COLUMNS})
+         select * from {} {ON_CONFLICT})
+select 1",
+        Columns::unnest(96)
+    )
+});
 
 /// Tokens per (provider, model, minute) a batch adds (shared across tenants, so added to,
 /// not set; a BTreeMap, so rows are locked in key order).
@@ -465,7 +470,7 @@ pub async fn append(c: &mut PgConnection, r: Rows<'_>) -> sqlx::Result<()> {
     let keys: Vec<&RollupKey> = p.rollups.keys().collect();
     let vals: Vec<&RollupAgg> = p.rollups.values().collect();
     let tok = |i: usize| vals.iter().map(|a| a.tokens[i]).collect::<Vec<_>>();
-    let q = sqlx::query(APPEND)
+    let q = sqlx::query(APPEND.as_str())
         .bind(&e.tenant)
         .bind(&e.id)
         .bind(&e.seq)
@@ -582,29 +587,7 @@ pub async fn append(c: &mut PgConnection, r: Rows<'_>) -> sqlx::Result<()> {
         .bind(pm.keys().map(|k| k.1.clone()).collect::<Vec<_>>())
         .bind(pm.keys().map(|k| k.2.clone()).collect::<Vec<_>>())
         .bind(pm.values().copied().collect::<Vec<_>>());
-    let ac = r.accruals;
-    let col = |f: &dyn Fn(&(String, String, crate::invoices::accrue::LineKey)) -> String| {
-        ac.keys().map(f).collect::<Vec<String>>()
-    };
-    let q = q
-        .bind(col(&|k| k.0.clone()))
-        .bind(col(&|k| k.1.clone()))
-        .bind(col(&|k| k.2.text()))
-        .bind(col(&|k| k.2.kind.clone()))
-        .bind(col(&|k| k.2.origin.clone()))
-        .bind(col(&|k| k.2.provider.clone()))
-        .bind(col(&|k| k.2.model.clone()))
-        .bind(col(&|k| k.2.class.clone()))
-        .bind(ac.keys().map(|k| k.2.unit_price).collect::<Vec<_>>())
-        .bind(col(&|k| k.2.name.clone()))
-        .bind(col(&|k| k.2.refs.clone()))
-        .bind(
-            ac.values()
-                .map(|a| a.description.clone())
-                .collect::<Vec<_>>(),
-        )
-        .bind(ac.values().map(|a| a.quantity).collect::<Vec<_>>())
-        .bind(ac.values().map(|a| a.amount).collect::<Vec<_>>());
+    let q = crate::invoices::accrue::Columns::of(r.accruals.iter()).bind(q);
     q.execute(c).await?;
     Ok(())
 }
