@@ -25,7 +25,7 @@ pub const KINDS: [&str; 12] = [
     "tier_discount",
     "tier_credit",
     "commitment_covered",
-    "overage_rate",
+    "commitment_overage",
     "commitment_drawdown",
     "commitment_true_up",
     "commitment_difference",
@@ -343,9 +343,11 @@ impl Sink<'_> {
                 k.refs = refs.clone();
                 self.add(k, one, -c.covered, "");
             }
+            // the usage past the commitment (already in the usage lines at the on-demand
+            // price): its quantity, and what the overage rate adds or takes off
             let d = c.overage - c.overage_usage;
-            if !d.is_zero() {
-                let mut k = LineKey::new("overage_rate", origin);
+            if !c.late && (!c.overage_usage.is_zero() || !d.is_zero()) {
+                let mut k = LineKey::new("commitment_overage", origin);
                 k.name = c.commitment.clone();
                 k.refs = refs.clone();
                 self.add(k, c.overage_usage, d, "");

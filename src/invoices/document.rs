@@ -140,7 +140,10 @@ fn describe(k: &LineKey, description: &str) -> String {
             k.name
         ),
         "commitment_covered" => format!("Usage covered by committed spend — {}", k.name),
-        "overage_rate" => format!("Overage rate difference — {}", k.name),
+        "commitment_overage" => format!(
+            "Overage past committed spend — {} (quantity: usage above at the on-demand price; amount: the overage rate's difference)",
+            k.name
+        ),
         "commitment_drawdown" => format!("Committed spend drawdown — {}", k.name),
         "commitment_true_up" => format!("Committed spend true-up (unused) — {}", k.name),
         "commitment_difference" => format!("Committed spend billed beyond drawdown — {}", k.name),
@@ -216,7 +219,7 @@ pub fn build(tenant: &str, period: &str, currency: &str, mut rows: Vec<AccrualRo
                     unit: match key.kind.as_str() {
                         "usage" | "reservation_covered" => "tokens",
                         "tier_discount" => "tier units",
-                        "overage_rate" => "overage amount",
+                        "commitment_overage" => "overage usage",
                         "batch_discount"
                         | "commitment_covered"
                         | "commitment_drawdown"
