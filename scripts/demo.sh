@@ -54,17 +54,23 @@ fi
 
 run=$(date +%s)
 now=$(date -u +%Y-%m-%dT%H:%M:%SZ)
-events="["
-i=0
-for spec in "openai gpt-4o 12000 3000 800 0 false" "anthropic claude-sonnet-4-5 40000 30000 1200 0 false" \
-            "openai gpt-5 5000 0 4000 2500 false" "deepseek deepseek-chat 8000 2000 900 0 true" \
-            "google gemini-2.5-pro 250000 0 2000 0 false" "mistral mistral-small-latest 3000 0 500 0 false"; do
-  set -- $spec
-  [ $i -gt 0 ] && events+=","
-  events+="{\"specversion\":\"1.0\",\"id\":\"demo-$run-$i\",\"source\":\"demo\",\"type\":\"tokenledger.usage.v1\",\"time\":\"$now\",\"data\":{\"tenant_id\":\"demo\",\"api_key_id\":\"key-1\",\"request_id\":\"demo-$run-$i\",\"provider\":\"$1\",\"model\":\"$2\",\"input_tokens\":$3,\"cached_input_tokens\":$4,\"output_tokens\":$5,\"reasoning_tokens\":$6,\"batch\":$7,\"status\":\"ok\",\"latency_ms\":900}}"
-  i=$((i + 1))
-done
-events+="]"
+# usage_events ID-PREFIX TIME "provider model input cached output reasoning batch"...: a
+# CloudEvents batch of the demo tenant's usage
+usage_events() {
+  local prefix=$1 time=$2 out="[" i=0
+  shift 2
+  for spec in "$@"; do
+    set -- $spec
+    [ $i -gt 0 ] && out+=","
+    out+="{\"specversion\":\"1.0\",\"id\":\"$prefix-$i\",\"source\":\"demo\",\"type\":\"tokenledger.usage.v1\",\"time\":\"$time\",\"data\":{\"tenant_id\":\"demo\",\"api_key_id\":\"key-1\",\"request_id\":\"$prefix-$i\",\"provider\":\"$1\",\"model\":\"$2\",\"input_tokens\":$3,\"cached_input_tokens\":$4,\"output_tokens\":$5,\"reasoning_tokens\":$6,\"batch\":$7,\"status\":\"ok\",\"latency_ms\":900}}"
+    i=$((i + 1))
+  done
+  echo "$out]"
+}
+events=$(usage_events "demo-$run" "$now" "openai gpt-4o 12000 3000 800 0 false" \
+  "anthropic claude-sonnet-4-5 40000 30000 1200 0 false" "openai gpt-5 5000 0 4000 2500 false" \
+  "deepseek deepseek-chat 8000 2000 900 0 true" "google gemini-2.5-pro 250000 0 2000 0 false" \
+  "mistral mistral-small-latest 3000 0 500 0 false")
 echo "== POST /v1/events (6 demo requests)"
 curl -sf -X POST "$api/v1/events" -H "authorization: Bearer $key" \
   -H 'content-type: application/cloudevents-batch+json' -d "$events"; echo
@@ -104,15 +110,8 @@ echo "== GET /v1/webhooks/messages?limit=2 (the delivery log)"
 curl -sf "$api/v1/webhooks/messages?limit=2" -H "authorization: Bearer $key" | head -c 700; echo
 last=$(date -u -d "$(date -u +%Y-%m-01) -1 day" +%Y-%m)
 echo "== backfill: 3 requests of the demo tenant dated $last (late lines on this month's invoice once $last is closed)"
-events="["
-i=0
-for spec in "openai gpt-4o 20000 4000 1500" "anthropic claude-sonnet-4-5 60000 50000 2000" "deepseek deepseek-chat 9000 0 700"; do
-  set -- $spec
-  [ $i -gt 0 ] && events+=","
-  events+="{\"specversion\":\"1.0\",\"id\":\"backfill-$run-$i\",\"source\":\"demo\",\"type\":\"tokenledger.usage.v1\",\"time\":\"$last-15T12:00:00Z\",\"data\":{\"tenant_id\":\"demo\",\"request_id\":\"backfill-$run-$i\",\"provider\":\"$1\",\"model\":\"$2\",\"input_tokens\":$3,\"cached_input_tokens\":$4,\"output_tokens\":$5,\"status\":\"ok\",\"latency_ms\":700}}"
-  i=$((i + 1))
-done
-events+="]"
+events=$(usage_events "backfill-$run" "$last-15T12:00:00Z" "openai gpt-4o 20000 4000 1500 0 false" \
+  "anthropic claude-sonnet-4-5 60000 50000 2000 0 false" "deepseek deepseek-chat 9000 0 700 0 false")
 curl -sf -X POST "$api/v1/events" -H "authorization: Bearer $key" \
   -H 'content-type: application/cloudevents-batch+json' -d "$events" >/dev/null
 sleep 1

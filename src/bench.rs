@@ -111,6 +111,27 @@ pub(crate) async fn fresh(
     Ok((s, pool, b))
 }
 
+/// The ledger writer (the real consumer) in this process until the token is cancelled.
+pub(crate) fn spawn_writer(
+    b: &Bus,
+    pool: &PgPool,
+    s: &Settings,
+) -> (
+    tokio_util::sync::CancellationToken,
+    tokio::task::JoinHandle<anyhow::Result<()>>,
+) {
+    let cancel = tokio_util::sync::CancellationToken::new();
+    let w = tokio::spawn(bus::run_writer(
+        b.clone(),
+        pool.clone(),
+        s.clone(),
+        crate::telemetry::Metrics::default(),
+        cancel.clone(),
+        None,
+    ));
+    (cancel, w)
+}
+
 /// Publish every event (at `rate`/s, or as fast as JetStream acks them if 0) in the
 /// background; returns each stream sequence's publish instant.
 pub(crate) fn publisher(

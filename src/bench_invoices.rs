@@ -11,13 +11,11 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use rand::SeedableRng;
-use tokio_util::sync::CancellationToken;
 
-use crate::bench::{fresh, percentiles, BenchArgs};
+use crate::bench::{fresh, percentiles, spawn_writer, BenchArgs};
 use crate::ledger::writer::{Inbound, Writer};
 use crate::settings::Settings;
-use crate::telemetry::Metrics;
-use crate::{bus, loadgen};
+use crate::loadgen;
 
 /// This process's resident set and its peak since the last reset, in MiB (Linux).
 fn memory() -> (f64, f64) {
@@ -149,15 +147,7 @@ pub async fn invoices(s0: &Settings, a: &BenchArgs) -> anyhow::Result<()> {
     // the close, through the real path
     let _ = std::fs::write("/proc/self/clear_refs", "5");
     let (rss0, _) = memory();
-    let cancel = CancellationToken::new();
-    let w = tokio::spawn(bus::run_writer(
-        b.clone(),
-        pool.clone(),
-        s.clone(),
-        Metrics::default(),
-        cancel.clone(),
-        None,
-    ));
+    let (cancel, w) = spawn_writer(&b, &pool, &s);
     let t = Instant::now();
     let published = crate::engine::publish_closes(&pool, &b, &s, &period).await?;
     loop {

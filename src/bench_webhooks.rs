@@ -15,8 +15,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::bench::{fresh, percentiles, publisher, BenchArgs};
 use crate::settings::Settings;
-use crate::telemetry::Metrics;
-use crate::{bus, catalog, loadgen, webhooks};
+use crate::{catalog, loadgen, webhooks};
 
 #[derive(Clone, Default)]
 struct Sink {
@@ -214,15 +213,7 @@ pub async fn webhooks(s0: &Settings, a: &BenchArgs) -> anyhow::Result<()> {
     let expected = tenants as u64 * 10;
     recv.n.store(0, Ordering::Relaxed);
     recv.arrivals.lock().expect("arrivals").clear();
-    let cancel = CancellationToken::new();
-    let w = tokio::spawn(bus::run_writer(
-        b.clone(),
-        pool.clone(),
-        s.clone(),
-        Metrics::default(),
-        cancel.clone(),
-        None,
-    ));
+    let (cancel, w) = crate::bench::spawn_writer(&b, &pool, &s);
     let d = tokio::spawn(webhooks::dispatch::run(
         pool.clone(),
         s.webhooks.clone(),
