@@ -14,8 +14,8 @@ use rand::SeedableRng;
 
 use crate::bench::{fresh, percentiles, spawn_writer, BenchArgs};
 use crate::ledger::writer::{Inbound, Writer};
-use crate::settings::Settings;
 use crate::loadgen;
+use crate::settings::Settings;
 
 /// This process's resident set and its peak since the last reset, in MiB (Linux).
 fn memory() -> (f64, f64) {

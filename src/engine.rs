@@ -631,7 +631,9 @@ async fn publish_notes(
 }
 
 /// The clock: once a month has ended and the grace period passed, publish its close for
-/// every tenant (each close finalises that tenant's invoice).
+/// every tenant (each close finalises that tenant's invoice); and, once an hour (and at
+/// start), the close of any earlier month that still has lines without one — a clock that
+/// was down over a month's end, or usage backfilled for a tenant created after the month.
 async fn close_ended_periods(
     engine: &Engine,
     bus: &crate::bus::Bus,
@@ -639,24 +641,36 @@ async fn close_ended_periods(
     done: &mut HashSet<(String, String)>,
 ) -> anyhow::Result<()> {
     let now = Utc::now();
-    let start = chrono::NaiveDate::from_ymd_opt(
-        chrono::Datelike::year(&now),
-        chrono::Datelike::month(&now),
-        1,
-    )
-    .and_then(|d| d.and_hms_opt(0, 0, 0))
-    .map(|t| t.and_utc())
-    .ok_or_else(|| anyhow::anyhow!("calendar"))?;
     let grace = chrono::Duration::from_std(settings.invoice_grace)?;
-    if now < start + grace {
-        return Ok(());
+    // the month holding `now - grace` is not closable yet; every month before it is
+    let open = period_of(now - grace);
+    let start =
+        crate::pricing::tiers::period_start(&open).ok_or_else(|| anyhow::anyhow!("calendar"))?;
+    let last = period_of(start - chrono::Duration::nanoseconds(1));
+    let mut due = Vec::new();
+    if !done.contains(&(String::new(), last.clone())) {
+        due.push(last.clone());
     }
-    let period = period_of(start - chrono::Duration::nanoseconds(1));
-    let key = (String::new(), period.clone());
-    if done.contains(&key) {
-        return Ok(());
+    let hour = ("backlog".to_string(), crate::ledger::state::tick_hour(now));
+    if !done.contains(&hour) {
+        let backlog: Vec<String> = sqlx::query_scalar(
+            "select distinct a.period from invoice_accruals a
+             where a.period < $1
+               and not exists (select 1 from events e where e.tenant_id = a.tenant_id
+                                 and e.id = 'period-close:' || a.period
+                                 and e.type = 'tokenledger.system.v1')
+             order by 1",
+        )
+        .bind(&last)
+        .fetch_all(engine.pool())
+        .await?;
+        due.extend(backlog);
     }
-    publish_closes(engine.pool(), bus, settings, &period).await?;
-    done.insert(key);
+    for period in due {
+        publish_closes(engine.pool(), bus, settings, &period).await?;
+        done.insert((String::new(), period));
+    }
+    done.retain(|k| k.0.is_empty() || k == &hour);
+    done.insert(hour);
     Ok(())
 }

@@ -678,3 +678,49 @@ async fn reconciliation_finds_exactly_the_injected_discrepancies() {
     assert_eq!(dec(&acme["margin_percent"]), d("16.6667"));
     app.stop().await;
 }
+
+#[tokio::test]
+async fn the_clock_closes_ended_months_after_the_grace_period() {
+    let mut s = common::fresh_settings().await;
+    let mut app = TestApp::start(s.clone()).await;
+    app.seed_prices().await;
+    app.tenant("acme").await;
+    app.ingest(
+        ADMIN,
+        &json!([
+            at(
+                usage("sep", "acme", "gpt-4o", 100_000, 10_000),
+                "2026-09-10T10:00:00Z"
+            ),
+            at(
+                usage("oct", "acme", "gpt-4o", 200_000, 20_000),
+                "2026-10-10T10:00:00Z"
+            ),
+        ]),
+    )
+    .await;
+    app.wait_count(EVENTS, 2).await;
+    app.drain().await;
+    // without the clock (the pricing role) nothing closes
+    assert_eq!(app.count("select count(*) from invoices").await, 0);
+    app.stop().await;
+
+    // the clock, with no grace: October (the last ended month) and September (a month
+    // with lines and no close) are closed for the tenant, whose invoices are finalised
+    s.roles.push("pricing".into());
+    s.invoice_grace = std::time::Duration::ZERO;
+    let mut app = TestApp::start(s).await;
+    app.wait_count("select count(*) from invoices", 2).await;
+    app.drain().await;
+    let periods: Vec<(String, Decimal)> =
+        sqlx::query_as("select period, total from invoices order by period")
+            .fetch_all(&app.owner)
+            .await
+            .unwrap();
+    assert_eq!(periods.len(), 2);
+    assert_eq!(periods[0].0, "2026-09");
+    assert_eq!(periods[1].0, "2026-10");
+    assert!(periods.iter().all(|p| p.1 > Decimal::ZERO), "{periods:?}");
+    app.verify_ok().await;
+    app.stop().await;
+}
