@@ -632,8 +632,9 @@ async fn publish_notes(
 
 /// The clock: once a month has ended and the grace period passed, publish its close for
 /// every tenant (each close finalises that tenant's invoice); and, once an hour (and at
-/// start), the close of any earlier month that still has lines without one — a clock that
-/// was down over a month's end, or usage backfilled for a tenant created after the month.
+/// start), the closes still missing for the twelve months before (a clock that was down
+/// over a month's end) and for any month with lines and no close (usage backfilled for a
+/// tenant created after the month). Closes go out oldest month first.
 async fn close_ended_periods(
     engine: &Engine,
     bus: &crate::bus::Bus,
@@ -647,25 +648,35 @@ async fn close_ended_periods(
     let start =
         crate::pricing::tiers::period_start(&open).ok_or_else(|| anyhow::anyhow!("calendar"))?;
     let last = period_of(start - chrono::Duration::nanoseconds(1));
-    let mut due = Vec::new();
+    let mut due = std::collections::BTreeSet::new();
     if !done.contains(&(String::new(), last.clone())) {
-        due.push(last.clone());
+        due.insert(last.clone());
     }
     let hour = ("backlog".to_string(), crate::ledger::state::tick_hour(now));
     if !done.contains(&hour) {
+        // every month of the last year (a tenant with a commitment or a reservation and
+        // no usage still has a close to bill), and any older month with lines and no close
+        let mut p = last.clone();
+        for _ in 0..12 {
+            due.insert(p.clone());
+            let Some(start) = crate::pricing::tiers::period_start(&p) else {
+                break;
+            };
+            p = period_of(start - chrono::Duration::nanoseconds(1));
+        }
         let backlog: Vec<String> = sqlx::query_scalar(
             "select distinct a.period from invoice_accruals a
-             where a.period < $1
+             where a.period <= $1
                and not exists (select 1 from events e where e.tenant_id = a.tenant_id
                                  and e.id = 'period-close:' || a.period
-                                 and e.type = 'tokenledger.system.v1')
-             order by 1",
+                                 and e.type = 'tokenledger.system.v1')",
         )
         .bind(&last)
         .fetch_all(engine.pool())
         .await?;
         due.extend(backlog);
     }
+    // oldest first, so invoice numbers follow the months
     for period in due {
         publish_closes(engine.pool(), bus, settings, &period).await?;
         done.insert((String::new(), period));
