@@ -9,8 +9,9 @@
 //! minus) the overage rate's difference. The close adds the true-up and reservation fees, so
 //! over a closed period the lines sum to exactly the period's receivable movements.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 
+use chrono::{DateTime, Utc};
 use rust_decimal::Decimal;
 
 use crate::events::{AdjustmentData, Direction};
@@ -409,6 +410,89 @@ impl Sink<'_> {
             Direction::Debit => a.amount,
         };
         self.add(k, Decimal::ONE, amount, &a.reason);
+    }
+}
+
+/// What an applied event charged, as far as invoices are concerned.
+pub enum Charged<'a> {
+    Usage {
+        provider: &'a str,
+        model: &'a str,
+        rating: &'a Rating,
+    },
+    Adjustment(&'a AdjustmentData),
+    /// A period's close, with what it charged (`None`: nothing).
+    Close {
+        period: &'a str,
+        record: Option<&'a CloseRecord>,
+    },
+    /// Lines nobody bills (an evaluation tick, or a charge whose record is unreadable).
+    Nothing,
+}
+
+/// Where an event went: the invoice period its lines were added to, if any.
+pub struct Accrual {
+    pub billed_to: Option<String>,
+    /// The period the event closed, if it is a close.
+    pub closes: Option<String>,
+}
+
+/// One event in ledger order, for the writer and the replay alike: add its lines to the
+/// invoice that bills it (its own month, or — if that was closed before it — the first
+/// open month after, as late lines), and for a close, close its period. Only events that
+/// moved money (`moved`) add lines: the record holds nothing else to rebuild them from.
+pub fn accrue_event(
+    out: &mut Accruals,
+    closed: &mut HashSet<(String, String)>,
+    tenant: &str,
+    event_id: &str,
+    at: DateTime<Utc>,
+    charged: Charged<'_>,
+    moved: bool,
+) -> Accrual {
+    let (origin, closes) = match &charged {
+        Charged::Close { period, .. } => (period.to_string(), true),
+        _ => (crate::pricing::period_of(at), false),
+    };
+    let billed_to = if !moved {
+        None
+    } else if closes {
+        Some(origin.clone())
+    } else {
+        invoice_period(&origin, |p| {
+            closed.contains(&(tenant.to_string(), p.to_string()))
+        })
+    };
+    if let Some(period) = &billed_to {
+        let late = if *period == origin {
+            ""
+        } else {
+            origin.as_str()
+        };
+        let mut sink = Sink {
+            out,
+            tenant,
+            period,
+        };
+        match charged {
+            Charged::Usage {
+                provider,
+                model,
+                rating,
+            } => sink.usage(provider, model, late, rating),
+            Charged::Adjustment(a) => sink.adjustment(event_id, late, a),
+            Charged::Close {
+                record: Some(c), ..
+            } => sink.close(c),
+            Charged::Close { record: None, .. } | Charged::Nothing => {}
+        }
+    }
+    if closes {
+        closed.insert((tenant.to_string(), origin.clone()));
+    }
+    Accrual {
+        billed_to,
+        closes: closes.then_some(origin),
     }
 }
 

@@ -16,8 +16,8 @@ use sqlx::PgConnection;
 use crate::events::AdjustmentData;
 use crate::ledger::accounts::RECEIVABLE;
 use crate::ledger::state::CloseRecord;
-use crate::pricing::{period_of, Breakdown};
-use accrue::{closed_by, invoice_period, Accruals, Sink};
+use crate::pricing::Breakdown;
+use accrue::{accrue_event, closed_by, Accruals, Charged};
 
 /// The record replayed in ledger order: every invoice line, and what the ledger moved per
 /// (tenant, invoice period) — into the receivable, and out of commitment accounts by
@@ -101,70 +101,71 @@ pub async fn replay(c: &mut PgConnection, hwm_table: Option<&str>) -> anyhow::Re
 
 fn apply(out: &mut Replay, legs: Vec<Leg>) {
     let first = &legs[0];
-    let tenant = first.tenant_id.clone();
-    let close = if first.type_ == "tokenledger.system.v1" {
-        closed_by(&first.id).map(str::to_string)
-    } else {
-        None
-    };
-    let origin = close
-        .clone()
-        .unwrap_or_else(|| period_of(first.occurred_at));
-    let has_legs = first.kind.is_some();
-    if has_legs {
-        let period = if close.is_some() {
-            Some(origin.clone())
-        } else {
-            invoice_period(&origin, |p| {
-                out.closed.contains(&(tenant.clone(), p.to_string()))
-            })
-        };
-        let Some(period) = period else {
-            out.problems
-                .push(format!("event {tenant}/{}: no open period", first.id));
-            return;
-        };
-        let late = if period == origin {
-            ""
-        } else {
-            origin.as_str()
-        };
-        let who = format!("event {tenant}/{}", first.id);
-        let mut sink = Sink {
-            out: &mut out.accruals,
-            tenant: &tenant,
-            period: &period,
-        };
-        let text = first.breakdown.as_deref().unwrap_or("null");
-        match first.type_.as_str() {
-            "tokenledger.usage.v1" => match serde_json::from_str::<Breakdown>(text)
+    let who = format!("event {}/{}", first.tenant_id, first.id);
+    let moved = first.kind.is_some();
+    let text = first.breakdown.as_deref().unwrap_or("null");
+    // the charge as recorded, read back from the event's first leg
+    let (rating, adjustment, record) = match first.type_.as_str() {
+        "tokenledger.usage.v1" if moved => (
+            serde_json::from_str::<Breakdown>(text)
                 .map_err(|e| e.to_string())
                 .and_then(|b| b.expand().map_err(|e| e.to_string()))
-            {
-                Ok(r) => sink.usage(
-                    first.provider.as_deref().unwrap_or_default(),
-                    first.model.as_deref().unwrap_or_default(),
-                    late,
-                    &r,
-                ),
-                Err(e) => out
-                    .problems
-                    .push(format!("{who}: breakdown unreadable: {e}")),
-            },
-            "tokenledger.adjustment.v1" => match serde_json::from_str::<AdjustmentData>(text) {
-                Ok(a) => sink.adjustment(&first.id, late, &a),
-                Err(e) => out
-                    .problems
-                    .push(format!("{who}: adjustment unreadable: {e}")),
-            },
-            _ => match serde_json::from_str::<CloseRecord>(text) {
-                Ok(c) => sink.close(&c),
-                Err(e) => out
-                    .problems
-                    .push(format!("{who}: close record unreadable: {e}")),
-            },
+                .map_err(|e| format!("{who}: breakdown unreadable: {e}"))
+                .map(Some),
+            Ok(None),
+            Ok(None),
+        ),
+        "tokenledger.adjustment.v1" => (
+            Ok(None),
+            serde_json::from_str::<AdjustmentData>(text)
+                .map(Some)
+                .map_err(|e| format!("{who}: adjustment unreadable: {e}")),
+            Ok(None),
+        ),
+        _ if moved => (
+            Ok(None),
+            Ok(None),
+            serde_json::from_str::<CloseRecord>(text)
+                .map(Some)
+                .map_err(|e| format!("{who}: close record unreadable: {e}")),
+        ),
+        _ => (Ok(None), Ok(None), Ok(None)),
+    };
+    let (rating, adjustment, record) = match (rating, adjustment, record) {
+        (Ok(r), Ok(a), Ok(c)) => (r, a, c),
+        (r, a, c) => {
+            out.problems
+                .extend([r.err(), a.err(), c.err()].into_iter().flatten());
+            (None, None, None)
         }
-        let key = (tenant.clone(), period);
+    };
+    let close = (first.type_ == "tokenledger.system.v1")
+        .then(|| closed_by(&first.id))
+        .flatten();
+    let charged = match (&rating, &adjustment, close) {
+        (Some(r), _, _) => Charged::Usage {
+            provider: first.provider.as_deref().unwrap_or_default(),
+            model: first.model.as_deref().unwrap_or_default(),
+            rating: r,
+        },
+        (_, Some(a), _) => Charged::Adjustment(a),
+        (_, _, Some(period)) => Charged::Close {
+            period,
+            record: record.as_ref(),
+        },
+        _ => Charged::Nothing,
+    };
+    let done = accrue_event(
+        &mut out.accruals,
+        &mut out.closed,
+        &first.tenant_id,
+        &first.id,
+        first.occurred_at,
+        charged,
+        moved,
+    );
+    if let Some(period) = done.billed_to {
+        let key = (first.tenant_id.clone(), period);
         for l in &legs {
             let amount = l.amount.unwrap_or_default();
             if l.debit_account.as_deref() == Some(RECEIVABLE) {
@@ -177,9 +178,6 @@ fn apply(out: &mut Replay, legs: Vec<Leg>) {
                 *out.drawdown.entry(key.clone()).or_default() += amount;
             }
         }
-    }
-    if close.is_some() {
-        out.closed.insert((tenant, origin));
     }
 }
 

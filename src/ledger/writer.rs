@@ -20,7 +20,7 @@ use super::store::{
 };
 use crate::catalog::prices::load_book;
 use crate::events::{parse_bytes, Event, EventData, UsageData};
-use crate::invoices::accrue::{closed_by, invoice_period, Accruals, Sink};
+use crate::invoices::accrue::{accrue_event, Accruals, Charged};
 use crate::pricing::budgets::{period_key, BudgetPeriod};
 use crate::pricing::reservations::minute_of;
 use crate::pricing::{period_of, CustomerPrice, PriceBook, PricingError, Rating, Side, Terms};
@@ -532,56 +532,36 @@ impl Writer {
     }
 }
 
-/// What an applied event adds to its tenant's invoice. Only events that moved money add
-/// lines (the record holds nothing else to rebuild them from); a period close adds its
-/// true-ups and fees to that period, then closes it.
+/// What an applied event adds to its tenant's invoice, in ledger order (the rule the
+/// replay shares); a close is queued for its invoice to be finalised after the batch.
 fn accrue(b: &mut Batch, known: &mut Known, ev: &Event, charge: &Charge, seq: i64, currency: &str) {
-    let tenant = ev.tenant_id();
-    let origin = match &ev.data {
-        EventData::System(x) if x.kind == "period_close" => x.period.clone(),
-        EventData::System(_) => return,
-        _ => period_of(ev.time),
+    let charged = match (&ev.data, &charge.rating) {
+        (EventData::Usage(u), Some(r)) => Charged::Usage {
+            provider: &u.provider,
+            model: &u.model,
+            rating: r,
+        },
+        (EventData::Adjustment(a), _) => Charged::Adjustment(a),
+        (EventData::System(x), _) if x.kind == "period_close" => Charged::Close {
+            period: &x.period,
+            record: charge.close.as_ref(),
+        },
+        _ => Charged::Nothing,
     };
-    let is_close = closed_by(&ev.id).is_some() && matches!(ev.data, EventData::System(_));
-    if !charge.legs.is_empty() {
-        let closed = |p: &str| {
-            known
-                .state
-                .closed
-                .contains(&(tenant.to_string(), p.to_string()))
-        };
-        let Some(period) = (if is_close {
-            Some(origin.clone())
-        } else {
-            invoice_period(&origin, closed)
-        }) else {
-            return;
-        };
-        let late = if period == origin {
-            ""
-        } else {
-            origin.as_str()
-        };
-        let mut sink = Sink {
-            out: &mut b.accruals,
-            tenant,
-            period: &period,
-        };
-        match (&ev.data, &charge.rating, &charge.close) {
-            (EventData::Usage(u), Some(r), _) => sink.usage(&u.provider, &u.model, late, r),
-            (EventData::Adjustment(a), _, _) => sink.adjustment(&ev.id, late, a),
-            (EventData::System(_), _, Some(c)) => sink.close(c),
-            _ => {}
-        }
-    }
-    if is_close {
-        known
-            .state
-            .closed
-            .insert((tenant.to_string(), origin.clone()));
+    let tenant = ev.tenant_id();
+    let done = accrue_event(
+        &mut b.accruals,
+        &mut known.state.closed,
+        tenant,
+        &ev.id,
+        ev.time,
+        charged,
+        !charge.legs.is_empty(),
+    );
+    if let Some(period) = done.closes {
         b.closes.push((
             tenant.to_string(),
-            origin,
+            period,
             ev.id.clone(),
             seq,
             currency.to_string(),

@@ -186,18 +186,6 @@ impl PriceBook {
             .find(|c| c.name == name && c.effective_from <= at)
     }
 
-    /// Whether the tenant had any commitment version effective before `end`.
-    pub fn had_commitment(&self, tenant_id: &str, end: DateTime<Utc>) -> bool {
-        self.commitments
-            .get(tenant_id)
-            .is_some_and(|l| l.iter().any(|c| c.effective_from < end))
-    }
-
-    /// Tenants with any commitment version.
-    pub fn committed_tenants(&self) -> impl Iterator<Item = &str> {
-        self.commitments.keys().map(|k| k.as_str())
-    }
-
     /// The same book with these reservation versions.
     pub fn with_reservations(mut self, mut list: Vec<Reservation>) -> PriceBook {
         list.sort_by_key(|r| (r.effective_from, r.id));
