@@ -289,6 +289,7 @@ async fn plain_postgres(s0: &Settings, a: &BenchArgs) -> anyhow::Result<f64> {
             commitments: &Default::default(),
             reservations: &Default::default(),
             provider_minutes: &Default::default(),
+            provider_costs: &Default::default(),
             accruals: &Default::default(),
         };
         store::append(&mut tx, rows).await?;

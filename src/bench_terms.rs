@@ -140,6 +140,7 @@ pub async fn quote_latency(s0: &Settings, _a: &BenchArgs) -> anyhow::Result<()> 
         .ok_or_else(|| anyhow::anyhow!("no auto:balanced class"))?;
     let candidates = eligible(class);
     let (positions, reserved, commitments, provider_minute) = Default::default();
+    let provider_period = Default::default();
     let ctx = QuoteContext {
         book: &book,
         tenant_id: &tenant,
@@ -148,6 +149,7 @@ pub async fn quote_latency(s0: &Settings, _a: &BenchArgs) -> anyhow::Result<()> 
         reserved: &reserved,
         commitments: &commitments,
         provider_minute: &provider_minute,
+        provider_period: &provider_period,
         at: now,
     };
     let mix = TokenMix {

@@ -90,6 +90,9 @@ pub struct TenantView {
     pub commitments: BTreeMap<String, CommitmentPosition>,
     /// (provider, model) -> tokens this minute under our provider reservations
     pub provider_minute: BTreeMap<(String, String), u64>,
+    /// (provider, model) -> our list cost this period, in the tenant's currency, for
+    /// providers we hold a commitment with
+    pub provider_period: BTreeMap<(String, String), Decimal>,
 }
 
 /// Read a tenant's currency, current tier positions and budget spend (none if the tenant
@@ -119,7 +122,10 @@ pub async fn tenant_view(
          from commitment_positions where tenant_id = $1 and period = $2
          union all
          select 5, provider || '/' || model, tokens, 0, 0 from provider_usage_minutes
-         where minute = $5",
+         where minute = $5
+         union all
+         select 6, provider || '/' || model, list_cost, 0, 0 from provider_period_costs
+         where period = $2 and currency = (select currency from tenants where id = $1)",
     )
     .bind(tenant)
     .bind(period_of(at))
@@ -159,6 +165,12 @@ pub async fn tenant_view(
                         (p.to_string(), m.to_string()),
                         u64::try_from(a).unwrap_or_default(),
                     );
+                }
+            }
+            6 => {
+                if let Some((p, m)) = name.split_once('/') {
+                    view.provider_period
+                        .insert((p.to_string(), m.to_string()), a);
                 }
             }
             _ => {
@@ -221,6 +233,7 @@ pub fn decide(
         reserved: &view.reserved,
         commitments: &view.commitments,
         provider_minute: &view.provider_minute,
+        provider_period: &view.provider_period,
         at,
     };
     let mix = TokenMix::reference();
@@ -349,6 +362,9 @@ pub async fn run_publisher(
     let mut last_stamp: BookStamp = -1;
     let mut last_day = None;
     let mut first = true;
+    // our provider commitments used up this period (their ids)
+    let mut spent: std::collections::BTreeSet<i64> = Default::default();
+    let mut settled = HashSet::new();
     loop {
         if !first {
             tokio::select! {
@@ -366,6 +382,9 @@ pub async fn run_publisher(
         if let Err(e) = publish_notes(&engine, &bus, &settings).await {
             tracing::warn!(error = %e, "publishing invoice notes failed; retrying");
         }
+        if let Err(e) = settle_providers(&engine, &settings, &mut settled).await {
+            tracing::warn!(error = %e, "settling provider terms failed; retrying");
+        }
         let r: anyhow::Result<()> = async {
             if store.is_none() {
                 store = Some(bucket(&js, &bucket_name).await?);
@@ -375,7 +394,7 @@ pub async fn run_publisher(
             let newest: i64 = sqlx::query_scalar("select coalesce(max(id), 0) from alert_facts")
                 .fetch_one(pool)
                 .await?;
-            let (_, stamp) = engine.book().await?;
+            let (book, stamp) = engine.book().await?;
             let today = Utc::now().date_naive();
             if stamp != last_stamp || last_day != Some(today) {
                 let trigger = match (last_stamp, last_day) {
@@ -394,6 +413,17 @@ pub async fn run_publisher(
                 last_alert = Some(newest);
                 return Ok(());
             }
+            // one of our provider commitments used up: every tenant's ranking changes
+            let exhausted = exhausted_provider_commitments(pool, &book).await?;
+            if !exhausted.is_subset(&spent) {
+                let tenants: Vec<String> = sqlx::query_scalar("select id from tenants order by id")
+                    .fetch_all(pool)
+                    .await?;
+                for t in &tenants {
+                    publish_tenant(&engine, kv, t, "provider_commitment_exhausted").await?;
+                }
+            }
+            spent = exhausted;
             let since = last_alert.unwrap_or(newest);
             // alert facts of parallel writers may commit out of id order: look back over a
             // window and skip what was already handled
@@ -447,6 +477,73 @@ pub async fn run_publisher(
             tracing::warn!(error = %e, "routing decision publication failed; retrying");
         }
     }
+}
+
+/// Our provider commitments in force whose list capacity this period's usage has used up.
+async fn exhausted_provider_commitments(
+    pool: &PgPool,
+    book: &PriceBook,
+) -> anyhow::Result<std::collections::BTreeSet<i64>> {
+    use crate::pricing::provider::{absorb, in_force};
+    let mut out = std::collections::BTreeSet::new();
+    if book.committed_providers().next().is_none() {
+        return Ok(out);
+    }
+    let now = Utc::now();
+    let rows: Vec<(String, String, String, Decimal)> = sqlx::query_as(
+        "select provider, model, currency::text, list_cost from provider_period_costs
+         where period = $1",
+    )
+    .bind(period_of(now))
+    .fetch_all(pool)
+    .await?;
+    let mut costs: BTreeMap<(String, String), BTreeMap<String, Decimal>> = BTreeMap::new();
+    for (p, m, c, amount) in rows {
+        costs.entry((p, c)).or_default().insert(m, amount);
+    }
+    for ((provider, currency), used) in &costs {
+        let commitments = in_force(book.provider_commitment_versions(provider), currency, now);
+        let (absorbed, _) = absorb(&commitments, used);
+        for (c, took) in commitments.iter().zip(absorbed) {
+            if took >= c.list_capacity() {
+                out.insert(c.id);
+            }
+        }
+    }
+    Ok(out)
+}
+
+/// The clock's provider settlements: hourly (and at start), every month of the last year
+/// that ended before the grace period is settled with the providers we hold terms with —
+/// a new revision only where the month's list cost changed (late usage) or none exists.
+async fn settle_providers(
+    engine: &Engine,
+    settings: &crate::settings::Settings,
+    done: &mut HashSet<String>,
+) -> anyhow::Result<()> {
+    let now = Utc::now();
+    let hour = crate::ledger::state::tick_hour(now);
+    if done.contains(&hour) {
+        return Ok(());
+    }
+    let grace = chrono::Duration::from_std(settings.invoice_grace)?;
+    let open = period_of(now - grace);
+    let mut start =
+        crate::pricing::tiers::period_start(&open).ok_or_else(|| anyhow::anyhow!("calendar"))?;
+    let mut months = Vec::new();
+    for _ in 0..12 {
+        let p = period_of(start - chrono::Duration::nanoseconds(1));
+        start =
+            crate::pricing::tiers::period_start(&p).ok_or_else(|| anyhow::anyhow!("calendar"))?;
+        months.push(p);
+    }
+    // oldest first
+    for p in months.iter().rev() {
+        crate::ledger::provider_settlement::settle_period(engine.pool(), p, now).await?;
+    }
+    done.clear();
+    done.insert(hour);
+    Ok(())
 }
 
 /// The id of a tenant's close event for a period: deterministic, so the clock and an

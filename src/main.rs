@@ -103,6 +103,14 @@ enum Cmd {
         #[command(subcommand)]
         cmd: InvoiceCmd,
     },
+    /// Settle an ended month with the providers we hold commitments or reservations with:
+    /// post what they are worth to the operator's accounts (a new revision only when
+    /// something changed) and print the settlements of the month.
+    ProviderSettle {
+        /// `YYYY-MM`
+        #[arg(long)]
+        period: String,
+    },
     /// Reconcile a period: internal (ledger vs projections vs invoices), against a
     /// provider's export, or margin.
     Reconcile {
@@ -341,6 +349,16 @@ async fn main() -> anyhow::Result<()> {
         }
         Cmd::Bench(args) => bench::run(&s, args).await,
         Cmd::Invoice { cmd } => invoice(&s, cmd).await,
+        Cmd::ProviderSettle { period } => {
+            use tokenledger::ledger::provider_settlement;
+            let pool = db::connect(&s.database_url, 2).await?;
+            let new =
+                provider_settlement::settle_period(&pool, &period, chrono::Utc::now()).await?;
+            eprintln!("{period}: {} new settlement revision(s)", new.len());
+            let all = provider_settlement::list(&pool, Some(&period), None).await?;
+            println!("{}", serde_json::to_string_pretty(&all)?);
+            Ok(())
+        }
         Cmd::Reconcile {
             period,
             provider,

@@ -59,6 +59,8 @@ pub fn query_error(e: axum::extract::rejection::QueryRejection) -> ApiError {
         terms::list_alerts, terms::authorize,
         terms::add_reservation, terms::list_reservations, terms::utilisation,
         terms::add_provider_reservation, terms::list_provider_reservations,
+        terms::add_provider_commitment, terms::list_provider_commitments,
+        terms::settle_providers, terms::list_provider_settlements,
         terms::add_commitment, terms::list_commitments, terms::commitment_positions, terms::period_close,
         terms::price_diff, terms::quote, terms::routing_decision, terms::add_routing_class, terms::list_routing_classes,
         webhooks::create_endpoint, webhooks::list_endpoints, webhooks::get_endpoint,
@@ -124,6 +126,14 @@ pub fn router(state: AppState) -> Router {
         .route(
             "/v1/admin/provider-reservations",
             post(terms::add_provider_reservation).get(terms::list_provider_reservations),
+        )
+        .route(
+            "/v1/admin/provider-commitments",
+            post(terms::add_provider_commitment).get(terms::list_provider_commitments),
+        )
+        .route(
+            "/v1/admin/provider-settlements",
+            post(terms::settle_providers).get(terms::list_provider_settlements),
         )
         .route(
             "/v1/admin/tenants/{tenant_id}/reservations",

@@ -324,6 +324,7 @@ pub async fn quote(
         reserved: &view.reserved,
         commitments: &view.commitments,
         provider_minute: &view.provider_minute,
+        provider_period: &view.provider_period,
         at: now,
     };
     Ok(Json(QuoteResponse {
@@ -680,4 +681,124 @@ pub async fn list_provider_reservations(
     Ok(Json(ReservationPage {
         data: crate::catalog::reservations::list_provider(&st.pool).await?,
     }))
+}
+
+/// Publish a version of our own commitment with a provider. Its live drawdown lowers the
+/// marginal cost quotes and rankings see; its worth is settled per month.
+#[utoipa::path(post, path = "/v1/admin/provider-commitments", tag = "terms",
+    request_body = crate::catalog::provider_commitments::NewProviderCommitment,
+    responses((status = 201, body = crate::pricing::provider::ProviderCommitment),
+        (status = 422, description = "invalid commitment, or effective in a month already settled")),
+    security(("bearer" = [])))]
+pub async fn add_provider_commitment(
+    State(st): State<AppState>,
+    caller: Caller,
+    body: Bytes,
+) -> Result<
+    (
+        StatusCode,
+        Json<crate::pricing::provider::ProviderCommitment>,
+    ),
+    ApiError,
+> {
+    caller.require_admin()?;
+    let new: crate::catalog::provider_commitments::NewProviderCommitment = parse_json(&body)?;
+    let c = crate::catalog::provider_commitments::add(&st.pool, new, Utc::now(), st.skew()).await?;
+    Ok((StatusCode::CREATED, Json(c)))
+}
+
+#[derive(Serialize, utoipa::ToSchema)]
+pub struct ProviderCommitmentPage {
+    pub data: Vec<crate::pricing::provider::ProviderCommitment>,
+}
+
+/// Our provider commitment versions, newest first.
+#[utoipa::path(get, path = "/v1/admin/provider-commitments", tag = "terms",
+    responses((status = 200, body = ProviderCommitmentPage)), security(("bearer" = [])))]
+pub async fn list_provider_commitments(
+    State(st): State<AppState>,
+    caller: Caller,
+) -> Result<Json<ProviderCommitmentPage>, ApiError> {
+    caller.require_admin()?;
+    Ok(Json(ProviderCommitmentPage {
+        data: crate::catalog::provider_commitments::list(&st.pool).await?,
+    }))
+}
+
+#[derive(Deserialize, utoipa::ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct SettleRequest {
+    /// `YYYY-MM`, a month that has ended.
+    pub period: String,
+}
+
+#[derive(Serialize, utoipa::ToSchema)]
+pub struct SettlementPage {
+    pub data: Vec<crate::ledger::provider_settlement::Settlement>,
+}
+
+/// Settle an ended month with every provider we hold a commitment or reservation with;
+/// answers the revisions recorded now (none if nothing changed since the last run).
+#[utoipa::path(post, path = "/v1/admin/provider-settlements", tag = "terms",
+    request_body = SettleRequest,
+    responses((status = 201, body = SettlementPage), (status = 422, description = "not an ended month")),
+    security(("bearer" = [])))]
+pub async fn settle_providers(
+    State(st): State<AppState>,
+    caller: Caller,
+    body: Bytes,
+) -> Result<(StatusCode, Json<SettlementPage>), ApiError> {
+    caller.require_admin()?;
+    let r: SettleRequest = parse_json(&body)?;
+    let now = Utc::now();
+    match crate::pricing::tiers::period_end(&r.period) {
+        Some(end) if end <= now => {}
+        Some(_) => {
+            return Err(ApiError::new(
+                StatusCode::UNPROCESSABLE_ENTITY,
+                "invalid_period",
+                format!("period {} has not ended", r.period),
+            ))
+        }
+        None => {
+            return Err(ApiError::new(
+                StatusCode::UNPROCESSABLE_ENTITY,
+                "invalid_period",
+                "period must be YYYY-MM",
+            ))
+        }
+    }
+    let data = crate::ledger::provider_settlement::settle_period(&st.pool, &r.period, now)
+        .await
+        .map_err(ApiError::internal)?;
+    Ok((StatusCode::CREATED, Json(SettlementPage { data })))
+}
+
+#[derive(Deserialize, utoipa::IntoParams)]
+#[serde(deny_unknown_fields)]
+pub struct SettlementQuery {
+    /// `YYYY-MM`
+    pub period: Option<String>,
+    pub provider: Option<String>,
+}
+
+/// Recorded provider settlement revisions, newest first.
+#[utoipa::path(get, path = "/v1/admin/provider-settlements", tag = "terms",
+    params(SettlementQuery),
+    responses((status = 200, body = SettlementPage)), security(("bearer" = [])))]
+pub async fn list_provider_settlements(
+    State(st): State<AppState>,
+    caller: Caller,
+    q: Result<Query<SettlementQuery>, axum::extract::rejection::QueryRejection>,
+) -> Result<Json<SettlementPage>, ApiError> {
+    caller.require_admin()?;
+    let Query(q) = q.map_err(super::query_error)?;
+    let data = crate::ledger::provider_settlement::list(
+        &st.pool,
+        q.period.as_deref(),
+        q.provider.as_deref(),
+    )
+    .await
+    .map_err(ApiError::internal)?;
+    Ok(Json(SettlementPage { data }))
 }

@@ -4,6 +4,7 @@ pub mod budgets;
 pub mod commitments;
 pub mod keys;
 pub mod prices;
+pub mod provider_commitments;
 pub mod reservations;
 pub mod routing;
 pub mod tenants;

@@ -92,6 +92,7 @@ pub async fn load_book(c: &mut sqlx::PgConnection) -> Result<PriceBook, sqlx::Er
     let commitments = super::commitments::load_all(&mut *c).await?;
     let reservations = super::reservations::load_all(&mut *c).await?;
     let provider_reservations = super::reservations::load_provider(&mut *c).await?;
+    let provider_commitments = super::provider_commitments::load_all(&mut *c).await?;
     Ok(PriceBook::new(
         rows.into_iter().map(PriceVersion::from).collect(),
         markups
@@ -109,7 +110,8 @@ pub async fn load_book(c: &mut sqlx::PgConnection) -> Result<PriceBook, sqlx::Er
     .with_classes(classes)
     .with_commitments(commitments)
     .with_reservations(reservations)
-    .with_provider_reservations(provider_reservations))
+    .with_provider_reservations(provider_reservations)
+    .with_provider_commitments(provider_commitments))
 }
 
 /// A new price version, as an operator submits it (rates per million tokens).

@@ -182,6 +182,9 @@ pub struct NewProviderReservation {
     pub tokens_per_minute_per_unit: u64,
     #[schema(value_type = String)]
     pub price_per_unit_hour: Decimal,
+    /// The currency of `price_per_unit_hour` (default USD): the fees, and the list cost the
+    /// reservation covers, are settled in it.
+    pub currency: Option<String>,
     #[serde(default = "yes")]
     pub active: bool,
     /// Defaults to now plus the accepted clock skew; never earlier.
@@ -226,10 +229,16 @@ pub async fn add_provider(
         underutilization_alert_percent: None,
     };
     r.check().map_err(CatalogError::InvalidTerms)?;
+    let currency = new.currency.unwrap_or_else(|| "USD".into());
+    if !super::valid_currency(&currency) {
+        return Err(CatalogError::InvalidTerms(
+            "currency must be an ISO 4217 code such as USD".into(),
+        ));
+    }
     let (id,): (i64,) = sqlx::query_as(
         "insert into provider_reservations (name, effective_from, active, provider, model, units,
-           tokens_per_minute_per_unit, price_per_unit_hour)
-         values ($1, $2, $3, $4, $5, $6, $7, $8) returning id",
+           tokens_per_minute_per_unit, price_per_unit_hour, currency)
+         values ($1, $2, $3, $4, $5, $6, $7, $8, $9) returning id",
     )
     .bind(&r.name)
     .bind(r.effective_from)
@@ -239,11 +248,48 @@ pub async fn add_provider(
     .bind(r.units as i32)
     .bind(r.tokens_per_minute_per_unit as i64)
     .bind(r.price_per_unit_hour)
+    .bind(&currency)
     .fetch_one(pool)
     .await?;
     r.id = id;
     Ok(r)
 }
+
+/// Our provider reservation versions with their currencies, by (effective_from, id).
+pub async fn load_provider_with_currency(
+    c: &mut sqlx::PgConnection,
+) -> Result<Vec<(Reservation, String)>, sqlx::Error> {
+    let rows: Vec<(Row, String)> = sqlx::query_as(&format!(
+        "select {PROVIDER_COLUMNS}, currency::text from provider_reservations
+         order by effective_from, id"
+    ))
+    .fetch_all(&mut *c)
+    .await?
+    .into_iter()
+    .map(|r: ProviderRow| {
+        (
+            (r.0, r.1, r.2, r.3, r.4, r.5, r.6, r.7, r.8, r.9, r.10),
+            r.11,
+        )
+    })
+    .collect();
+    Ok(rows.into_iter().map(|(r, c)| (from_row(r), c)).collect())
+}
+
+type ProviderRow = (
+    i64,
+    String,
+    String,
+    DateTime<Utc>,
+    bool,
+    String,
+    String,
+    i32,
+    i64,
+    Decimal,
+    Option<Decimal>,
+    String,
+);
 
 pub async fn list_provider(pool: &PgPool) -> Result<Vec<Reservation>, CatalogError> {
     let rows: Vec<Row> = sqlx::query_as(&format!(

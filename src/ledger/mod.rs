@@ -6,6 +6,7 @@
 
 pub mod accounts;
 pub mod dead_letters;
+pub mod provider_settlement;
 pub mod state;
 pub mod store;
 pub mod writer;

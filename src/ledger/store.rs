@@ -279,6 +279,7 @@ pub struct Rows<'a> {
     pub commitments: &'a CommitmentPositions,
     pub reservations: &'a ReservationMinutes,
     pub provider_minutes: &'a ProviderMinutes,
+    pub provider_costs: &'a ProviderCosts,
     pub accruals: &'a crate::invoices::accrue::Accruals,
 }
 
@@ -346,6 +347,10 @@ const APPEND_START: &str = concat!("with
   pm as (insert into provider_usage_minutes as m (provider, model, minute, tokens)
          select * from unnest($92::text[], $93::text[], $94::text[], $95::int8[])
          on conflict (provider, model, minute) do update set tokens = m.tokens + excluded.tokens),
+  pc as (insert into provider_period_costs as m (provider, model, period, currency, list_cost)
+         select * from unnest($96::text[], $97::text[], $98::text[], $99::text[], $100::numeric[])
+         on conflict (provider, model, period, currency)
+           do update set list_cost = m.list_cost + excluded.list_cost),
 ");
 
 /// The batch's statement: `APPEND_START` and the invoice accrual upsert.
@@ -356,13 +361,17 @@ static APPEND: std::sync::LazyLock<String> = std::sync::LazyLock::new(|| {
   ia as (insert into invoice_accruals as a (tenant_id, period, line_key, {COLUMNS})
          select * from {} {ON_CONFLICT})
 select 1",
-        Columns::unnest(96)
+        Columns::unnest(101)
     )
 });
 
 /// Tokens per (provider, model, minute) a batch adds (shared across tenants, so added to,
 /// not set; a BTreeMap, so rows are locked in key order).
 pub type ProviderMinutes = BTreeMap<(String, String, String), i64>;
+
+/// List cost per (provider, model, period, currency) a batch adds under our provider
+/// commitments (shared across tenants: added to, in key order).
+pub type ProviderCosts = BTreeMap<(String, String, String, String), Decimal>;
 
 /// Settlements of pre-authorisation holds by the usage events carrying their ids.
 #[derive(Default)]
@@ -587,6 +596,13 @@ pub async fn append(c: &mut PgConnection, r: Rows<'_>) -> sqlx::Result<()> {
         .bind(pm.keys().map(|k| k.1.clone()).collect::<Vec<_>>())
         .bind(pm.keys().map(|k| k.2.clone()).collect::<Vec<_>>())
         .bind(pm.values().copied().collect::<Vec<_>>());
+    let pc = r.provider_costs;
+    let q = q
+        .bind(pc.keys().map(|k| k.0.clone()).collect::<Vec<_>>())
+        .bind(pc.keys().map(|k| k.1.clone()).collect::<Vec<_>>())
+        .bind(pc.keys().map(|k| k.2.clone()).collect::<Vec<_>>())
+        .bind(pc.keys().map(|k| k.3.clone()).collect::<Vec<_>>())
+        .bind(pc.values().copied().collect::<Vec<_>>());
     let q = crate::invoices::accrue::Columns::of(r.accruals.iter()).bind(q);
     q.execute(c).await?;
     Ok(())

@@ -109,6 +109,9 @@ struct Batch {
     reservations: store::ReservationMinutes,
     /// Tokens this batch adds per (provider, model, minute) under our provider reservations.
     provider_minutes: store::ProviderMinutes,
+    /// List cost this batch adds per (provider, model, period, currency) under our provider
+    /// commitments.
+    provider_costs: store::ProviderCosts,
     /// What this batch adds to invoices, per (tenant, invoice period, line).
     accruals: Accruals,
     /// Period closes this batch applies: (tenant, period, close event id, seq, currency);
@@ -132,6 +135,7 @@ impl Batch {
             commitments: &self.commitments,
             reservations: &self.reservations,
             provider_minutes: &self.provider_minutes,
+            provider_costs: &self.provider_costs,
             accruals: &self.accruals,
         };
         store::append(tx, rows).await
@@ -467,6 +471,17 @@ impl Writer {
                         let k = (u.provider.clone(), u.model.clone(), minute_of(ev.time));
                         *b.provider_minutes.entry(k).or_default() +=
                             (u.input_tokens + u.output_tokens) as i64;
+                    }
+                    if r.cost > rust_decimal::Decimal::ZERO
+                        && self.book.counts_provider_cost(&u.provider, ev.time)
+                    {
+                        let k = (
+                            u.provider.clone(),
+                            u.model.clone(),
+                            period_of(ev.time),
+                            currency.to_string(),
+                        );
+                        *b.provider_costs.entry(k).or_default() += r.cost;
                     }
                     Ok(Charge {
                         legs: usage_legs(&u.provider, &r),

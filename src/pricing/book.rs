@@ -2,6 +2,7 @@
 
 use super::budgets::Budget;
 use super::commitments::Commitment;
+use super::provider::ProviderCommitment;
 use super::reservations::Reservation;
 use super::routing::RoutingClass;
 use super::tiers::TierSchedule;
@@ -89,6 +90,8 @@ pub struct PriceBook {
     reservations: HashMap<String, Vec<Reservation>>,
     /// (provider, model) -> our reservation versions with the provider
     provider_reservations: HashMap<(String, String), Vec<Reservation>>,
+    /// provider -> our commitment versions with it, by (effective_from, id)
+    provider_commitments: HashMap<String, Vec<ProviderCommitment>>,
 }
 
 /// The last element whose `effective_from` is at or before `at` (slices sorted by it).
@@ -266,6 +269,43 @@ impl PriceBook {
             .rev()
             .find(|r| r.effective_from <= at)
             .filter(|r| r.active)
+    }
+
+    /// The same book with our provider commitment versions.
+    pub fn with_provider_commitments(mut self, mut list: Vec<ProviderCommitment>) -> PriceBook {
+        list.sort_by_key(|c| (c.effective_from, c.id));
+        self.provider_commitments.clear();
+        for c in list {
+            self.provider_commitments
+                .entry(c.provider.clone())
+                .or_default()
+                .push(c);
+        }
+        self
+    }
+
+    /// Our commitment versions with a provider, by (effective_from, id).
+    pub fn provider_commitment_versions(&self, provider: &str) -> &[ProviderCommitment] {
+        self.provider_commitments
+            .get(provider)
+            .map_or(&[], |v| v.as_slice())
+    }
+
+    /// Providers we have any commitment version with.
+    pub fn committed_providers(&self) -> impl Iterator<Item = &str> {
+        self.provider_commitments.keys().map(|k| k.as_str())
+    }
+
+    /// Whether the list cost of usage of this provider at `at` is counted per period for
+    /// our provider commitments: some version of one took effect at or before `at`.
+    pub fn counts_provider_cost(&self, provider: &str, at: DateTime<Utc>) -> bool {
+        if self.provider_commitments.is_empty() {
+            return false;
+        }
+        self.provider_commitments
+            .get(provider)
+            .and_then(|l| l.first())
+            .is_some_and(|c| c.effective_from <= at)
     }
 
     /// Whether usage of this model at `at` is counted per minute for our provider

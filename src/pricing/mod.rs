@@ -6,6 +6,7 @@ pub mod budgets;
 pub mod commitments;
 pub mod diff;
 pub mod import;
+pub mod provider;
 mod rate;
 pub mod reservations;
 pub mod routing;

@@ -184,8 +184,13 @@ pub struct QuoteLine {
     pub reserved_headroom_tokens: Option<u64>,
     /// Tokens our own reservation with the provider can still take this minute.
     pub provider_headroom_tokens: Option<u64>,
+    /// List cost our commitments with the provider can still absorb this period (what
+    /// they absorb is already paid for).
+    #[schema(value_type = Option<String>)]
+    pub provider_commitment_headroom: Option<Decimal>,
     /// Our cost for the mix at the margin: list cost less what our provider reservation's
-    /// headroom covers (ties in effective price are broken by it).
+    /// headroom covers, less what our provider commitments can still absorb, the rest at
+    /// their overage discount (ties in effective price are broken by it).
     #[schema(value_type = Option<String>)]
     pub marginal_cost: Option<Decimal>,
 }
@@ -202,6 +207,9 @@ pub struct QuoteContext<'a> {
     pub commitments: &'a BTreeMap<String, CommitmentPosition>,
     /// (provider, model) -> tokens this minute under our provider reservations
     pub provider_minute: &'a BTreeMap<(String, String), u64>,
+    /// (provider, model) -> our list cost this period (tenant's currency), for providers we
+    /// hold a commitment with
+    pub provider_period: &'a BTreeMap<(String, String), Decimal>,
     pub at: DateTime<Utc>,
 }
 
@@ -229,6 +237,7 @@ fn price_one(
         commitment_remaining: None,
         reserved_headroom_tokens: None,
         provider_headroom_tokens: None,
+        provider_commitment_headroom: None,
         marginal_cost: None,
     };
     let u = mix.usage(ctx.tenant_id, provider, model);
@@ -279,6 +288,25 @@ fn price_one(
             (r.cost - saved).max(Decimal::ZERO)
         }
         None => r.cost,
+    };
+    // and what our commitments with the provider can still absorb is already paid for
+    let commitments = super::provider::in_force(
+        book.provider_commitment_versions(provider),
+        ctx.currency,
+        ctx.at,
+    );
+    let marginal_cost = if commitments.is_empty() {
+        marginal_cost
+    } else {
+        let used: BTreeMap<String, Decimal> = ctx
+            .provider_period
+            .iter()
+            .filter(|((p, _), _)| p == provider)
+            .map(|((_, m), c)| (m.clone(), *c))
+            .collect();
+        let (m, headroom) = super::provider::marginal(&commitments, &used, model, marginal_cost);
+        line.provider_commitment_headroom = Some(headroom);
+        m
     };
     line.marginal_cost = Some(marginal_cost.normalize());
     // step 5: what is left of a reservation this minute covers tokens at no price

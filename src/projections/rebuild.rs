@@ -147,10 +147,28 @@ async fn populate(c: &mut PgConnection, prefix: &str, delta: bool) -> sqlx::Resu
         .as_str(),
     )
     .await?;
+    // list cost per provider, model, month and currency under our provider commitments
+    c.execute(
+        format!(
+            "insert into {prefix}provider_period_costs as m
+             select e.provider, e.model, to_char(e.occurred_at at time zone 'UTC', 'YYYY-MM'),
+               x.currency, sum(x.amount)
+             from events e
+             join transfers x on x.tenant_id = e.tenant_id and x.seq = e.seq and x.kind = 'usage_cost'
+             where e.type = 'tokenledger.usage.v1'
+               and exists (select 1 from provider_commitments p where p.provider = e.provider
+                 and p.effective_from <= e.occurred_at){filter}
+             group by 1, 2, 3, 4
+             on conflict (provider, model, period, currency)
+               do update set list_cost = m.list_cost + excluded.list_cost"
+        )
+        .as_str(),
+    )
+    .await?;
     Ok(())
 }
 
-const TABLES: [&str; 7] = [
+const TABLES: [&str; 8] = [
     "usage_rollups",
     "account_balances",
     "tier_positions",
@@ -158,6 +176,7 @@ const TABLES: [&str; 7] = [
     "commitment_positions",
     "reservation_usage",
     "provider_usage_minutes",
+    "provider_period_costs",
 ];
 
 /// Rebuild every projection into shadow tables and swap them in. Safe while `serve`
@@ -171,8 +190,13 @@ pub async fn rebuild(owner: &PgPool) -> anyhow::Result<()> {
         c.execute(format!("drop table if exists rebuild_{t}; create table rebuild_{t} (like {t} including all)").as_str())
             .await?;
     }
-    c.execute("drop table if exists rebuild_hwm; create table rebuild_hwm as select tenant_id, last_seq from tenant_heads")
-        .await?;
+    // the operator's settlement transfers are numbered by their settlement's id
+    c.execute(
+        "drop table if exists rebuild_hwm; create table rebuild_hwm as
+         select tenant_id, last_seq from tenant_heads
+         union all select '_operator', coalesce(max(id), 0) from provider_settlements",
+    )
+    .await?;
     populate(&mut c, "rebuild_", false).await?;
     // invoice lines: the record replayed in ledger order (late lines need the closes)
     c.execute("drop table if exists rebuild_invoice_accruals; create table rebuild_invoice_accruals (like invoice_accruals including all)")
@@ -271,6 +295,9 @@ pub async fn verify(owner: &PgPool) -> anyhow::Result<VerifyReport> {
         .extend(crate::invoices::check(&mut c, &r, None).await?);
     let book = load_book(&mut c).await?;
     rerate(&mut c, &book, &mut report).await?;
+    report
+        .differences
+        .extend(crate::ledger::provider_settlement::check(&mut c, &book).await?);
     c.execute("rollback").await?;
     Ok(report)
 }
