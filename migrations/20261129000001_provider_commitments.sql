@@ -28,8 +28,8 @@ create trigger provider_commitments_bump_terms_version after insert on provider_
   for each statement execute function bump_terms_version();
 
 -- A projection: our list cost (the usage_cost transfers) per provider, model, UTC month and
--- currency, for providers with a commitment version effective at or before the event: the
--- live drawdown the pricing engine ranks on.
+-- currency: the live drawdown of our provider commitments the pricing engine ranks on
+-- (kept for every provider, so a commitment added or backdated later finds it complete).
 create table provider_period_costs (
   provider text collate "C" not null,
   model text collate "C" not null,
@@ -72,7 +72,7 @@ grant usage, select on sequence provider_commitments_id_seq, provider_settlement
   to tokenledger_app;
 grant select, insert, update on provider_period_costs to tokenledger_app;
 
--- the currency our provider reservation's unit-hour price is in (its fees and the list
--- cost it covers are settled in it)
+-- the currency our provider reservation's unit-hour price is in (its fees are settled in
+-- it; the list cost it covers is credited in the currency that cost was recorded in)
 alter table provider_reservations add column currency char(3) not null default 'USD'
   check (currency ~ '^[A-Z]{3}$');

@@ -9,14 +9,28 @@
 //! holds under the same lock, spend + open holds is exact at every decision, so concurrent
 //! authorisations can never together take a blocking budget past its limit; only usage
 //! above its own hold (or usage without a hold) can, by at most what it exceeds.
+//!
+//! Leases (the router's path, `authorize_leased`): a process that authorises for a tenant
+//! also takes, in that transaction, a lease on each blocking budget in force — one hold of
+//! half the budget's remaining headroom — and then grants requests against it in memory,
+//! with no database round trip: a request is allowed locally when its worst case fits in
+//! what is left of the lease of every blocking budget in scope. Grants are written behind
+//! (a flush per batch of grants, within milliseconds): each becomes its decision and holds,
+//! and draws its worst case out of the lease's hold, so spend + open holds (leases
+//! included) stays within the limit exactly as before. Anything the lease cannot grant
+//! (no lease, not enough left, a denial or downgrade) takes the exact path, which first
+//! writes the pending grants and releases the process's leases of that tenant, so the
+//! decision sees the whole remaining headroom. Leases expire after `LEASE_TTL` and are
+//! renewed when half used or near expiry.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::sync::{Arc, Mutex};
 
 use chrono::{DateTime, Utc};
 use rust_decimal::Decimal;
 use serde::{Deserialize, Serialize};
 use sqlx::PgPool;
-use tokio::sync::{mpsc, oneshot};
+use tokio::sync::{mpsc, oneshot, Notify};
 
 use crate::catalog::prices::load_book;
 use crate::events::{Status, UsageData};
@@ -27,6 +41,11 @@ use crate::pricing::{rate, PriceBook};
 
 /// Most requests decided in one transaction.
 pub const MAX_BATCH: usize = 512;
+
+/// How long a budget lease's hold lasts; a lease is used only while more than
+/// `LEASE_MARGIN` of it is left, and renewed when less than half of it is.
+pub const LEASE_TTL: chrono::Duration = chrono::Duration::seconds(120);
+const LEASE_MARGIN: chrono::Duration = chrono::Duration::seconds(30);
 
 /// Largest token counts accepted (the same cap as usage events).
 const MAX_TOKENS: u64 = 100_000_000;
@@ -106,40 +125,213 @@ pub enum AuthError {
 
 type Reply = oneshot::Sender<Result<AuthDecision, AuthError>>;
 
-/// The handle the API uses; cheap to clone.
+/// Work for the group-commit task: a request to decide (its reply; `leased`: the caller
+/// grants from leases, so leases are placed for its tenant), or a lease renewal.
+struct Job {
+    tenant: String,
+    req: Option<AuthRequest>,
+    reply: Option<Reply>,
+    leased: bool,
+}
+
+/// A share of one blocking budget's headroom in one period, held by this process.
+#[derive(Clone, Debug)]
+struct Lease {
+    id: uuid::Uuid,
+    /// The lease's hold.
+    amount: Decimal,
+    /// Granted out of it so far (written behind or pending).
+    drawn: Decimal,
+    expires_at: DateTime<Utc>,
+    /// The budget's spend and other holds when the lease was taken (for the views).
+    spent: Decimal,
+    renewing: bool,
+}
+
+/// A decision granted from leases, to be written behind.
+struct Grant {
+    tenant: String,
+    req: AuthRequest,
+    decision: AuthDecision,
+    holds: Vec<(Key, Decimal)>,
+    /// (lease, budget key, amount) drawn out of leases
+    draws: Vec<(uuid::Uuid, Key, Decimal)>,
+}
+
+/// What the fast path and the task share.
+#[derive(Default)]
+struct Shared {
+    book: Arc<PriceBook>,
+    stamp: BookStamp,
+    currencies: HashMap<String, String>,
+    leases: HashMap<Key, Lease>,
+    /// Standings read by the last exact decision (views of alert-only budgets).
+    standings: HashMap<Key, Standing>,
+    pending: Vec<Grant>,
+}
+
+/// The handle the API and the router use; cheap to clone.
 #[derive(Clone)]
 pub struct Authorizer {
-    tx: mpsc::Sender<(String, AuthRequest, Reply)>,
+    tx: mpsc::Sender<Job>,
+    shared: Arc<Mutex<Shared>>,
+    flush: Arc<Notify>,
+    ttl: chrono::Duration,
 }
 
 impl Authorizer {
-    /// Start the group-commit task; it ends when every handle is dropped.
+    /// Start the group-commit task; it ends when every handle is dropped (writing what is
+    /// pending and releasing its leases).
     pub fn start(pool: PgPool, hold_ttl: std::time::Duration) -> Authorizer {
         let (tx, rx) = mpsc::channel(4 * MAX_BATCH);
         let ttl = chrono::Duration::from_std(hold_ttl).unwrap_or(chrono::Duration::hours(1));
-        tokio::spawn(run(pool, ttl, rx));
-        Authorizer { tx }
+        let shared = Arc::new(Mutex::new(Shared {
+            stamp: -1,
+            ..Shared::default()
+        }));
+        let flush = Arc::new(Notify::new());
+        tokio::spawn(run(pool, ttl, rx, shared.clone(), flush.clone()));
+        Authorizer {
+            tx,
+            shared,
+            flush,
+            ttl,
+        }
     }
 
+    /// Decide exactly, in the group commit: durable before it answers.
     pub async fn authorize(
         &self,
         tenant: String,
         req: AuthRequest,
     ) -> Result<AuthDecision, AuthError> {
-        if req.estimated_input_tokens > MAX_TOKENS || req.max_tokens.is_some_and(|m| m > MAX_TOKENS)
-        {
-            return Err(AuthError::Invalid(format!(
-                "token counts are capped at {MAX_TOKENS}"
-            )));
+        self.exact(tenant, req, false).await
+    }
+
+    /// Decide from this process's leases when they can grant the request (no database
+    /// round trip; the grant is written behind), else exactly (placing leases for later).
+    pub async fn authorize_leased(
+        &self,
+        tenant: String,
+        req: AuthRequest,
+    ) -> Result<AuthDecision, AuthError> {
+        check_request(&req)?;
+        let granted = {
+            let mut sh = self.shared.lock().expect("authorizer state");
+            grant_locally(&mut sh, &tenant, &req, Utc::now(), self.ttl)
+        };
+        if let Some((d, renew)) = granted {
+            self.flush.notify_one();
+            if renew {
+                let _ = self.tx.try_send(Job {
+                    tenant,
+                    req: None,
+                    reply: None,
+                    leased: true,
+                });
+            }
+            return Ok(d);
         }
-        check_strings(&req).map_err(AuthError::Invalid)?;
+        self.exact(tenant, req, true).await
+    }
+
+    async fn exact(
+        &self,
+        tenant: String,
+        req: AuthRequest,
+        leased: bool,
+    ) -> Result<AuthDecision, AuthError> {
+        check_request(&req)?;
         let (reply, rx) = oneshot::channel();
         self.tx
-            .send((tenant, req, reply))
+            .send(Job {
+                tenant,
+                req: Some(req),
+                reply: Some(reply),
+                leased,
+            })
             .await
             .map_err(|_| AuthError::Stopped)?;
         rx.await.map_err(|_| AuthError::Stopped)?
     }
+}
+
+fn check_request(req: &AuthRequest) -> Result<(), AuthError> {
+    if req.estimated_input_tokens > MAX_TOKENS || req.max_tokens.is_some_and(|m| m > MAX_TOKENS) {
+        return Err(AuthError::Invalid(format!(
+            "token counts are capped at {MAX_TOKENS}"
+        )));
+    }
+    check_strings(req).map_err(AuthError::Invalid)
+}
+
+/// Grant a request from leases, in memory: allowed when its worst case fits in what is
+/// left of the lease of every blocking budget in scope (and of nothing else to check);
+/// returns the decision and whether a lease it drew on needs renewing. None: decide it
+/// exactly.
+fn grant_locally(
+    sh: &mut Shared,
+    tenant: &str,
+    req: &AuthRequest,
+    now: DateTime<Utc>,
+    ttl: chrono::Duration,
+) -> Option<(AuthDecision, bool)> {
+    let currency = sh.currencies.get(tenant)?.clone();
+    let book = sh.book.clone();
+    let budgets: Vec<&Budget> = book
+        .budgets_at(tenant, now)
+        .into_iter()
+        .filter(|b| b.matches(req.api_key_id.as_deref(), &req.tags))
+        .collect();
+    let mut standings: HashMap<Key, Standing> = HashMap::new();
+    for b in &budgets {
+        let k = (
+            tenant.to_string(),
+            b.name.clone(),
+            period_key(b.period, now),
+        );
+        let s = if b.action == BudgetAction::Alert {
+            sh.standings.get(&k).copied().unwrap_or_default()
+        } else {
+            let l = sh.leases.get(&k)?;
+            if l.expires_at - LEASE_MARGIN <= now {
+                return None;
+            }
+            let left = l.amount - l.drawn;
+            // spent + held + cost > amount exactly when cost > what is left of the lease
+            Standing {
+                spent: l.spent,
+                held: b.amount - l.spent - left,
+            }
+        };
+        standings.insert(k, s);
+    }
+    let (d, holds) = decide(&book, tenant, &currency, req, &mut standings, now, ttl).ok()?;
+    if d.decision != Verdict::Allow {
+        return None;
+    }
+    let mut draws = Vec::new();
+    let mut renew = false;
+    for (k, amount) in &holds {
+        if let Some(l) = sh.leases.get_mut(k) {
+            l.drawn += *amount;
+            draws.push((l.id, k.clone(), *amount));
+            let low = (l.amount - l.drawn) * Decimal::TWO < l.amount
+                || l.expires_at - LEASE_TTL / 2 <= now;
+            if low && !l.renewing {
+                l.renewing = true;
+                renew = true;
+            }
+        }
+    }
+    sh.pending.push(Grant {
+        tenant: tenant.to_string(),
+        req: req.clone(),
+        decision: d.clone(),
+        holds,
+        draws,
+    });
+    Some((d, renew))
 }
 
 /// The same string rules as usage events: non-empty, bounded, no control characters
@@ -173,13 +365,39 @@ fn check_strings(req: &AuthRequest) -> Result<(), String> {
 async fn run(
     pool: PgPool,
     ttl: chrono::Duration,
-    mut rx: mpsc::Receiver<(String, AuthRequest, Reply)>,
+    mut rx: mpsc::Receiver<Job>,
+    shared: Arc<Mutex<Shared>>,
+    flush: Arc<Notify>,
 ) {
-    let mut book = PriceBook::default();
-    let mut stamp: BookStamp = -1;
     let mut jobs = Vec::with_capacity(MAX_BATCH);
     let mut swept = std::time::Instant::now();
-    while rx.recv_many(&mut jobs, MAX_BATCH).await > 0 {
+    let mut checked = std::time::Instant::now();
+    loop {
+        tokio::select! {
+            n = rx.recv_many(&mut jobs, MAX_BATCH) => {
+                if n == 0 {
+                    break;
+                }
+            }
+            _ = flush.notified() => {
+                if let Err(e) = write_pending(&pool, &shared).await {
+                    tracing::warn!(error = %e, "writing granted authorisations failed; retrying");
+                    tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+                    flush.notify_one();
+                }
+                continue;
+            }
+            _ = tokio::time::sleep(std::time::Duration::from_millis(250)) => {
+                // a changed price book or term: leases were sized under the old one
+                if checked.elapsed() >= std::time::Duration::from_millis(250) {
+                    checked = std::time::Instant::now();
+                    if let Err(e) = check_book(&pool, &shared).await {
+                        tracing::warn!(error = %e, "checking the price book failed");
+                    }
+                }
+                continue;
+            }
+        }
         if swept.elapsed() > std::time::Duration::from_secs(10) {
             // expired holds no longer count; drop them from the open-hold index
             swept = std::time::Instant::now();
@@ -190,23 +408,175 @@ async fn run(
                 tracing::warn!(error = %e, "sweeping expired holds failed");
             }
         }
-        let batch: Vec<_> = std::mem::take(&mut jobs);
-        match decide_batch(&pool, &mut book, &mut stamp, ttl, &batch).await {
+        let batch: Vec<Job> = std::mem::take(&mut jobs);
+        match decide_batch(&pool, &shared, ttl, &batch).await {
             Ok(results) => {
-                for ((_, _, reply), r) in batch.into_iter().zip(results) {
-                    let _ = reply.send(r);
+                for (job, r) in batch.into_iter().zip(results) {
+                    if let (Some(reply), Some(r)) = (job.reply, r) {
+                        let _ = reply.send(r);
+                    }
                 }
             }
             Err(e) => {
                 tracing::error!(error = %e, "authorisation batch failed");
-                for (_, _, reply) in batch {
-                    let _ = reply.send(Err(AuthError::Db(sqlx::Error::Protocol(format!(
-                        "authorisation batch failed: {e}"
-                    )))));
+                for job in batch {
+                    if let Some(reply) = job.reply {
+                        let _ = reply.send(Err(AuthError::Db(sqlx::Error::Protocol(format!(
+                            "authorisation batch failed: {e}"
+                        )))));
+                    }
                 }
             }
         }
     }
+    // every handle is gone: write what was granted and give the leases back
+    let leases: Vec<(Key, Lease)> = {
+        let mut sh = shared.lock().expect("authorizer state");
+        sh.leases.drain().collect()
+    };
+    let r: Result<(), sqlx::Error> = async {
+        let mut tx = pool.begin().await?;
+        let grants = take_pending(&shared);
+        if let Err(e) = write_grants(&mut tx, &grants).await {
+            restore_pending(&shared, grants);
+            return Err(e);
+        }
+        release(&mut tx, &leases).await?;
+        tx.commit().await
+    }
+    .await;
+    if let Err(e) = r {
+        tracing::warn!(error = %e, "releasing budget leases at shutdown failed; they expire");
+    }
+}
+
+fn take_pending(shared: &Mutex<Shared>) -> Vec<Grant> {
+    std::mem::take(&mut shared.lock().expect("authorizer state").pending)
+}
+
+/// Put grants whose write failed back in front of the queue.
+fn restore_pending(shared: &Mutex<Shared>, mut grants: Vec<Grant>) {
+    let mut sh = shared.lock().expect("authorizer state");
+    grants.append(&mut sh.pending);
+    sh.pending = grants;
+}
+
+/// Write the grants made from leases since the last write, in one transaction.
+async fn write_pending(pool: &PgPool, shared: &Mutex<Shared>) -> Result<(), sqlx::Error> {
+    let grants = take_pending(shared);
+    if grants.is_empty() {
+        return Ok(());
+    }
+    let r = async {
+        let mut tx = pool.begin().await?;
+        write_grants(&mut tx, &grants).await?;
+        tx.commit().await
+    }
+    .await;
+    if r.is_err() {
+        restore_pending(shared, grants);
+    }
+    r
+}
+
+/// A granted decision's records: the decision and its holds (as the exact path writes
+/// them), and what it drew out of each lease, taken off the lease's open hold. The grants'
+/// tenants' head rows are share-locked, so a usage event that settles a grant before it is
+/// written is either seen here (its hold is not opened) or waits for this to commit (and
+/// then closes the hold).
+async fn write_grants(tx: &mut sqlx::PgConnection, grants: &[Grant]) -> Result<(), sqlx::Error> {
+    if grants.is_empty() {
+        return Ok(());
+    }
+    let tenants: BTreeSet<&str> = grants.iter().map(|g| g.tenant.as_str()).collect();
+    let tenants: Vec<&str> = tenants.into_iter().collect();
+    sqlx::query(
+        "select 1 from tenant_heads where tenant_id = any($1) order by tenant_id for share",
+    )
+    .bind(&tenants)
+    .execute(&mut *tx)
+    .await?;
+    let mut rows = Rows::default();
+    let (mut lease, mut budget, mut grant, mut tenant, mut amount) =
+        (vec![], vec![], vec![], vec![], vec![]);
+    for g in grants {
+        rows.add(&g.tenant, &g.req, &g.decision, g.holds.clone());
+        for (l, k, a) in &g.draws {
+            lease.push(*l);
+            budget.push(k.1.clone());
+            grant.push(g.decision.authorization_id);
+            tenant.push(g.tenant.clone());
+            amount.push(*a);
+        }
+    }
+    rows.write(&mut *tx).await?;
+    if !lease.is_empty() {
+        sqlx::query(
+            "with d as (insert into auth_lease_draws (lease_id, budget, grant_id, tenant_id, amount)
+                        select * from unnest($1::uuid[], $2::text[], $3::uuid[], $4::text[], $5::numeric[]))
+             update open_holds o set amount = o.amount - x.a
+             from (select l, b, sum(a) as a from unnest($1::uuid[], $2::text[], $5::numeric[]) as u(l, b, a)
+                   group by l, b) x
+             where o.hold_id = x.l and o.budget = x.b",
+        )
+        .bind(&lease)
+        .bind(&budget)
+        .bind(&grant)
+        .bind(&tenant)
+        .bind(&amount)
+        .execute(&mut *tx)
+        .await?;
+    }
+    Ok(())
+}
+
+/// Release leases: their undrawn rest stops counting (a settlement of the lease's id).
+async fn release(tx: &mut sqlx::PgConnection, leases: &[(Key, Lease)]) -> Result<(), sqlx::Error> {
+    if leases.is_empty() {
+        return Ok(());
+    }
+    let ids: Vec<uuid::Uuid> = leases.iter().map(|(_, l)| l.id).collect();
+    let tenants: Vec<String> = leases.iter().map(|(k, _)| k.0.clone()).collect();
+    sqlx::query(
+        "with s as (insert into auth_settlements (hold_id, tenant_id, event_id)
+                    select h, t, 'lease-released' from unnest($1::uuid[], $2::text[]) as x(h, t)
+                    on conflict (hold_id, tenant_id) do nothing)
+         delete from open_holds o using unnest($1::uuid[], $2::text[]) as x(h, t)
+         where o.hold_id = x.h and o.tenant_id = x.t",
+    )
+    .bind(&ids)
+    .bind(&tenants)
+    .execute(&mut *tx)
+    .await?;
+    Ok(())
+}
+
+/// Reload the price book when a term changed; leases sized under the old one are
+/// released (requests take the exact path until new ones are placed).
+async fn check_book(pool: &PgPool, shared: &Mutex<Shared>) -> Result<(), sqlx::Error> {
+    let current = shared.lock().expect("authorizer state").stamp;
+    let mut c = pool.acquire().await?;
+    let stamp: i64 = sqlx::query_scalar(&format!("select {}", store::BOOK_STAMP))
+        .fetch_one(&mut *c)
+        .await?;
+    if stamp == current {
+        return Ok(());
+    }
+    let book = Arc::new(load_book(&mut c).await?);
+    let leases: Vec<(Key, Lease)> = {
+        let mut sh = shared.lock().expect("authorizer state");
+        sh.book = book;
+        sh.stamp = stamp;
+        sh.leases.drain().collect()
+    };
+    let mut tx = pool.begin().await?;
+    let grants = take_pending(shared);
+    if let Err(e) = write_grants(&mut tx, &grants).await {
+        restore_pending(shared, grants);
+        return Err(e);
+    }
+    release(&mut tx, &leases).await?;
+    tx.commit().await
 }
 
 /// (tenant, budget, period)
@@ -430,23 +800,92 @@ pub fn decide(
 
 async fn decide_batch(
     pool: &PgPool,
-    book: &mut PriceBook,
-    stamp: &mut BookStamp,
+    shared: &Mutex<Shared>,
     ttl: chrono::Duration,
-    batch: &[(String, AuthRequest, Reply)],
-) -> Result<Vec<Result<AuthDecision, AuthError>>, sqlx::Error> {
-    let mut tenants: Vec<String> = batch.iter().map(|(t, _, _)| t.clone()).collect();
+    batch: &[Job],
+) -> Result<Vec<Option<Result<AuthDecision, AuthError>>>, sqlx::Error> {
+    let mut tenants: Vec<String> = batch.iter().map(|j| j.tenant.clone()).collect();
     tenants.sort();
     tenants.dedup();
+    // what was granted from leases is written first, and this batch's tenants' leases are
+    // released in the same transaction: the decisions see all the remaining headroom
+    let (grants, released, mut book, mut stamp) = {
+        let mut sh = shared.lock().expect("authorizer state");
+        let keys: Vec<Key> = sh
+            .leases
+            .keys()
+            .filter(|k| tenants.binary_search(&k.0).is_ok())
+            .cloned()
+            .collect();
+        let released: Vec<(Key, Lease)> = keys
+            .into_iter()
+            .filter_map(|k| sh.leases.remove(&k).map(|l| (k, l)))
+            .collect();
+        (
+            std::mem::take(&mut sh.pending),
+            released,
+            sh.book.clone(),
+            sh.stamp,
+        )
+    };
+    let r = decide_in_tx(
+        pool, &tenants, &grants, &released, &mut book, &mut stamp, ttl, batch,
+    )
+    .await;
+    let mut sh = shared.lock().expect("authorizer state");
+    match r {
+        Ok((out, new_leases, currencies, standings)) => {
+            if stamp != sh.stamp {
+                // a newer book: leases sized under the old one go (they expire)
+                sh.leases.clear();
+                sh.book = book;
+                sh.stamp = stamp;
+            }
+            sh.leases.extend(new_leases);
+            sh.currencies.extend(currencies);
+            sh.standings.extend(standings);
+            Ok(out)
+        }
+        Err(e) => {
+            // nothing was written: the grants go back; the released leases were not
+            // released and simply expire
+            let mut grants = grants;
+            grants.append(&mut sh.pending);
+            sh.pending = grants;
+            Err(e)
+        }
+    }
+}
+
+type Decided = (
+    Vec<Option<Result<AuthDecision, AuthError>>>,
+    Vec<(Key, Lease)>,
+    Vec<(String, String)>,
+    HashMap<Key, Standing>,
+);
+
+#[allow(clippy::too_many_arguments)]
+async fn decide_in_tx(
+    pool: &PgPool,
+    tenants: &[String],
+    grants: &[Grant],
+    released: &[(Key, Lease)],
+    book: &mut Arc<PriceBook>,
+    stamp: &mut BookStamp,
+    ttl: chrono::Duration,
+    batch: &[Job],
+) -> Result<Decided, sqlx::Error> {
     let mut tx = pool.begin().await?;
     // authorisers (in every process) take turns per tenant; the writer is not waited for:
     // one statement reads spend and open holds from one snapshot, in which a usage event
     // has either added its spend and removed its hold, or done neither
-    let (locked, book_stamp) = store::lock_tenants_for_authorization(&mut tx, &tenants).await?;
+    let (locked, book_stamp) = store::lock_tenants_for_authorization(&mut tx, tenants).await?;
     if let Some(s) = book_stamp.filter(|s| s != stamp) {
-        *book = load_book(&mut tx).await?;
+        *book = Arc::new(load_book(&mut tx).await?);
         *stamp = s;
     }
+    write_grants(&mut tx, grants).await?;
+    release(&mut tx, released).await?;
     let now = Utc::now();
     // every budget in force for these tenants, with its spend and open holds
     let mut keys: Vec<Key> = Vec::new();
@@ -477,9 +916,13 @@ async fn decide_batch(
     }
     let mut rows = Rows::default();
     let mut out = Vec::with_capacity(batch.len());
-    for (tenant, req, _) in batch {
+    for job in batch {
+        let (tenant, Some(req)) = (&job.tenant, &job.req) else {
+            out.push(None);
+            continue;
+        };
         let Some((_, currency)) = locked.get(tenant) else {
-            out.push(Err(AuthError::UnknownTenant(tenant.clone())));
+            out.push(Some(Err(AuthError::UnknownTenant(tenant.clone()))));
             continue;
         };
         match decide(book, tenant, currency, req, &mut standings, now, ttl) {
@@ -494,14 +937,50 @@ async fn decide_batch(
                     }
                 }
                 rows.add(tenant, req, &d, holds);
-                out.push(Ok(d));
+                out.push(Some(Ok(d)));
             }
-            Err(e) => out.push(Err(e)),
+            Err(e) => out.push(Some(Err(e))),
+        }
+    }
+    // leases for the tenants whose requests grant from leases: half of what is left of
+    // each blocking budget in force, so other processes keep room to lease too
+    let mut leases = Vec::new();
+    let leasing: BTreeSet<&String> = batch
+        .iter()
+        .filter(|j| j.leased)
+        .map(|j| &j.tenant)
+        .collect();
+    for tenant in leasing {
+        let Some((_, currency)) = locked.get(tenant) else {
+            continue;
+        };
+        for b in book.budgets_at(tenant, now) {
+            if b.action == BudgetAction::Alert {
+                continue;
+            }
+            let k = (tenant.clone(), b.name.clone(), period_key(b.period, now));
+            let s = standings.entry(k.clone()).or_default();
+            let half = ((b.amount - s.spent - s.held) / Decimal::TWO).round_dp(12);
+            if half <= Decimal::ZERO {
+                continue;
+            }
+            let lease = Lease {
+                id: uuid::Uuid::now_v7(),
+                amount: half,
+                drawn: Decimal::ZERO,
+                expires_at: now + LEASE_TTL,
+                spent: s.spent,
+                renewing: false,
+            };
+            s.held += half;
+            rows.lease(tenant, currency, &k, &lease, b);
+            leases.push((k, lease));
         }
     }
     rows.write(&mut tx).await?;
     tx.commit().await?;
-    Ok(out)
+    let currencies = locked.into_iter().map(|(t, (_, c))| (t, c)).collect();
+    Ok((out, leases, currencies, standings))
 }
 
 /// Decisions and holds of one batch, column by column.
@@ -578,6 +1057,33 @@ impl Rows {
         }
     }
 
+    /// A lease: a decision of its own with one hold, on one blocking budget.
+    fn lease(&mut self, tenant: &str, currency: &str, k: &Key, l: &Lease, b: &Budget) {
+        self.id.push(l.id);
+        self.tenant.push(tenant.to_string());
+        self.key.push(None);
+        self.tags.push("{}".into());
+        self.req_model.push("*".into());
+        self.req_provider.push(None);
+        self.decision.push("lease".into());
+        self.provider.push(None);
+        self.model.push(None);
+        self.input.push(0);
+        self.max_tokens.push(0);
+        self.cost.push(Some(l.amount));
+        self.currency.push(currency.to_string());
+        self.denied_by.push(None);
+        self.reason
+            .push(format!("lease on budget {:?} (version {})", b.name, b.id));
+        self.expires.push(l.expires_at);
+        self.h_id.push(l.id);
+        self.h_tenant.push(tenant.to_string());
+        self.h_budget.push(k.1.clone());
+        self.h_period.push(k.2.clone());
+        self.h_amount.push(l.amount);
+        self.h_expires.push(l.expires_at);
+    }
+
     /// A `budget.action_taken` alert fact: the first time in a budget's period that it
     /// blocked or downgraded a request (recorded with the decision, once per action).
     fn action_taken(
@@ -641,7 +1147,10 @@ impl Rows {
                on conflict (tenant_id, type, unique_key) do nothing)
              insert into open_holds (hold_id, tenant_id, budget, period, amount, expires_at)
              select * from unnest($17::uuid[], $18::text[], $19::text[], $20::text[], $21::numeric[],
-               $22::timestamptz[])",
+               $22::timestamptz[]) as x(h, t, b, p, a, e)
+             -- a grant written behind may have been settled already
+             where not exists (select 1 from auth_settlements s where s.hold_id = x.h
+                                 and s.tenant_id = x.t)",
         )
         .bind(&self.id)
         .bind(&self.tenant)

@@ -396,6 +396,10 @@ pub async fn run_publisher(
                 .await?;
             let (book, stamp) = engine.book().await?;
             let today = Utc::now().date_naive();
+            // one of our provider commitments used up: every tenant's ranking changes
+            let exhausted = exhausted_provider_commitments(pool, &book).await?;
+            let newly_exhausted = !exhausted.is_subset(&spent);
+            spent = exhausted;
             if stamp != last_stamp || last_day != Some(today) {
                 let trigger = match (last_stamp, last_day) {
                     (-1, _) => "startup",
@@ -413,9 +417,7 @@ pub async fn run_publisher(
                 last_alert = Some(newest);
                 return Ok(());
             }
-            // one of our provider commitments used up: every tenant's ranking changes
-            let exhausted = exhausted_provider_commitments(pool, &book).await?;
-            if !exhausted.is_subset(&spent) {
+            if newly_exhausted {
                 let tenants: Vec<String> = sqlx::query_scalar("select id from tenants order by id")
                     .fetch_all(pool)
                     .await?;
@@ -423,7 +425,6 @@ pub async fn run_publisher(
                     publish_tenant(&engine, kv, t, "provider_commitment_exhausted").await?;
                 }
             }
-            spent = exhausted;
             let since = last_alert.unwrap_or(newest);
             // alert facts of parallel writers may commit out of id order: look back over a
             // window and skip what was already handled
@@ -523,9 +524,13 @@ async fn settle_providers(
 ) -> anyhow::Result<()> {
     let now = Utc::now();
     let hour = crate::ledger::state::tick_hour(now);
-    if done.contains(&hour) {
+    // once an hour; after a failure, again a minute later
+    let retry = format!("retry:{}", now.format("%Y-%m-%dT%H:%M"));
+    if done.contains(&hour) || done.contains(&retry) {
         return Ok(());
     }
+    done.retain(|k| !k.starts_with("retry:"));
+    done.insert(retry);
     let grace = chrono::Duration::from_std(settings.invoice_grace)?;
     let open = period_of(now - grace);
     let mut start =

@@ -495,7 +495,10 @@ async fn a_denied_budget_answers_402_records_the_denial_and_no_usage() {
         .await;
     assert_eq!(r.status(), 200, "{}", r.text().await.unwrap());
     s.app
-        .wait_count("select count(*) from auth_settlements", 1)
+        .wait_count(
+            "select count(*) from auth_settlements where event_id <> 'lease-released'",
+            1,
+        )
         .await;
     // a request whose worst case does not fit is denied before any upstream call
     let calls = s.a.requests();
@@ -526,6 +529,140 @@ async fn a_denied_budget_answers_402_records_the_denial_and_no_usage() {
             "open_holds: index only",
         )
         .await;
+    s.app.stop().await;
+}
+
+/// Send `rounds` × 16 concurrent chat requests through the router; (served, denied).
+async fn burst(s: &Setup, rounds: usize) -> (i64, i64) {
+    let msg = json!([{"role": "user", "content": "hello there"}]);
+    let (mut served, mut denied) = (0, 0);
+    for _ in 0..rounds {
+        let mut tasks = Vec::new();
+        for _ in 0..16 {
+            let (http, url, key, msg) = (
+                s.app.http.clone(),
+                s.router("/v1/chat/completions"),
+                s.key.clone(),
+                msg.clone(),
+            );
+            tasks.push(tokio::spawn(async move {
+                http.post(url)
+                    .bearer_auth(key)
+                    .json(&json!({"model": "gpt-4o-mini", "messages": msg, "max_tokens": 1000}))
+                    .send()
+                    .await
+                    .unwrap()
+                    .status()
+                    .as_u16()
+            }));
+        }
+        for t in tasks {
+            match t.await.unwrap() {
+                200 => served += 1,
+                402 => denied += 1,
+                other => panic!("status {other}"),
+            }
+        }
+    }
+    (served, denied)
+}
+
+async fn add_budget(s: &Setup, name: &str, amount: &str) {
+    let r = s
+        .app
+        .http
+        .post(s.app.url("/v1/budgets"))
+        .bearer_auth(&s.key)
+        .json(&json!({"name": name, "scope": "tenant", "period": "day",
+            "amount": amount, "action": "block"}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 201, "{}", r.text().await.unwrap());
+    // the router and the authorizer re-read the terms every 250 ms
+    tokio::time::sleep(Duration::from_millis(600)).await;
+}
+
+#[tokio::test]
+async fn the_router_grants_from_budget_leases_and_keeps_the_bound() {
+    let mut s = setup(|st| st.clock_skew = Duration::ZERO).await;
+    // gpt-4o-mini: 0.18 / 0.72 per million (20% markup): the worst case of this short
+    // prompt and 1,000 output tokens is about 0.00073
+    add_budget(&s, "wide", "1").await;
+    // a budget it never reaches: granted in memory from leases, recorded behind
+    let (served, denied) = burst(&s, 8).await;
+    assert_eq!((served, denied), (128, 0));
+    // written behind within milliseconds
+    s.app
+        .wait_count(
+            "select count(*) from authorizations where decision = 'allow'",
+            128,
+        )
+        .await;
+    assert!(
+        s.app.count("select count(*) from auth_lease_draws").await >= 64,
+        "most grants were made in memory from a lease"
+    );
+    assert!(
+        s.app
+            .count("select count(*) from authorizations where decision = 'lease'")
+            .await
+            >= 1
+    );
+    // a tight one as well: 0.003 admits four worst cases at a time
+    add_budget(&s, "cap", "0.003").await;
+    let (served2, denied2) = burst(&s, 8).await;
+    assert!(
+        served2 > 0 && denied2 > 0,
+        "served {served2}, denied {denied2}"
+    );
+    let served = served + served2;
+    s.app
+        .wait_count("select count(*) from events", served)
+        .await;
+    s.app.drain().await;
+    // every grant is recorded (written behind) and its holds settled by its usage event
+    s.app
+        .wait_count(
+            "select count(*) from authorizations where decision = 'allow'",
+            served,
+        )
+        .await;
+    assert_eq!(
+        s.app
+            .count("select count(*) from authorizations where decision = 'allow'")
+            .await,
+        served
+    );
+    assert_eq!(
+        s.app
+            .count("select count(*) from authorizations where decision = 'deny'")
+            .await,
+        denied2
+    );
+    assert_eq!(
+        s.app
+            .count(
+                "select count(*) from authorizations a where a.decision = 'allow'
+                 and not exists (select 1 from auth_settlements x where x.hold_id = a.id
+                                 and x.tenant_id = a.tenant_id)"
+            )
+            .await,
+        0
+    );
+    // the bound: the tight budget's spend never went past its limit (holds were worst
+    // cases, leases included)
+    let st: Value = s.app.get(&s.key, "/v1/budgets").await.json().await.unwrap();
+    let cap = st["data"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|b| b["budget"]["name"] == "cap" || b["name"] == "cap")
+        .unwrap_or_else(|| panic!("{st}"));
+    let spent = dec(&cap["spent"]);
+    assert!(spent <= "0.003".parse().unwrap(), "spent {spent}");
+    assert!(spent > Decimal::ZERO);
+    s.app.rebuild_and_verify().await;
     s.app.stop().await;
 }
 

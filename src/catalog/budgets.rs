@@ -209,9 +209,11 @@ pub async fn status(
         let (spent, held): (Decimal, Decimal) = sqlx::query_as(
             "select coalesce((select spent from budget_spend where tenant_id = $1 and budget = $2
                 and period = $3), 0),
-               coalesce((select sum(h.amount) from auth_hold_budgets h
+               coalesce((select sum(h.amount - coalesce((select sum(d.amount) from auth_lease_draws d
+                   where d.lease_id = h.hold_id and d.budget = h.budget), 0)) from auth_hold_budgets h
                  where h.tenant_id = $1 and h.budget = $2 and h.period = $3 and h.expires_at > $4
-                   and not exists (select 1 from auth_settlements s where s.hold_id = h.hold_id)), 0)",
+                   and not exists (select 1 from auth_settlements s where s.hold_id = h.hold_id
+                                     and s.tenant_id = h.tenant_id)), 0)",
         )
         .bind(tenant_id)
         .bind(&b.name)

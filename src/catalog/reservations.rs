@@ -235,6 +235,19 @@ pub async fn add_provider(
             "currency must be an ISO 4217 code such as USD".into(),
         ));
     }
+    // every version of a reservation is in one currency (its fees settle in it)
+    let before: Option<String> = sqlx::query_scalar(
+        "select currency::text from provider_reservations where name = $1 order by id limit 1",
+    )
+    .bind(&r.name)
+    .fetch_optional(pool)
+    .await?;
+    if let Some(c) = before.filter(|c| *c != currency) {
+        return Err(CatalogError::InvalidTerms(format!(
+            "reservation {} is in {c}: its versions keep that currency",
+            r.name
+        )));
+    }
     let (id,): (i64,) = sqlx::query_as(
         "insert into provider_reservations (name, effective_from, active, provider, model, units,
            tokens_per_minute_per_unit, price_per_unit_hour, currency)

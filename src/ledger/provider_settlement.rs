@@ -42,10 +42,10 @@ pub struct Settlement {
     pub created_at: DateTime<Utc>,
 }
 
-/// A provider's reservation versions by (name, model), each list in effective order, in
-/// one currency; and every version by (provider, model) for coverage.
+/// Our provider reservations: per (provider, model), each reservation's versions by name
+/// (in effective order), and each version's currency.
 struct ProviderReservations {
-    by_model: BTreeMap<(String, String), Vec<Reservation>>,
+    by_model: BTreeMap<(String, String), BTreeMap<String, Vec<Reservation>>>,
     currency: BTreeMap<i64, String>,
 }
 
@@ -60,6 +60,8 @@ impl ProviderReservations {
             r.by_model
                 .entry((v.provider.clone(), v.model.clone()))
                 .or_default()
+                .entry(v.name.clone())
+                .or_default()
                 .push(v);
         }
         Ok(r)
@@ -68,36 +70,66 @@ impl ProviderReservations {
     fn providers(&self, before: DateTime<Utc>) -> impl Iterator<Item = &str> {
         self.by_model
             .iter()
-            .filter(move |(_, v)| v.first().is_some_and(|v| v.effective_from < before))
+            .filter(move |(_, names)| {
+                names
+                    .values()
+                    .any(|v| v.first().is_some_and(|v| v.effective_from < before))
+            })
             .map(|(k, _)| k.0.as_str())
     }
 
-    /// (name, model, versions) of a provider's reservations in a currency.
+    /// (name, model, versions) of a provider's reservations whose fees are in a currency
+    /// (every version of a reservation is in one currency).
     fn fees_of(&self, provider: &str, currency: &str) -> Vec<(String, String, Vec<&Reservation>)> {
-        let mut out: BTreeMap<(String, String), Vec<&Reservation>> = BTreeMap::new();
-        for ((p, model), versions) in &self.by_model {
+        let mut out = Vec::new();
+        for ((p, model), names) in &self.by_model {
             if p != provider {
                 continue;
             }
-            for v in versions {
-                if self.currency.get(&v.id).map(String::as_str) == Some(currency) {
-                    out.entry((v.name.clone(), model.clone()))
-                        .or_default()
-                        .push(v);
+            for (name, versions) in names {
+                let cur = versions.first().and_then(|v| self.currency.get(&v.id));
+                if cur.map(String::as_str) == Some(currency) {
+                    out.push((name.clone(), model.clone(), versions.iter().collect()));
                 }
             }
         }
-        out.into_iter().map(|((n, m), v)| (n, m, v)).collect()
+        out
     }
 
-    fn currencies_of(&self, provider: &str, before: DateTime<Utc>) -> BTreeSet<String> {
+    /// Each reservation's chain of versions for a model.
+    fn chains(&self, provider: &str, model: &str) -> Vec<Vec<&Reservation>> {
         self.by_model
-            .iter()
-            .filter(|(k, _)| k.0 == provider)
-            .flat_map(|(_, v)| v.iter())
-            .filter(|v| v.effective_from < before)
-            .filter_map(|v| self.currency.get(&v.id).cloned())
-            .collect()
+            .get(&(provider.to_string(), model.to_string()))
+            .map(|names| names.values().map(|v| v.iter().collect()).collect())
+            .unwrap_or_default()
+    }
+
+    /// The currencies of a provider's reservations in force (active) at some point of the
+    /// month `[start, end)`.
+    fn currencies_of(
+        &self,
+        provider: &str,
+        start: DateTime<Utc>,
+        end: DateTime<Utc>,
+    ) -> BTreeSet<String> {
+        let mut out = BTreeSet::new();
+        for ((p, _), names) in &self.by_model {
+            if p != provider {
+                continue;
+            }
+            for versions in names.values() {
+                let overlaps = versions.iter().enumerate().any(|(i, v)| {
+                    let to = versions.get(i + 1).map_or(end, |n| n.effective_from);
+                    v.active && v.effective_from < end && to > start
+                });
+                if overlaps {
+                    if let Some(c) = versions.first().and_then(|v| self.currency.get(&v.id)) {
+                        out.insert(c.clone());
+                    }
+                }
+            }
+        }
+        out
     }
 }
 
@@ -120,8 +152,46 @@ fn figures_of(
     Some(settle(inputs, &commitments, &fees, start, end))
 }
 
+fn empty_inputs(provider: &str, period: &str, currency: &str) -> SettlementInputs {
+    SettlementInputs {
+        provider: provider.to_string(),
+        period: period.to_string(),
+        currency: currency.to_string(),
+        models: Vec::new(),
+    }
+}
+
+type Latest = (
+    String,
+    String,
+    i32,
+    sqlx::types::Json<SettlementInputs>,
+    sqlx::types::Json<SettlementFigures>,
+);
+
+/// The newest revision per (provider, currency) of a month.
+async fn latest_of(
+    c: &mut PgConnection,
+    period: &str,
+) -> sqlx::Result<BTreeMap<(String, String), (i32, SettlementInputs, SettlementFigures)>> {
+    let rows: Vec<Latest> = sqlx::query_as(
+        "select distinct on (provider, currency) provider, currency::text, revision, inputs, figures
+         from provider_settlements where period = $1
+         order by provider, currency, revision desc",
+    )
+    .bind(period)
+    .fetch_all(&mut *c)
+    .await?;
+    Ok(rows
+        .into_iter()
+        .map(|(p, c, r, i, f)| ((p, c), (r, i.0, f.0)))
+        .collect())
+}
+
 /// Settle every provider we hold a commitment or reservation with for an ended month.
-/// Returns the revisions recorded (none when nothing changed since the last run).
+/// Returns the revisions recorded (none when nothing changed since the last run). The
+/// month's events are read first, without locks; the posting takes the settlement lock
+/// (and a share of the writers' table lock, so no rebuild swaps in meanwhile) briefly.
 pub async fn settle_period(
     pool: &PgPool,
     period: &str,
@@ -134,14 +204,10 @@ pub async fn settle_period(
         anyhow::bail!("period must be YYYY-MM");
     };
     anyhow::ensure!(end <= now, "period {period} has not ended");
-    let mut tx = pool.begin().await?;
-    // one settlement at a time, and none while a rebuild swaps the projections in
-    sqlx::query(SETTLEMENT_LOCK).execute(&mut *tx).await?;
-    sqlx::query("lock table tenant_heads in row share mode")
-        .execute(&mut *tx)
-        .await?;
-    let book = crate::catalog::prices::load_book(&mut tx).await?;
-    let res = ProviderReservations::load(&mut tx).await?;
+    let mut c = pool.acquire().await?;
+    let book = crate::catalog::prices::load_book(&mut c).await?;
+    let res = ProviderReservations::load(&mut c).await?;
+    let last = end - chrono::Duration::nanoseconds(1);
     let mut providers: BTreeSet<String> = book
         .committed_providers()
         .filter(|p| {
@@ -156,28 +222,8 @@ pub async fn settle_period(
         return Ok(Vec::new());
     }
     let providers: Vec<String> = providers.into_iter().collect();
-    // what is settled so far: the newest revision per (provider, currency)
-    type Latest = (
-        String,
-        String,
-        i32,
-        sqlx::types::Json<SettlementInputs>,
-        sqlx::types::Json<SettlementFigures>,
-    );
-    let latest: Vec<Latest> =
-        sqlx::query_as(
-            "select distinct on (provider, currency) provider, currency::text, revision, inputs, figures
-             from provider_settlements where period = $1
-             order by provider, currency, revision desc",
-        )
-        .bind(period)
-        .fetch_all(&mut *tx)
-        .await?;
-    let latest: BTreeMap<(String, String), (i32, SettlementInputs, SettlementFigures)> = latest
-        .into_iter()
-        .map(|(p, c, r, i, f)| ((p, c), (r, i.0, f.0)))
-        .collect();
-    // the (provider, currency) pairs to settle: every one with usage or terms
+    let latest = latest_of(&mut c, period).await?;
+    // the month's list cost per (provider, currency), from the rollups: a cheap check first
     let totals: Vec<(String, String, Decimal)> = sqlx::query_as(
         "select provider, currency::text, sum(cost_amount) from usage_rollups
          where day >= $1::date and day < $2::date and provider = any($3)
@@ -186,48 +232,63 @@ pub async fn settle_period(
     .bind(start.date_naive())
     .bind(end.date_naive())
     .bind(&providers)
-    .fetch_all(&mut *tx)
+    .fetch_all(&mut *c)
     .await?;
+    let total = |p: &str, cur: &str| {
+        totals
+            .iter()
+            .find(|(tp, tc, _)| tp == p && tc == cur)
+            .map_or(Decimal::ZERO, |t| t.2)
+    };
+    // the (provider, currency) pairs to settle: with usage, or with terms in the month
     let mut pairs: BTreeSet<(String, String)> = totals
         .iter()
         .map(|(p, c, _)| (p.clone(), c.clone()))
         .collect();
     for p in &providers {
-        for c in book.provider_commitment_versions(p) {
-            if c.effective_from < end {
-                pairs.insert((p.clone(), c.currency.clone()));
+        for v in book.provider_commitment_versions(p) {
+            if !in_force(book.provider_commitment_versions(p), &v.currency, last).is_empty() {
+                pairs.insert((p.clone(), v.currency.clone()));
             }
         }
-        for c in res.currencies_of(p, end) {
-            pairs.insert((p.clone(), c));
+        for cur in res.currencies_of(p, start, end) {
+            pairs.insert((p.clone(), cur));
         }
     }
-    // nothing new since the last run: every pair settled on the same list cost
-    let unchanged = pairs.iter().all(|k| {
-        latest.get(k).is_some_and(|(_, i, _)| {
-            let now_total = totals
-                .iter()
-                .find(|(p, c, _)| (p, c) == (&k.0, &k.1))
-                .map_or(Decimal::ZERO, |t| t.2);
-            i.list_cost() == now_total
-        })
-    });
+    // nothing new since the last run: every pair settled on the same list cost, or with
+    // nothing to settle
+    let unchanged = pairs
+        .iter()
+        .all(|(p, cur)| match latest.get(&(p.clone(), cur.clone())) {
+            Some((_, i, _)) => i.list_cost() == total(p, cur),
+            None => {
+                total(p, cur).is_zero()
+                    && figures_of(&book, &res, &empty_inputs(p, period, cur))
+                        .is_none_or(|f| f.by_kind().iter().all(|a| a.is_zero()))
+            }
+        });
     if unchanged {
         return Ok(Vec::new());
     }
-    let inputs = read_inputs(&mut tx, &providers, &res, start, end, period).await?;
+    let inputs = read_inputs(&mut c, &providers, &res, start, end, period).await?;
+    drop(c);
+
+    let mut tx = pool.begin().await?;
+    sqlx::query(SETTLEMENT_LOCK).execute(&mut *tx).await?;
+    sqlx::query("lock table tenant_heads in row share mode")
+        .execute(&mut *tx)
+        .await?;
+    // what another run may have posted meanwhile, and the terms as they are now
+    let latest = latest_of(&mut tx, period).await?;
+    let book = crate::catalog::prices::load_book(&mut tx).await?;
+    let res = ProviderReservations::load(&mut tx).await?;
     let mut out = Vec::new();
     for (provider, currency) in pairs {
         let key = (provider.clone(), currency.clone());
         let inputs = inputs
             .get(&key)
             .cloned()
-            .unwrap_or_else(|| SettlementInputs {
-                provider: provider.clone(),
-                period: period.to_string(),
-                currency: currency.clone(),
-                models: Vec::new(),
-            });
+            .unwrap_or_else(|| empty_inputs(&provider, period, &currency));
         let Some(figures) = figures_of(&book, &res, &inputs) else {
             continue;
         };
@@ -370,12 +431,7 @@ async fn read_inputs(
     let mut out: BTreeMap<(String, String), SettlementInputs> = BTreeMap::new();
     for ((p, cur, m), (list_cost, mut minutes)) in per_model {
         minutes.sort_by_key(|x| x.minute);
-        let versions: Vec<&Reservation> = res
-            .by_model
-            .get(&(p.clone(), m.clone()))
-            .map(|v| v.iter().collect())
-            .unwrap_or_default();
-        let (covered_tokens, covered_cost) = coverage(&versions, &minutes);
+        let (covered_tokens, covered_cost) = coverage(&res.chains(&p, &m), &minutes);
         out.entry((p.clone(), cur.clone()))
             .or_insert_with(|| SettlementInputs {
                 provider: p.clone(),

@@ -333,8 +333,7 @@ const APPEND_START: &str = concat!("with
          on conflict (tenant_id, type, unique_key) do nothing),
   st as (insert into auth_settlements (hold_id, tenant_id, event_id)
          select h, t, e from unnest($80::uuid[], $81::text[], $82::text[]) as x(h, t, e)
-         where exists (select 1 from authorizations a where a.id = x.h and a.tenant_id = x.t)
-         on conflict (hold_id) do nothing),
+         on conflict (hold_id, tenant_id) do nothing),
   oh as (delete from open_holds o using unnest($80::uuid[], $81::text[]) as x(h, t)
          where o.hold_id = x.h and o.tenant_id = x.t),
   cp as (insert into commitment_positions as p (tenant_id, commitment, period, drawn, closed)

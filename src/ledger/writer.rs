@@ -109,8 +109,7 @@ struct Batch {
     reservations: store::ReservationMinutes,
     /// Tokens this batch adds per (provider, model, minute) under our provider reservations.
     provider_minutes: store::ProviderMinutes,
-    /// List cost this batch adds per (provider, model, period, currency) under our provider
-    /// commitments.
+    /// List cost this batch adds per (provider, model, period, currency).
     provider_costs: store::ProviderCosts,
     /// What this batch adds to invoices, per (tenant, invoice period, line).
     accruals: Accruals,
@@ -472,9 +471,7 @@ impl Writer {
                         *b.provider_minutes.entry(k).or_default() +=
                             (u.input_tokens + u.output_tokens) as i64;
                     }
-                    if r.cost > rust_decimal::Decimal::ZERO
-                        && self.book.counts_provider_cost(&u.provider, ev.time)
-                    {
+                    if r.cost > rust_decimal::Decimal::ZERO {
                         let k = (
                             u.provider.clone(),
                             u.model.clone(),

@@ -296,18 +296,6 @@ impl PriceBook {
         self.provider_commitments.keys().map(|k| k.as_str())
     }
 
-    /// Whether the list cost of usage of this provider at `at` is counted per period for
-    /// our provider commitments: some version of one took effect at or before `at`.
-    pub fn counts_provider_cost(&self, provider: &str, at: DateTime<Utc>) -> bool {
-        if self.provider_commitments.is_empty() {
-            return false;
-        }
-        self.provider_commitments
-            .get(provider)
-            .and_then(|l| l.first())
-            .is_some_and(|c| c.effective_from <= at)
-    }
-
     /// Whether usage of this model at `at` is counted per minute for our provider
     /// reservations: some version of one took effect at or before `at`.
     pub fn counts_provider_usage(&self, provider: &str, model: &str, at: DateTime<Utc>) -> bool {

@@ -155,17 +155,21 @@ pub struct MinuteUsage {
     pub own_tokens: u64,
 }
 
-/// Tokens and list cost a model's reservation versions covered over these minutes.
-pub fn coverage(versions: &[&Reservation], minutes: &[MinuteUsage]) -> (u64, Decimal) {
+/// Tokens and list cost a model's reservations (each its chain of versions, in effective
+/// order) covered over these minutes: a minute's capacity is the sum of the capacities of
+/// the versions in force (and active) at its start.
+pub fn coverage(reservations: &[Vec<&Reservation>], minutes: &[MinuteUsage]) -> (u64, Decimal) {
     let (mut tokens, mut cost) = (0u64, Decimal::ZERO);
     for m in minutes {
-        let Some(v) = versions.iter().rev().find(|v| v.effective_from <= m.minute) else {
-            continue;
-        };
-        if !v.active || m.tokens == 0 {
+        let cap: u64 = reservations
+            .iter()
+            .filter_map(|chain| chain.iter().rev().find(|v| v.effective_from <= m.minute))
+            .filter(|v| v.active)
+            .map(|v| v.capacity())
+            .sum();
+        if cap == 0 || m.tokens == 0 {
             continue;
         }
-        let cap = v.capacity();
         if m.tokens <= cap {
             tokens += m.own_tokens;
             cost += m.cost;
@@ -541,8 +545,12 @@ mod tests {
             cost: Decimal::from(cost),
             own_tokens: tokens,
         };
+        let mut off = r.clone();
+        off.name = "other".into();
+        off.active = false;
+        // a second reservation, ended: adds nothing
         let (tok, cost) = coverage(
-            &[&r],
+            &[vec![&r], vec![&off]],
             &[
                 m("2026-09-30T23:59:00Z", 500, 5),
                 m("2026-10-01T00:00:00Z", 500, 5),

@@ -147,7 +147,7 @@ async fn populate(c: &mut PgConnection, prefix: &str, delta: bool) -> sqlx::Resu
         .as_str(),
     )
     .await?;
-    // list cost per provider, model, month and currency under our provider commitments
+    // list cost per provider, model, month and currency (what our provider commitments draw on)
     c.execute(
         format!(
             "insert into {prefix}provider_period_costs as m
@@ -155,9 +155,7 @@ async fn populate(c: &mut PgConnection, prefix: &str, delta: bool) -> sqlx::Resu
                x.currency, sum(x.amount)
              from events e
              join transfers x on x.tenant_id = e.tenant_id and x.seq = e.seq and x.kind = 'usage_cost'
-             where e.type = 'tokenledger.usage.v1'
-               and exists (select 1 from provider_commitments p where p.provider = e.provider
-                 and p.effective_from <= e.occurred_at){filter}
+             where e.type = 'tokenledger.usage.v1'{filter}
              group by 1, 2, 3, 4
              on conflict (provider, model, period, currency)
                do update set list_cost = m.list_cost + excluded.list_cost"
@@ -264,10 +262,14 @@ pub async fn verify(owner: &PgPool) -> anyhow::Result<VerifyReport> {
     }
     // the open-hold index holds exactly the unexpired holds the record leaves unsettled
     let holds: Vec<(String,)> = sqlx::query_as(
-        "with rec as (select h.hold_id, h.budget, h.tenant_id, h.period, h.amount, h.expires_at
+        "with rec as (select h.hold_id, h.budget, h.tenant_id, h.period,
+                        h.amount - coalesce((select sum(d.amount) from auth_lease_draws d
+                          where d.lease_id = h.hold_id and d.budget = h.budget), 0) as amount,
+                        h.expires_at
                       from auth_hold_budgets h
                       where h.expires_at > now()
-                        and not exists (select 1 from auth_settlements s where s.hold_id = h.hold_id)),
+                        and not exists (select 1 from auth_settlements s where s.hold_id = h.hold_id
+                                          and s.tenant_id = h.tenant_id)),
               idx as (select hold_id, budget, tenant_id, period, amount, expires_at from open_holds
                       where expires_at > now())
          select 'open_holds: index only: ' || row_to_json(x)::text from (select * from idx except select * from rec) x

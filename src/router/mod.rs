@@ -689,7 +689,12 @@ async fn handle(st: RouterState, headers: HeaderMap, body: Bytes, endpoint: Endp
             estimated_input_tokens: input,
             max_tokens,
         };
-        match st.0.authorizer.authorize(key.tenant_id.clone(), req).await {
+        match st
+            .0
+            .authorizer
+            .authorize_leased(key.tenant_id.clone(), req)
+            .await
+        {
             Ok(d) => match d.decision {
                 Verdict::Deny => {
                     st.0.metrics.inc("tokenledger_router_denied_total", 1);
