@@ -46,6 +46,8 @@ pub const MAX_BATCH: usize = 512;
 /// `LEASE_MARGIN` of it is left, and renewed when less than half of it is.
 pub const LEASE_TTL: chrono::Duration = chrono::Duration::seconds(120);
 const LEASE_MARGIN: chrono::Duration = chrono::Duration::seconds(30);
+/// Grants made from leases are written behind at most this often, together.
+const FLUSH_EVERY: std::time::Duration = std::time::Duration::from_millis(5);
 
 /// Largest token counts accepted (the same cap as usage events).
 const MAX_TOKENS: u64 = 100_000_000;
@@ -371,7 +373,13 @@ async fn run(
 ) {
     let mut jobs = Vec::with_capacity(MAX_BATCH);
     let mut swept = std::time::Instant::now();
-    let mut checked = std::time::Instant::now();
+    // a changed price book or term is looked for every 250 ms (leases were sized under the
+    // old one)
+    let mut check = tokio::time::interval(std::time::Duration::from_millis(250));
+    check.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
+    // grants are written at most every FLUSH_EVERY: one transaction carries all of them
+    let mut due: Option<tokio::time::Instant> = None;
+    let mut last_flush = tokio::time::Instant::now();
     loop {
         tokio::select! {
             n = rx.recv_many(&mut jobs, MAX_BATCH) => {
@@ -379,21 +387,22 @@ async fn run(
                     break;
                 }
             }
-            _ = flush.notified() => {
+            _ = flush.notified(), if due.is_none() => {
+                due = Some((last_flush + FLUSH_EVERY).max(tokio::time::Instant::now()));
+                continue;
+            }
+            _ = tokio::time::sleep_until(due.unwrap_or_else(tokio::time::Instant::now)), if due.is_some() => {
+                last_flush = tokio::time::Instant::now();
+                due = None;
                 if let Err(e) = write_pending(&pool, &shared).await {
                     tracing::warn!(error = %e, "writing granted authorisations failed; retrying");
-                    tokio::time::sleep(std::time::Duration::from_millis(100)).await;
-                    flush.notify_one();
+                    due = Some(tokio::time::Instant::now() + std::time::Duration::from_millis(100));
                 }
                 continue;
             }
-            _ = tokio::time::sleep(std::time::Duration::from_millis(250)) => {
-                // a changed price book or term: leases were sized under the old one
-                if checked.elapsed() >= std::time::Duration::from_millis(250) {
-                    checked = std::time::Instant::now();
-                    if let Err(e) = check_book(&pool, &shared).await {
-                        tracing::warn!(error = %e, "checking the price book failed");
-                    }
+            _ = check.tick() => {
+                if let Err(e) = check_book(&pool, &shared).await {
+                    tracing::warn!(error = %e, "checking the price book failed");
                 }
                 continue;
             }
@@ -409,25 +418,14 @@ async fn run(
             }
         }
         let batch: Vec<Job> = std::mem::take(&mut jobs);
-        match decide_batch(&pool, &shared, ttl, &batch).await {
-            Ok(results) => {
-                for (job, r) in batch.into_iter().zip(results) {
-                    if let (Some(reply), Some(r)) = (job.reply, r) {
-                        let _ = reply.send(r);
-                    }
-                }
-            }
-            Err(e) => {
-                tracing::error!(error = %e, "authorisation batch failed");
-                for job in batch {
-                    if let Some(reply) = job.reply {
-                        let _ = reply.send(Err(AuthError::Db(sqlx::Error::Protocol(format!(
-                            "authorisation batch failed: {e}"
-                        )))));
-                    }
-                }
+        let results = decide_batch(&pool, &shared, ttl, &batch).await;
+        for (job, r) in batch.into_iter().zip(results) {
+            if let (Some(reply), Some(r)) = (job.reply, r) {
+                let _ = reply.send(r);
             }
         }
+        // what was granted from leases in the batch is written at once
+        flush.notify_one();
     }
     // every handle is gone: write what was granted and give the leases back
     let leases: Vec<(Key, Lease)> = {
@@ -798,19 +796,49 @@ pub fn decide(
     ))
 }
 
+/// Decide a batch. Requests from the router are first tried against the leases again (a
+/// lease may have been placed since they queued): only what still needs it is decided
+/// exactly, and only those tenants' leases are released for it — so queued requests do not
+/// keep taking the leases away from the ones arriving meanwhile.
 async fn decide_batch(
     pool: &PgPool,
     shared: &Mutex<Shared>,
     ttl: chrono::Duration,
     batch: &[Job],
-) -> Result<Vec<Option<Result<AuthDecision, AuthError>>>, sqlx::Error> {
-    let mut tenants: Vec<String> = batch.iter().map(|j| j.tenant.clone()).collect();
-    tenants.sort();
-    tenants.dedup();
-    // what was granted from leases is written first, and this batch's tenants' leases are
-    // released in the same transaction: the decisions see all the remaining headroom
-    let (grants, released, mut book, mut stamp) = {
+) -> Vec<Option<Result<AuthDecision, AuthError>>> {
+    let mut out: Vec<Option<Result<AuthDecision, AuthError>>> =
+        batch.iter().map(|_| None).collect();
+    let mut exact: Vec<usize> = Vec::new();
+    // tenants whose leases are renewed in this batch
+    let mut renew: BTreeSet<String> = BTreeSet::new();
+    let (grants, released, mut book, mut stamp, tenants) = {
         let mut sh = shared.lock().expect("authorizer state");
+        let now = Utc::now();
+        for (i, job) in batch.iter().enumerate() {
+            match &job.req {
+                Some(req) if job.leased => {
+                    match grant_locally(&mut sh, &job.tenant, req, now, ttl) {
+                        Some((d, again)) => {
+                            out[i] = Some(Ok(d));
+                            if again {
+                                renew.insert(job.tenant.clone());
+                            }
+                        }
+                        None => exact.push(i),
+                    }
+                }
+                Some(_) => exact.push(i),
+                None => {
+                    renew.insert(job.tenant.clone());
+                }
+            }
+        }
+        let mut tenants: Vec<String> = exact.iter().map(|i| batch[*i].tenant.clone()).collect();
+        tenants.extend(renew.iter().cloned());
+        tenants.sort();
+        tenants.dedup();
+        // what was granted from leases is written first, and these tenants' leases are
+        // released in the same transaction: the decisions see all the remaining headroom
         let keys: Vec<Key> = sh
             .leases
             .keys()
@@ -826,15 +854,31 @@ async fn decide_batch(
             released,
             sh.book.clone(),
             sh.stamp,
+            tenants,
         )
     };
+    if tenants.is_empty() {
+        // all granted from leases: written behind like the others
+        let mut sh = shared.lock().expect("authorizer state");
+        let mut grants = grants;
+        grants.append(&mut sh.pending);
+        sh.pending = grants;
+        return out;
+    }
+    let jobs: Vec<&Job> = exact.iter().map(|i| &batch[*i]).collect();
+    let mut leasing: BTreeSet<String> = jobs
+        .iter()
+        .filter(|j| j.leased)
+        .map(|j| j.tenant.clone())
+        .collect();
+    leasing.extend(renew);
     let r = decide_in_tx(
-        pool, &tenants, &grants, &released, &mut book, &mut stamp, ttl, batch,
+        pool, &tenants, &grants, &released, &mut book, &mut stamp, ttl, &jobs, &leasing,
     )
     .await;
     let mut sh = shared.lock().expect("authorizer state");
     match r {
-        Ok((out, new_leases, currencies, standings)) => {
+        Ok((decided, new_leases, currencies, standings)) => {
             if stamp != sh.stamp {
                 // a newer book: leases sized under the old one go (they expire)
                 sh.leases.clear();
@@ -844,17 +888,25 @@ async fn decide_batch(
             sh.leases.extend(new_leases);
             sh.currencies.extend(currencies);
             sh.standings.extend(standings);
-            Ok(out)
+            for (i, d) in exact.into_iter().zip(decided) {
+                out[i] = d;
+            }
         }
         Err(e) => {
+            tracing::error!(error = %e, "authorisation batch failed");
             // nothing was written: the grants go back; the released leases were not
             // released and simply expire
             let mut grants = grants;
             grants.append(&mut sh.pending);
             sh.pending = grants;
-            Err(e)
+            for i in exact {
+                out[i] = Some(Err(AuthError::Db(sqlx::Error::Protocol(format!(
+                    "authorisation batch failed: {e}"
+                )))));
+            }
         }
     }
+    out
 }
 
 type Decided = (
@@ -873,7 +925,8 @@ async fn decide_in_tx(
     book: &mut Arc<PriceBook>,
     stamp: &mut BookStamp,
     ttl: chrono::Duration,
-    batch: &[Job],
+    batch: &[&Job],
+    leasing: &BTreeSet<String>,
 ) -> Result<Decided, sqlx::Error> {
     let mut tx = pool.begin().await?;
     // authorisers (in every process) take turns per tenant; the writer is not waited for:
@@ -945,11 +998,6 @@ async fn decide_in_tx(
     // leases for the tenants whose requests grant from leases: half of what is left of
     // each blocking budget in force, so other processes keep room to lease too
     let mut leases = Vec::new();
-    let leasing: BTreeSet<&String> = batch
-        .iter()
-        .filter(|j| j.leased)
-        .map(|j| &j.tenant)
-        .collect();
     for tenant in leasing {
         let Some((_, currency)) = locked.get(tenant) else {
             continue;
