@@ -296,14 +296,24 @@ pub async fn quote_http(s0: &Settings, _a: &BenchArgs) -> anyhow::Result<()> {
 /// (z) Authorisations against one hot blocking budget, in process through the group
 /// commit, beside the naive way: one transaction per request locking the budget's row.
 pub async fn authorizations(s0: &Settings, _a: &BenchArgs) -> anyhow::Result<()> {
-    let (_s, pool, _b) = fresh(s0, "z", 1).await?;
+    let (_s, pool, _b) = fresh(s0, "z", 2).await?;
     let tenant = loadgen::tenant_name(0);
+    // the same budget on a second tenant, for the router's leased path
+    let leased_tenant = loadgen::tenant_name(1);
     // worst case per request: 1,000 input + 500 output tokens of gpt-4o-mini, a few
     // hundredths of a cent; the limit admits about half of what the run asks for
     let limit = 10;
     catalog::budgets::add(
         &pool,
         &tenant,
+        budget("hot", BudgetScope::Tenant, "", BudgetAction::Block, limit),
+        Utc::now(),
+        chrono::Duration::minutes(5),
+    )
+    .await?;
+    catalog::budgets::add(
+        &pool,
+        &leased_tenant,
         budget("hot", BudgetScope::Tenant, "", BudgetAction::Block, limit),
         Utc::now(),
         chrono::Duration::minutes(5),
@@ -402,6 +412,81 @@ pub async fn authorizations(s0: &Settings, _a: &BenchArgs) -> anyhow::Result<()>
         "(z) authorisations on one hot blocking budget ({clients} clients): {rate:>9.0}/s ({a} allowed, {d} denied; holds {held} <= limit {limit}: {}); naive per-request transaction {naive:.0}/s (ratio {:.1})",
         held <= Decimal::from(limit),
         rate / naive
+    );
+    // the router's path: granted in memory from leases, written behind
+    let stop = Arc::new(AtomicBool::new(false));
+    let allowed = Arc::new(AtomicU64::new(0));
+    let denied = Arc::new(AtomicU64::new(0));
+    let mut tasks = Vec::new();
+    let t = Instant::now();
+    for _ in 0..clients {
+        let (stop, allowed, denied, auth, req, tenant) = (
+            stop.clone(),
+            allowed.clone(),
+            denied.clone(),
+            auth.clone(),
+            req.clone(),
+            leased_tenant.clone(),
+        );
+        tasks.push(tokio::spawn(async move {
+            while !stop.load(Ordering::Relaxed) {
+                let d = auth
+                    .authorize_leased(tenant.clone(), req.clone())
+                    .await
+                    .map_err(|e| anyhow::anyhow!("{e}"))?;
+                match d.decision {
+                    Verdict::Deny => denied.fetch_add(1, Ordering::Relaxed),
+                    _ => allowed.fetch_add(1, Ordering::Relaxed),
+                };
+                // a caller does other work between requests
+                tokio::task::yield_now().await;
+            }
+            anyhow::Ok(())
+        }));
+    }
+    tokio::time::sleep(Duration::from_secs(secs)).await;
+    stop.store(true, Ordering::Relaxed);
+    for t in tasks {
+        t.await??;
+    }
+    let elapsed = t.elapsed().as_secs_f64();
+    // the authorizer writes what it granted and releases its leases when dropped
+    drop(auth);
+    let (a, d) = (
+        allowed.load(Ordering::Relaxed),
+        denied.load(Ordering::Relaxed),
+    );
+    let mut recorded = 0;
+    for _ in 0..100 {
+        recorded = sqlx::query_scalar::<_, i64>(
+            "select count(*) from authorizations where tenant_id = $1 and decision = 'allow'",
+        )
+        .bind(&leased_tenant)
+        .fetch_one(&pool)
+        .await?;
+        if recorded as u64 >= a {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let held: Decimal = sqlx::query_scalar(
+        "select coalesce(sum(h.amount), 0) from auth_hold_budgets h
+         join authorizations a on a.id = h.hold_id where a.tenant_id = $1 and a.decision = 'allow'",
+    )
+    .bind(&leased_tenant)
+    .fetch_one(&pool)
+    .await?;
+    let leases: i64 = sqlx::query_scalar(
+        "select count(*) from authorizations where tenant_id = $1 and decision = 'lease'",
+    )
+    .bind(&leased_tenant)
+    .fetch_one(&pool)
+    .await?;
+    let lrate = (a + d) as f64 / elapsed;
+    println!(
+        "(z) leased (the router's path), same budget on another tenant: {lrate:>9.0}/s ({a} allowed, {d} denied, {recorded} grants recorded, {leases} leases; grant holds {held} <= limit {limit}: {}); ratio to the group commit {:.1}",
+        held <= Decimal::from(limit),
+        lrate / rate
     );
     Ok(())
 }
