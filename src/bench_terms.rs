@@ -356,9 +356,6 @@ pub async fn authorizations(s0: &Settings, _a: &BenchArgs) -> anyhow::Result<()>
     let naive = done.load(Ordering::Relaxed) as f64 / secs as f64;
     // the authorizer
     let auth = Authorizer::start(pool.clone(), Duration::from_secs(3600));
-    let stop = Arc::new(AtomicBool::new(false));
-    let allowed = Arc::new(AtomicU64::new(0));
-    let denied = Arc::new(AtomicU64::new(0));
     let req = AuthRequest {
         tenant_id: None,
         api_key_id: Some("key-0".into()),
@@ -369,40 +366,7 @@ pub async fn authorizations(s0: &Settings, _a: &BenchArgs) -> anyhow::Result<()>
         estimated_input_tokens: 1000,
         max_tokens: Some(500),
     };
-    let t = Instant::now();
-    for _ in 0..clients {
-        let (stop, allowed, denied, auth, req, tenant) = (
-            stop.clone(),
-            allowed.clone(),
-            denied.clone(),
-            auth.clone(),
-            req.clone(),
-            tenant.clone(),
-        );
-        tasks.push(tokio::spawn(async move {
-            while !stop.load(Ordering::Relaxed) {
-                let d = auth
-                    .authorize(tenant.clone(), req.clone())
-                    .await
-                    .map_err(|e| anyhow::anyhow!("{e}"))?;
-                match d.decision {
-                    Verdict::Deny => denied.fetch_add(1, Ordering::Relaxed),
-                    _ => allowed.fetch_add(1, Ordering::Relaxed),
-                };
-            }
-            anyhow::Ok(())
-        }));
-    }
-    tokio::time::sleep(Duration::from_secs(secs)).await;
-    stop.store(true, Ordering::Relaxed);
-    for t in tasks {
-        t.await??;
-    }
-    let elapsed = t.elapsed().as_secs_f64();
-    let (a, d) = (
-        allowed.load(Ordering::Relaxed),
-        denied.load(Ordering::Relaxed),
-    );
+    let (a, d, elapsed) = hammer_auth(&auth, &tenant, &req, clients, secs, false).await?;
     let rate = (a + d) as f64 / elapsed;
     let held: Decimal =
         sqlx::query_scalar("select coalesce(sum(amount), 0) from auth_hold_budgets")
@@ -414,48 +378,9 @@ pub async fn authorizations(s0: &Settings, _a: &BenchArgs) -> anyhow::Result<()>
         rate / naive
     );
     // the router's path: granted in memory from leases, written behind
-    let stop = Arc::new(AtomicBool::new(false));
-    let allowed = Arc::new(AtomicU64::new(0));
-    let denied = Arc::new(AtomicU64::new(0));
-    let mut tasks = Vec::new();
-    let t = Instant::now();
-    for _ in 0..clients {
-        let (stop, allowed, denied, auth, req, tenant) = (
-            stop.clone(),
-            allowed.clone(),
-            denied.clone(),
-            auth.clone(),
-            req.clone(),
-            leased_tenant.clone(),
-        );
-        tasks.push(tokio::spawn(async move {
-            while !stop.load(Ordering::Relaxed) {
-                let d = auth
-                    .authorize_leased(tenant.clone(), req.clone())
-                    .await
-                    .map_err(|e| anyhow::anyhow!("{e}"))?;
-                match d.decision {
-                    Verdict::Deny => denied.fetch_add(1, Ordering::Relaxed),
-                    _ => allowed.fetch_add(1, Ordering::Relaxed),
-                };
-                // a caller does other work between requests
-                tokio::task::yield_now().await;
-            }
-            anyhow::Ok(())
-        }));
-    }
-    tokio::time::sleep(Duration::from_secs(secs)).await;
-    stop.store(true, Ordering::Relaxed);
-    for t in tasks {
-        t.await??;
-    }
-    let elapsed = t.elapsed().as_secs_f64();
+    let (a, d, elapsed) = hammer_auth(&auth, &leased_tenant, &req, clients, secs, true).await?;
     // the authorizer writes what it granted and releases its leases when dropped
     drop(auth);
-    let (a, d) = (
-        allowed.load(Ordering::Relaxed),
-        denied.load(Ordering::Relaxed),
-    );
     let mut recorded = 0;
     for _ in 0..100 {
         recorded = sqlx::query_scalar::<_, i64>(
@@ -489,4 +414,57 @@ pub async fn authorizations(s0: &Settings, _a: &BenchArgs) -> anyhow::Result<()>
         lrate / rate
     );
     Ok(())
+}
+
+/// Hammer an authorizer from `clients` tasks for `secs` seconds; (allowed, denied, seconds).
+async fn hammer_auth(
+    auth: &Authorizer,
+    tenant: &str,
+    req: &AuthRequest,
+    clients: usize,
+    secs: u64,
+    leased: bool,
+) -> anyhow::Result<(u64, u64, f64)> {
+    let stop = Arc::new(AtomicBool::new(false));
+    let allowed = Arc::new(AtomicU64::new(0));
+    let denied = Arc::new(AtomicU64::new(0));
+    let mut tasks = Vec::new();
+    let t = Instant::now();
+    for _ in 0..clients {
+        let (stop, allowed, denied, auth, req, tenant) = (
+            stop.clone(),
+            allowed.clone(),
+            denied.clone(),
+            auth.clone(),
+            req.clone(),
+            tenant.to_string(),
+        );
+        tasks.push(tokio::spawn(async move {
+            while !stop.load(Ordering::Relaxed) {
+                let d = if leased {
+                    auth.authorize_leased(tenant.clone(), req.clone()).await
+                } else {
+                    auth.authorize(tenant.clone(), req.clone()).await
+                }
+                .map_err(|e| anyhow::anyhow!("{e}"))?;
+                match d.decision {
+                    Verdict::Deny => denied.fetch_add(1, Ordering::Relaxed),
+                    _ => allowed.fetch_add(1, Ordering::Relaxed),
+                };
+                // a caller does other work between requests
+                tokio::task::yield_now().await;
+            }
+            anyhow::Ok(())
+        }));
+    }
+    tokio::time::sleep(Duration::from_secs(secs)).await;
+    stop.store(true, Ordering::Relaxed);
+    for t in tasks {
+        t.await??;
+    }
+    Ok((
+        allowed.load(Ordering::Relaxed),
+        denied.load(Ordering::Relaxed),
+        t.elapsed().as_secs_f64(),
+    ))
 }

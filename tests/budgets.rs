@@ -2,7 +2,7 @@
 
 mod common;
 
-use common::{usage, TestApp, ADMIN};
+use common::{dec, usage, TestApp, ADMIN};
 use rust_decimal::Decimal;
 use serde_json::{json, Value};
 
@@ -28,13 +28,6 @@ async fn budget(app: &TestApp, key: &str, body: Value) -> reqwest::Response {
         .send()
         .await
         .unwrap()
-}
-
-fn dec(v: &Value) -> Decimal {
-    match v {
-        Value::String(s) => s.parse().unwrap(),
-        other => other.to_string().parse().unwrap(),
-    }
 }
 
 fn million(id: &str, tags: Value) -> Value {

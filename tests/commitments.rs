@@ -3,19 +3,12 @@
 
 mod common;
 
-use common::{usage, TestApp, ADMIN};
+use common::{dec, usage, TestApp, ADMIN};
 use rust_decimal::Decimal;
 use serde_json::{json, Value};
 
 const EVENTS: &str = "select count(*) from events";
 const OCTOBER: &str = "2026-10-10T12:00:00Z";
-
-fn dec(v: &Value) -> Decimal {
-    match v {
-        Value::String(s) => s.parse().unwrap(),
-        other => other.to_string().parse().unwrap(),
-    }
-}
 
 /// 500,000 input tokens of c-model in October: 0.6 at the customer's price.
 fn ev(id: &str, tenant: &str) -> Value {

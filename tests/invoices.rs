@@ -6,18 +6,11 @@
 
 mod common;
 
-use common::{usage, TestApp, ADMIN};
+use common::{dec, usage, TestApp, ADMIN};
 use rust_decimal::Decimal;
 use serde_json::{json, Value};
 
 const EVENTS: &str = "select count(*) from events";
-
-fn dec(v: &Value) -> Decimal {
-    match v {
-        Value::String(s) => s.parse().unwrap(),
-        other => other.to_string().parse().unwrap(),
-    }
-}
 
 fn d(s: &str) -> Decimal {
     s.parse().unwrap()

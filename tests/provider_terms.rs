@@ -8,19 +8,12 @@ mod common;
 use std::time::Duration;
 
 use chrono::{Datelike, TimeZone, Utc};
-use common::{fresh_settings, TestApp, ADMIN};
+use common::{dec, fresh_settings, kv_until, routing_kv, TestApp, ADMIN};
 use rust_decimal::Decimal;
 use serde_json::{json, Value};
 
 const EVENTS: &str = "select count(*) from events";
 const PAST: &str = "2020-01-01T00:00:00Z";
-
-fn dec(v: &Value) -> Decimal {
-    match v {
-        Value::String(s) => s.parse().unwrap(),
-        other => other.to_string().parse().unwrap(),
-    }
-}
 
 fn d(s: &str) -> Decimal {
     s.parse().unwrap()
@@ -353,17 +346,7 @@ async fn our_provider_commitment_lowers_marginal_cost_until_used_up() {
         d("1.5")
     );
     assert_eq!(dec(&q["candidates"][1]["marginal_cost"]), d("0.001"));
-    let client = async_nats::connect(&s.nats_url).await.unwrap();
-    let js = async_nats::jetstream::new(client);
-    let mut kv = None;
-    for _ in 0..100 {
-        if let Ok(k) = js.get_key_value(&s.routing_bucket).await {
-            kv = Some(k);
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-    let kv = kv.expect("the pricing role creates the bucket");
+    let kv = routing_kv(&s).await;
     let k = "acme.test=3Apair";
     let first = |v: &Value| {
         v["candidates"][0]["model"]
@@ -371,16 +354,7 @@ async fn our_provider_commitment_lowers_marginal_cost_until_used_up() {
             .unwrap_or_default()
             .to_string()
     };
-    let mut last = Value::Null;
-    for _ in 0..200 {
-        if let Ok(Some(b)) = kv.get(k).await {
-            last = serde_json::from_slice(&b).unwrap();
-            if first(&last) == "k-a" {
-                break;
-            }
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    let last = kv_until(&kv, k, |v| first(v) == "k-a").await;
     assert_eq!(first(&last), "k-a", "{last}");
     // usage this month uses the commitment up (1.65 of list)
     let now = Utc::now();
@@ -399,15 +373,7 @@ async fn our_provider_commitment_lowers_marginal_cost_until_used_up() {
         Decimal::ZERO
     );
     // and the published decision follows, triggered by the commitment running out
-    for _ in 0..200 {
-        if let Ok(Some(b)) = kv.get(k).await {
-            last = serde_json::from_slice(&b).unwrap();
-            if last["trigger"] == "provider_commitment_exhausted" {
-                break;
-            }
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    let last = kv_until(&kv, k, |v| v["trigger"] == "provider_commitment_exhausted").await;
     assert_eq!(last["trigger"], "provider_commitment_exhausted", "{last}");
     assert_eq!(first(&last), "k-b", "{last}");
     app.rebuild_and_verify().await;

@@ -2,6 +2,8 @@
 
 mod common;
 
+use common::dec;
+
 use std::time::{Duration, Instant};
 
 use common::*;
@@ -126,13 +128,6 @@ async fn seed_prices_into(pool: &sqlx::PgPool) {
     )
     .await
     .unwrap();
-}
-
-fn dec(v: &Value) -> Decimal {
-    match v {
-        Value::String(s) => s.parse().unwrap(),
-        other => other.to_string().parse().unwrap(),
-    }
 }
 
 fn request_id(r: &reqwest::Response) -> String {

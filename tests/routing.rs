@@ -5,8 +5,7 @@ mod common;
 
 use std::time::Duration;
 
-use common::{fresh_settings, usage, TestApp, ADMIN};
-use rust_decimal::Decimal;
+use common::{dec, fresh_settings, kv_until, routing_kv, usage, TestApp, ADMIN};
 use serde_json::{json, Value};
 
 const EVENTS: &str = "select count(*) from events";
@@ -39,34 +38,8 @@ async fn class(app: &TestApp, name: &str, models: &[&str]) {
     assert_eq!(r.status(), 201, "{}", r.text().await.unwrap());
 }
 
-fn dec(v: &Value) -> Decimal {
-    match v {
-        Value::String(s) => s.parse().unwrap(),
-        other => other.to_string().parse().unwrap(),
-    }
-}
-
 fn first_model(d: &Value) -> String {
     d["candidates"][0]["model"].as_str().unwrap().to_string()
-}
-
-/// Poll the KV key until `ok` holds for its value (10 s at most).
-async fn kv_until(
-    kv: &async_nats::jetstream::kv::Store,
-    key: &str,
-    ok: impl Fn(&Value) -> bool,
-) -> Value {
-    let mut last = Value::Null;
-    for _ in 0..200 {
-        if let Ok(Some(b)) = kv.get(key).await {
-            last = serde_json::from_slice(&b).unwrap();
-            if ok(&last) {
-                return last;
-            }
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-    panic!("KV {key} never satisfied the condition; last value {last}");
 }
 
 async fn quote(app: &TestApp, key: &str, body: Value) -> (u16, Value) {
@@ -116,17 +89,7 @@ async fn crossing_a_tier_and_reaching_a_budget_change_the_published_decision() {
         .unwrap();
     assert_eq!(r.status(), 201);
 
-    let client = async_nats::connect(&s.nats_url).await.unwrap();
-    let js = async_nats::jetstream::new(client);
-    let mut kv = None;
-    for _ in 0..100 {
-        if let Ok(k) = js.get_key_value(&s.routing_bucket).await {
-            kv = Some(k);
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-    let kv = kv.expect("the pricing role creates the bucket");
+    let kv = routing_kv(&s).await;
     let k = "acme.test=3Apair";
     // at first r-cheap is cheaper
     let d = kv_until(&kv, k, |v| {

@@ -4,7 +4,7 @@
 
 mod common;
 
-use common::{usage, TestApp, ADMIN};
+use common::{dec, usage, TestApp, ADMIN};
 use serde_json::{json, Value};
 
 const EVENTS: &str = "select count(*) from events";
@@ -39,13 +39,6 @@ async fn detail(app: &TestApp, key: &str, req: &str) -> Value {
     let r = app.get(key, &format!("/v1/requests/{req}")).await;
     assert_eq!(r.status(), 200);
     r.json().await.unwrap()
-}
-
-fn dec(v: &Value) -> rust_decimal::Decimal {
-    match v {
-        Value::String(s) => s.parse().unwrap(),
-        other => other.to_string().parse().unwrap(),
-    }
 }
 
 #[tokio::test]

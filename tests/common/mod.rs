@@ -332,3 +332,42 @@ impl TestApp {
         );
     }
 }
+
+/// A decimal from a JSON string (or number).
+pub fn dec(v: &Value) -> rust_decimal::Decimal {
+    match v {
+        Value::String(s) => s.parse().unwrap(),
+        other => other.to_string().parse().unwrap(),
+    }
+}
+
+/// The routing-decision KV bucket, once the pricing role has created it (5 s at most).
+pub async fn routing_kv(s: &Settings) -> async_nats::jetstream::kv::Store {
+    let js = async_nats::jetstream::new(async_nats::connect(&s.nats_url).await.unwrap());
+    for _ in 0..100 {
+        if let Ok(k) = js.get_key_value(&s.routing_bucket).await {
+            return k;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    panic!("the pricing role never created the routing bucket");
+}
+
+/// Poll the KV key until `ok` holds for its value (10 s at most).
+pub async fn kv_until(
+    kv: &async_nats::jetstream::kv::Store,
+    key: &str,
+    ok: impl Fn(&Value) -> bool,
+) -> Value {
+    let mut last = Value::Null;
+    for _ in 0..200 {
+        if let Ok(Some(b)) = kv.get(key).await {
+            last = serde_json::from_slice(&b).unwrap();
+            if ok(&last) {
+                return last;
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    panic!("KV {key} never satisfied the condition; last value {last}");
+}
