@@ -140,6 +140,9 @@ struct Job {
 #[derive(Clone, Debug)]
 struct Lease {
     id: uuid::Uuid,
+    /// The budget version it was sized under: a later version in force (a new limit)
+    /// voids it for local grants.
+    version: i64,
     /// The lease's hold.
     amount: Decimal,
     /// Granted out of it so far (written behind or pending).
@@ -296,7 +299,7 @@ fn grant_locally(
             sh.standings.get(&k).copied().unwrap_or_default()
         } else {
             let l = sh.leases.get(&k)?;
-            if l.expires_at - LEASE_MARGIN <= now {
+            if l.expires_at - LEASE_MARGIN <= now || l.version != b.id {
                 return None;
             }
             let left = l.amount - l.drawn;
@@ -1014,6 +1017,7 @@ async fn decide_in_tx(
             }
             let lease = Lease {
                 id: uuid::Uuid::now_v7(),
+                version: b.id,
                 amount: half,
                 drawn: Decimal::ZERO,
                 expires_at: now + LEASE_TTL,
@@ -1229,5 +1233,174 @@ impl Rows {
         .execute(c)
         .await?;
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::pricing::budgets::{BudgetPeriod, BudgetScope};
+    use crate::pricing::{MarkupRule, PriceVersion, RateSet, Side};
+
+    fn t(s: &str) -> DateTime<Utc> {
+        s.parse().unwrap()
+    }
+
+    /// A book with one model at 1 per million tokens (cost; 0% markup: price 1) and the
+    /// given budget versions (amount, effective from).
+    fn book(budgets: &[(i64, i64, &str)]) -> PriceBook {
+        let v = PriceVersion {
+            id: 1,
+            provider: "openai".into(),
+            model: "m".into(),
+            region: String::new(),
+            side: Side::Cost,
+            currency: "USD".into(),
+            effective_from: t("2020-01-01T00:00:00Z"),
+            base: RateSet {
+                input: Some(Decimal::ONE),
+                output: Some(Decimal::ONE),
+                ..Default::default()
+            },
+            batch_discount: Decimal::ZERO,
+            long_context_threshold_tokens: None,
+            long: RateSet::default(),
+            max_output_tokens: None,
+        };
+        let markup = MarkupRule {
+            id: 1,
+            tenant_id: None,
+            percent: Decimal::ZERO,
+            effective_from: t("2020-01-01T00:00:00Z"),
+        };
+        let list = budgets
+            .iter()
+            .map(|(id, amount, from)| Budget {
+                id: *id,
+                tenant_id: "acme".into(),
+                name: "cap".into(),
+                effective_from: t(from),
+                active: true,
+                scope: BudgetScope::Tenant,
+                scope_value: String::new(),
+                period: BudgetPeriod::Month,
+                amount: Decimal::from(*amount),
+                thresholds: Vec::new(),
+                action: BudgetAction::Block,
+                downgrade_class: None,
+            })
+            .collect();
+        PriceBook::new(vec![v], vec![markup]).with_budgets(list)
+    }
+
+    fn req(tokens: u64) -> AuthRequest {
+        AuthRequest {
+            tenant_id: None,
+            api_key_id: None,
+            tags: BTreeMap::new(),
+            model: "m".into(),
+            provider: Some("openai".into()),
+            region: None,
+            estimated_input_tokens: 0,
+            max_tokens: Some(tokens),
+        }
+    }
+
+    fn shared(book: PriceBook, lease: Decimal, version: i64, expires: &str) -> Shared {
+        let mut sh = Shared {
+            book: Arc::new(book),
+            ..Shared::default()
+        };
+        sh.currencies.insert("acme".into(), "USD".into());
+        sh.leases.insert(
+            ("acme".into(), "cap".into(), "2026-11".into()),
+            Lease {
+                id: uuid::Uuid::now_v7(),
+                version,
+                amount: lease,
+                drawn: Decimal::ZERO,
+                expires_at: t(expires),
+                spent: Decimal::ZERO,
+                renewing: false,
+            },
+        );
+        sh
+    }
+
+    #[test]
+    fn a_lease_grants_what_fits_and_no_more() {
+        let now = t("2026-11-25T12:00:00Z");
+        let ttl = chrono::Duration::hours(1);
+        // a budget of 100, a lease of 3 (worst case of 1,000,000 tokens: 1)
+        let mut sh = shared(
+            book(&[(7, 100, "2026-01-01T00:00:00Z")]),
+            Decimal::from(3),
+            7,
+            "2026-11-25T12:02:00Z",
+        );
+        for _ in 0..3 {
+            let (d, _) = grant_locally(&mut sh, "acme", &req(1_000_000), now, ttl).unwrap();
+            assert_eq!(d.decision, Verdict::Allow);
+            assert_eq!(d.estimated_cost, Some(Decimal::ONE));
+        }
+        // the fourth does not fit in the lease: decided exactly, nothing drawn
+        assert!(grant_locally(&mut sh, "acme", &req(1_000_000), now, ttl).is_none());
+        assert_eq!(sh.pending.len(), 3);
+        let drawn: Decimal = sh.pending.iter().flat_map(|g| &g.draws).map(|d| d.2).sum();
+        assert_eq!(drawn, Decimal::from(3));
+        assert_eq!(sh.leases.values().next().unwrap().drawn, Decimal::from(3));
+    }
+
+    #[test]
+    fn a_lease_asks_for_renewal_once_half_used() {
+        let now = t("2026-11-25T12:00:00Z");
+        let ttl = chrono::Duration::hours(1);
+        let mut sh = shared(
+            book(&[(7, 100, "2026-01-01T00:00:00Z")]),
+            Decimal::from(4),
+            7,
+            "2026-11-25T12:02:00Z",
+        );
+        let renew: Vec<bool> = (0..4)
+            .map(|_| {
+                grant_locally(&mut sh, "acme", &req(1_000_000), now, ttl)
+                    .unwrap()
+                    .1
+            })
+            .collect();
+        // renewal is asked for once, when less than half is left
+        assert_eq!(renew, vec![false, false, true, false]);
+    }
+
+    #[test]
+    fn no_local_grant_from_a_lease_near_expiry_or_under_another_budget_version() {
+        let now = t("2026-11-25T12:00:00Z");
+        let ttl = chrono::Duration::hours(1);
+        // expiring within the margin
+        let mut sh = shared(
+            book(&[(7, 100, "2026-01-01T00:00:00Z")]),
+            Decimal::from(3),
+            7,
+            "2026-11-25T12:00:20Z",
+        );
+        assert!(grant_locally(&mut sh, "acme", &req(1), now, ttl).is_none());
+        // a new version (a lower limit) took effect after the lease was sized
+        let b = book(&[
+            (7, 100, "2026-01-01T00:00:00Z"),
+            (8, 2, "2026-11-25T11:00:00Z"),
+        ]);
+        let mut sh = shared(b, Decimal::from(50), 7, "2026-11-25T12:02:00Z");
+        assert!(grant_locally(&mut sh, "acme", &req(1), now, ttl).is_none());
+        assert!(sh.pending.is_empty());
+        // no lease at all, or an unknown tenant
+        let mut sh = shared(
+            book(&[(7, 100, "2026-01-01T00:00:00Z")]),
+            Decimal::from(3),
+            7,
+            "2026-11-25T12:02:00Z",
+        );
+        sh.leases.clear();
+        assert!(grant_locally(&mut sh, "acme", &req(1), now, ttl).is_none());
+        assert!(grant_locally(&mut sh, "other", &req(1), now, ttl).is_none());
     }
 }
