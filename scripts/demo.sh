@@ -127,6 +127,11 @@ echo "== GET /v1/invoices/draft (this month's live draft: total, rounding, first
 curl -sf "$api/v1/invoices/draft" -H "authorization: Bearer $key" | head -c 900; echo
 echo "== tokenledger reconcile --period $last (internal: ledger vs projection vs invoices)"
 $bin reconcile --period "$last" | grep -E '"(findings|lines|finalized_invoices|tenants_with_lines)"'
+echo "== our commitment with openai (0.05 a month at 20% off; it may start in a month not yet settled) and the provider settlement of $last"
+admin -o /dev/null -X POST "$api/v1/admin/provider-commitments" -H 'content-type: application/json' \
+  -d "{\"name\": \"openai-demo\", \"provider\": \"openai\", \"amount\": \"0.05\", \"discount_percent\": \"20\", \"effective_from\": \"$last-01T00:00:00Z\"}" || true
+$bin provider-settle --period "$last" |
+  grep -E '"(provider|revision|list_cost|absorbed_list|drawdown|discount|true_up|net_cost)"' | head -12 || true
 echo "== tokenledger verify"
 $bin verify
 echo
