@@ -153,6 +153,8 @@ impl App {
                 }
             }
         }
+        // grants made from budget leases are written, the leases given back
+        self.state.authorizer.close().await;
         self.state.bus.flush().await;
         Ok(())
     }

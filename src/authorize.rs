@@ -179,6 +179,7 @@ struct Shared {
 #[derive(Clone)]
 pub struct Authorizer {
     tx: mpsc::Sender<Job>,
+    pool: PgPool,
     shared: Arc<Mutex<Shared>>,
     flush: Arc<Notify>,
     ttl: chrono::Duration,
@@ -195,12 +196,36 @@ impl Authorizer {
             ..Shared::default()
         }));
         let flush = Arc::new(Notify::new());
-        tokio::spawn(run(pool, ttl, rx, shared.clone(), flush.clone()));
+        tokio::spawn(run(pool.clone(), ttl, rx, shared.clone(), flush.clone()));
         Authorizer {
             tx,
+            pool,
             shared,
             flush,
             ttl,
+        }
+    }
+
+    /// At shutdown, once no request is in flight: write what was granted from leases and
+    /// release the leases (a process killed outright leaves them to expire).
+    pub async fn close(&self) {
+        let leases: Vec<(Key, Lease)> = {
+            let mut sh = self.shared.lock().expect("authorizer state");
+            sh.leases.drain().collect()
+        };
+        let r: Result<(), sqlx::Error> = async {
+            let mut tx = self.pool.begin().await?;
+            let grants = take_pending(&self.shared);
+            if let Err(e) = write_grants(&mut tx, &grants).await {
+                restore_pending(&self.shared, grants);
+                return Err(e);
+            }
+            release(&mut tx, &leases).await?;
+            tx.commit().await
+        }
+        .await;
+        if let Err(e) = r {
+            tracing::warn!(error = %e, "writing grants and releasing leases at shutdown failed; the leases expire");
         }
     }
 

@@ -659,6 +659,23 @@ async fn the_router_grants_from_budget_leases_and_keeps_the_bound() {
     assert!(spent > Decimal::ZERO);
     s.app.rebuild_and_verify().await;
     s.app.stop().await;
+    // a stopping process gives its leases back
+    assert_eq!(
+        s.app
+            .count(
+                "select count(*) from authorizations a where a.decision = 'lease'
+                 and not exists (select 1 from auth_settlements x where x.hold_id = a.id
+                                 and x.tenant_id = a.tenant_id)"
+            )
+            .await,
+        0
+    );
+    assert_eq!(
+        s.app
+            .count("select count(*) from open_holds where amount > 0")
+            .await,
+        0
+    );
 }
 
 #[tokio::test]
