@@ -134,6 +134,8 @@ struct Job {
     req: Option<AuthRequest>,
     reply: Option<Reply>,
     leased: bool,
+    /// Shutdown: write the grants, release the leases, then answer.
+    close: Option<oneshot::Sender<()>>,
 }
 
 /// A share of one blocking budget's headroom in one period, held by this process.
@@ -179,7 +181,6 @@ struct Shared {
 #[derive(Clone)]
 pub struct Authorizer {
     tx: mpsc::Sender<Job>,
-    pool: PgPool,
     shared: Arc<Mutex<Shared>>,
     flush: Arc<Notify>,
     ttl: chrono::Duration,
@@ -196,10 +197,9 @@ impl Authorizer {
             ..Shared::default()
         }));
         let flush = Arc::new(Notify::new());
-        tokio::spawn(run(pool.clone(), ttl, rx, shared.clone(), flush.clone()));
+        tokio::spawn(run(pool, ttl, rx, shared.clone(), flush.clone()));
         Authorizer {
             tx,
-            pool,
             shared,
             flush,
             ttl,
@@ -209,23 +209,17 @@ impl Authorizer {
     /// At shutdown, once no request is in flight: write what was granted from leases and
     /// release the leases (a process killed outright leaves them to expire).
     pub async fn close(&self) {
-        let leases: Vec<(Key, Lease)> = {
-            let mut sh = self.shared.lock().expect("authorizer state");
-            sh.leases.drain().collect()
+        // in order with the task's own writes: it is the only writer of grants
+        let (done, rx) = oneshot::channel();
+        let job = Job {
+            tenant: String::new(),
+            req: None,
+            reply: None,
+            leased: false,
+            close: Some(done),
         };
-        let r: Result<(), sqlx::Error> = async {
-            let mut tx = self.pool.begin().await?;
-            let grants = take_pending(&self.shared);
-            if let Err(e) = write_grants(&mut tx, &grants).await {
-                restore_pending(&self.shared, grants);
-                return Err(e);
-            }
-            release(&mut tx, &leases).await?;
-            tx.commit().await
-        }
-        .await;
-        if let Err(e) = r {
-            tracing::warn!(error = %e, "writing grants and releasing leases at shutdown failed; the leases expire");
+        if self.tx.send(job).await.is_ok() {
+            let _ = rx.await;
         }
     }
 
@@ -258,6 +252,7 @@ impl Authorizer {
                     req: None,
                     reply: None,
                     leased: true,
+                    close: None,
                 });
             }
             return Ok(d);
@@ -279,6 +274,7 @@ impl Authorizer {
                 req: Some(req),
                 reply: Some(reply),
                 leased,
+                close: None,
             })
             .await
             .map_err(|_| AuthError::Stopped)?;
@@ -342,7 +338,22 @@ fn grant_locally(
     }
     let mut draws = Vec::new();
     let mut renew = false;
+    let gating: BTreeSet<Key> = budgets
+        .iter()
+        .filter(|b| b.action != BudgetAction::Alert)
+        .map(|b| {
+            (
+                tenant.to_string(),
+                b.name.clone(),
+                period_key(b.period, now),
+            )
+        })
+        .collect();
     for (k, amount) in &holds {
+        // only from the leases checked above, and only what is there to draw
+        if *amount <= Decimal::ZERO || !gating.contains(k) {
+            continue;
+        }
         if let Some(l) = sh.leases.get_mut(k) {
             l.drawn += *amount;
             draws.push((l.id, k.clone(), *amount));
@@ -445,7 +456,9 @@ async fn run(
                 tracing::warn!(error = %e, "sweeping expired holds failed");
             }
         }
-        let batch: Vec<Job> = std::mem::take(&mut jobs);
+        let (closing, batch): (Vec<Job>, Vec<Job>) = std::mem::take(&mut jobs)
+            .into_iter()
+            .partition(|j| j.close.is_some());
         let results = decide_batch(&pool, &shared, ttl, &batch).await;
         for (job, r) in batch.into_iter().zip(results) {
             if let (Some(reply), Some(r)) = (job.reply, r) {
@@ -454,26 +467,47 @@ async fn run(
         }
         // what was granted from leases in the batch is written at once
         flush.notify_one();
+        for job in closing {
+            shutdown(&pool, &shared).await;
+            if let Some(done) = job.close {
+                let _ = done.send(());
+            }
+        }
     }
     // every handle is gone: write what was granted and give the leases back
+    shutdown(&pool, &shared).await;
+}
+
+/// Write what was granted and release every lease.
+async fn shutdown(pool: &PgPool, shared: &Mutex<Shared>) {
     let leases: Vec<(Key, Lease)> = {
         let mut sh = shared.lock().expect("authorizer state");
         sh.leases.drain().collect()
     };
-    let r: Result<(), sqlx::Error> = async {
+    if let Err(e) = write_and_release(pool, shared, &leases).await {
+        tracing::warn!(error = %e, "releasing budget leases at shutdown failed; they expire");
+    }
+}
+
+/// Write the pending grants and release these leases in one transaction; on any error
+/// the grants go back to be written later.
+async fn write_and_release(
+    pool: &PgPool,
+    shared: &Mutex<Shared>,
+    leases: &[(Key, Lease)],
+) -> Result<(), sqlx::Error> {
+    let grants = take_pending(shared);
+    let r = async {
         let mut tx = pool.begin().await?;
-        let grants = take_pending(&shared);
-        if let Err(e) = write_grants(&mut tx, &grants).await {
-            restore_pending(&shared, grants);
-            return Err(e);
-        }
-        release(&mut tx, &leases).await?;
+        write_grants(&mut tx, &grants).await?;
+        release(&mut tx, leases).await?;
         tx.commit().await
     }
     .await;
-    if let Err(e) = r {
-        tracing::warn!(error = %e, "releasing budget leases at shutdown failed; they expire");
+    if r.is_err() {
+        restore_pending(shared, grants);
     }
+    r
 }
 
 fn take_pending(shared: &Mutex<Shared>) -> Vec<Grant> {
@@ -539,10 +573,11 @@ async fn write_grants(tx: &mut sqlx::PgConnection, grants: &[Grant]) -> Result<(
     if !lease.is_empty() {
         sqlx::query(
             "with d as (insert into auth_lease_draws (lease_id, budget, grant_id, tenant_id, amount)
-                        select * from unnest($1::uuid[], $2::text[], $3::uuid[], $4::text[], $5::numeric[]))
+                        select * from unnest($1::uuid[], $2::text[], $3::uuid[], $4::text[], $5::numeric[])
+                        on conflict (lease_id, budget, grant_id) do nothing
+                        returning lease_id, budget, amount)
              update open_holds o set amount = o.amount - x.a
-             from (select l, b, sum(a) as a from unnest($1::uuid[], $2::text[], $5::numeric[]) as u(l, b, a)
-                   group by l, b) x
+             from (select lease_id as l, budget as b, sum(amount) as a from d group by 1, 2) x
              where o.hold_id = x.l and o.budget = x.b",
         )
         .bind(&lease)
@@ -595,14 +630,7 @@ async fn check_book(pool: &PgPool, shared: &Mutex<Shared>) -> Result<(), sqlx::E
         sh.stamp = stamp;
         sh.leases.drain().collect()
     };
-    let mut tx = pool.begin().await?;
-    let grants = take_pending(shared);
-    if let Err(e) = write_grants(&mut tx, &grants).await {
-        restore_pending(shared, grants);
-        return Err(e);
-    }
-    release(&mut tx, &leases).await?;
-    tx.commit().await
+    write_and_release(pool, shared, &leases).await
 }
 
 /// (tenant, budget, period)
@@ -957,7 +985,8 @@ async fn decide_in_tx(
     leasing: &BTreeSet<String>,
 ) -> Result<Decided, sqlx::Error> {
     let mut tx = pool.begin().await?;
-    // authorisers (in every process) take turns per tenant; the writer is not waited for:
+    // authorisers (in every process) take turns per tenant; the writer is waited for only
+    // to write grants made from leases (below), not to read:
     // one statement reads spend and open holds from one snapshot, in which a usage event
     // has either added its spend and removed its hold, or done neither
     let (locked, book_stamp) = store::lock_tenants_for_authorization(&mut tx, tenants).await?;
@@ -1213,10 +1242,12 @@ impl Rows {
                  $7::text[], $8::text[], $9::text[], $10::int8[], $11::int8[], $12::numeric[],
                  $13::text[], $14::text[], $15::text[], $16::timestamptz[])
                  as u(i, t, k, g, rm, rp, d, p, m, n, x, c, cu, db, r, e)
+               on conflict (id) do nothing
                returning 1)
              , h as (insert into auth_hold_budgets (hold_id, tenant_id, budget, period, amount, expires_at)
                select * from unnest($17::uuid[], $18::text[], $19::text[], $20::text[],
                  $21::numeric[], $22::timestamptz[])
+               on conflict (hold_id, budget) do nothing
                returning 1)
              , f as (insert into alert_facts (tenant_id, type, unique_key, payload, occurred_at)
                select t, 'budget.action_taken', k, p::jsonb, o
@@ -1227,7 +1258,9 @@ impl Rows {
                $22::timestamptz[]) as x(h, t, b, p, a, e)
              -- a grant written behind may have been settled already
              where not exists (select 1 from auth_settlements s where s.hold_id = x.h
-                                 and s.tenant_id = x.t)",
+                                 and s.tenant_id = x.t)
+             -- written again after a commit whose outcome was lost: nothing more
+             on conflict (hold_id, budget) do nothing",
         )
         .bind(&self.id)
         .bind(&self.tenant)
@@ -1368,6 +1401,11 @@ mod tests {
             assert_eq!(d.decision, Verdict::Allow);
             assert_eq!(d.estimated_cost, Some(Decimal::ONE));
         }
+        // a request that costs nothing draws nothing (a draw is a positive amount)
+        let (d, _) = grant_locally(&mut sh, "acme", &req(0), now, ttl).unwrap();
+        assert_eq!(d.estimated_cost, Some(Decimal::ZERO));
+        assert!(sh.pending.last().unwrap().draws.is_empty());
+        sh.pending.pop();
         // the fourth does not fit in the lease: decided exactly, nothing drawn
         assert!(grant_locally(&mut sh, "acme", &req(1_000_000), now, ttl).is_none());
         assert_eq!(sh.pending.len(), 3);
