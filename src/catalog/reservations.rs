@@ -272,37 +272,22 @@ pub async fn add_provider(
 pub async fn load_provider_with_currency(
     c: &mut sqlx::PgConnection,
 ) -> Result<Vec<(Reservation, String)>, sqlx::Error> {
-    let rows: Vec<(Row, String)> = sqlx::query_as(&format!(
-        "select {PROVIDER_COLUMNS}, currency::text from provider_reservations
-         order by effective_from, id"
-    ))
-    .fetch_all(&mut *c)
-    .await?
-    .into_iter()
-    .map(|r: ProviderRow| {
-        (
-            (r.0, r.1, r.2, r.3, r.4, r.5, r.6, r.7, r.8, r.9, r.10),
-            r.11,
-        )
-    })
-    .collect();
-    Ok(rows.into_iter().map(|(r, c)| (from_row(r), c)).collect())
+    let currencies: std::collections::HashMap<i64, String> =
+        sqlx::query_as("select id, currency::text from provider_reservations")
+            .fetch_all(&mut *c)
+            .await?
+            .into_iter()
+            .collect();
+    let mut all = load_provider(c).await?;
+    all.sort_by_key(|r| (r.effective_from, r.id));
+    Ok(all
+        .into_iter()
+        .map(|r| {
+            let cur = currencies.get(&r.id).cloned().unwrap_or_default();
+            (r, cur)
+        })
+        .collect())
 }
-
-type ProviderRow = (
-    i64,
-    String,
-    String,
-    DateTime<Utc>,
-    bool,
-    String,
-    String,
-    i32,
-    i64,
-    Decimal,
-    Option<Decimal>,
-    String,
-);
 
 pub async fn list_provider(pool: &PgPool) -> Result<Vec<Reservation>, CatalogError> {
     let rows: Vec<Row> = sqlx::query_as(&format!(
