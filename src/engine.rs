@@ -121,11 +121,12 @@ pub async fn tenant_view(
          select 4, commitment, drawn, case when closed then 1 else 0 end, 0
          from commitment_positions where tenant_id = $1 and period = $2
          union all
-         select 5, provider || '/' || model, tokens, 0, 0 from provider_usage_minutes
-         where minute = $5
+         select 5, provider || '/' || model, sum(tokens), 0, 0 from provider_usage_minutes
+         where minute = $5 group by provider, model
          union all
-         select 6, provider || '/' || model, list_cost, 0, 0 from provider_period_costs
-         where period = $2 and currency = (select currency from tenants where id = $1)",
+         select 6, provider || '/' || model, sum(list_cost), 0, 0 from provider_period_costs
+         where period = $2 and currency = (select currency from tenants where id = $1)
+         group by provider, model",
     )
     .bind(tenant)
     .bind(period_of(at))
@@ -492,8 +493,8 @@ async fn exhausted_provider_commitments(
     }
     let now = Utc::now();
     let rows: Vec<(String, String, String, Decimal)> = sqlx::query_as(
-        "select provider, model, currency::text, list_cost from provider_period_costs
-         where period = $1",
+        "select provider, model, currency::text, sum(list_cost) from provider_period_costs
+         where period = $1 group by 1, 2, 3",
     )
     .bind(period_of(now))
     .fetch_all(pool)

@@ -90,14 +90,12 @@ pub async fn run_writer(
     Ok(())
 }
 
-/// The writer task a subject's tenant belongs to (FNV-1a of the last subject token).
+/// The writer task a subject's tenant (its last token) belongs to: the tenant's routing
+/// byte mod `k`, the same byte that picks its lane in the projections all tenants add to,
+/// so writer tasks never share a row there.
 fn partition(subject: &str, k: usize) -> usize {
     let tenant = subject.rsplit('.').next().unwrap_or(subject);
-    let mut h: u64 = 0xcbf29ce484222325;
-    for b in tenant.bytes() {
-        h = (h ^ b as u64).wrapping_mul(0x100000001b3);
-    }
-    (h % k as u64) as usize
+    crate::ledger::tenant_byte(tenant) as usize % k
 }
 
 async fn writer_task(

@@ -343,12 +343,13 @@ const APPEND_START: &str = concat!("with
   ru2 as (insert into reservation_usage as u (tenant_id, reservation, minute, covered)
          select * from unnest($88::text[], $89::text[], $90::text[], $91::int8[])
          on conflict (tenant_id, reservation, minute) do update set covered = excluded.covered),
-  pm as (insert into provider_usage_minutes as m (provider, model, minute, tokens)
-         select * from unnest($92::text[], $93::text[], $94::text[], $95::int8[])
-         on conflict (provider, model, minute) do update set tokens = m.tokens + excluded.tokens),
-  pc as (insert into provider_period_costs as m (provider, model, period, currency, list_cost)
-         select * from unnest($96::text[], $97::text[], $98::text[], $99::text[], $100::numeric[])
-         on conflict (provider, model, period, currency)
+  pm as (insert into provider_usage_minutes as m (provider, model, minute, tokens, lane)
+         select * from unnest($92::text[], $93::text[], $94::text[], $95::int8[], $130::int2[])
+         on conflict (provider, model, minute, lane) do update set tokens = m.tokens + excluded.tokens),
+  pc as (insert into provider_period_costs as m (provider, model, period, currency, list_cost, lane)
+         select * from unnest($96::text[], $97::text[], $98::text[], $99::text[], $100::numeric[],
+           $131::int2[])
+         on conflict (provider, model, period, currency, lane)
            do update set list_cost = m.list_cost + excluded.list_cost),
 ");
 
@@ -364,13 +365,13 @@ select 1",
     )
 });
 
-/// Tokens per (provider, model, minute) a batch adds (shared across tenants, so added to,
-/// not set; a BTreeMap, so rows are locked in key order).
-pub type ProviderMinutes = BTreeMap<(String, String, String), i64>;
+/// Tokens per (provider, model, minute, lane) a batch adds (shared across the tenants of
+/// a lane, so added to, not set; a BTreeMap, so rows are locked in key order).
+pub type ProviderMinutes = BTreeMap<(String, String, String, i16), i64>;
 
-/// List cost per (provider, model, period, currency) a batch adds under our provider
-/// commitments (shared across tenants: added to, in key order).
-pub type ProviderCosts = BTreeMap<(String, String, String, String), Decimal>;
+/// List cost per (provider, model, period, currency, lane) a batch adds under our provider
+/// commitments (shared across the tenants of a lane: added to, in key order).
+pub type ProviderCosts = BTreeMap<(String, String, String, String, i16), Decimal>;
 
 /// Settlements of pre-authorisation holds by the usage events carrying their ids.
 #[derive(Default)]
@@ -603,6 +604,10 @@ pub async fn append(c: &mut PgConnection, r: Rows<'_>) -> sqlx::Result<()> {
         .bind(pc.keys().map(|k| k.3.clone()).collect::<Vec<_>>())
         .bind(pc.values().copied().collect::<Vec<_>>());
     let q = crate::invoices::accrue::Columns::of(r.accruals.iter()).bind(q);
+    // after the invoice columns ($101-$129): the lanes of `pm` and `pc`
+    let q = q
+        .bind(pm.keys().map(|k| k.3).collect::<Vec<_>>())
+        .bind(pc.keys().map(|k| k.4).collect::<Vec<_>>());
     q.execute(c).await?;
     Ok(())
 }

@@ -467,7 +467,12 @@ impl Writer {
                         .book
                         .counts_provider_usage(&u.provider, &u.model, ev.time)
                     {
-                        let k = (u.provider.clone(), u.model.clone(), minute_of(ev.time));
+                        let k = (
+                            u.provider.clone(),
+                            u.model.clone(),
+                            minute_of(ev.time),
+                            super::lane(&u.tenant_id),
+                        );
                         *b.provider_minutes.entry(k).or_default() +=
                             (u.input_tokens + u.output_tokens) as i64;
                     }
@@ -477,6 +482,7 @@ impl Writer {
                             u.model.clone(),
                             period_of(ev.time),
                             currency.to_string(),
+                            super::lane(&u.tenant_id),
                         );
                         *b.provider_costs.entry(k).or_default() += r.cost;
                     }

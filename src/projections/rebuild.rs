@@ -133,16 +133,17 @@ async fn populate(c: &mut PgConnection, prefix: &str, delta: bool) -> sqlx::Resu
     // tokens per provider, model and minute under our provider reservations
     c.execute(
         format!(
-            "insert into {prefix}provider_usage_minutes as m
+            "insert into {prefix}provider_usage_minutes as m (provider, model, minute, lane, tokens)
              select e.provider, e.model,
                to_char(e.occurred_at at time zone 'UTC', 'YYYY-MM-DD\"T\"HH24:MI'),
+               get_byte(sha256(convert_to(e.tenant_id, 'UTF8')), 0) % 16,
                sum(e.input_tokens + e.output_tokens)
              from events e
              where e.type = 'tokenledger.usage.v1'
                and exists (select 1 from provider_reservations r where r.provider = e.provider
                  and r.model = e.model and r.effective_from <= e.occurred_at){filter}
-             group by 1, 2, 3
-             on conflict (provider, model, minute) do update set tokens = m.tokens + excluded.tokens"
+             group by 1, 2, 3, 4
+             on conflict (provider, model, minute, lane) do update set tokens = m.tokens + excluded.tokens"
         )
         .as_str(),
     )
@@ -151,13 +152,14 @@ async fn populate(c: &mut PgConnection, prefix: &str, delta: bool) -> sqlx::Resu
     c.execute(
         format!(
             "insert into {prefix}provider_period_costs as m
+               (provider, model, period, currency, lane, list_cost)
              select e.provider, e.model, to_char(e.occurred_at at time zone 'UTC', 'YYYY-MM'),
-               x.currency, sum(x.amount)
+               x.currency, get_byte(sha256(convert_to(e.tenant_id, 'UTF8')), 0) % 16, sum(x.amount)
              from events e
              join transfers x on x.tenant_id = e.tenant_id and x.seq = e.seq and x.kind = 'usage_cost'
              where e.type = 'tokenledger.usage.v1'{filter}
-             group by 1, 2, 3, 4
-             on conflict (provider, model, period, currency)
+             group by 1, 2, 3, 4, 5
+             on conflict (provider, model, period, currency, lane)
                do update set list_cost = m.list_cost + excluded.list_cost"
         )
         .as_str(),
