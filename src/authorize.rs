@@ -175,6 +175,9 @@ struct Shared {
     /// Standings read by the last exact decision (views of alert-only budgets).
     standings: HashMap<Key, Standing>,
     pending: Vec<Grant>,
+    /// Leases a renewal replaced: still held in the database until released, which the
+    /// next write does after the grants drawn on them.
+    retired: Vec<(Key, Lease)>,
 }
 
 /// The handle the API and the router use; cheap to clone.
@@ -484,59 +487,60 @@ async fn shutdown(pool: &PgPool, shared: &Mutex<Shared>) {
         let mut sh = shared.lock().expect("authorizer state");
         sh.leases.drain().collect()
     };
-    if let Err(e) = write_and_release(pool, shared, &leases).await {
+    if let Err(e) = write_and_release(pool, shared, leases).await {
         tracing::warn!(error = %e, "releasing budget leases at shutdown failed; they expire");
     }
 }
 
-/// Write the pending grants and release these leases in one transaction; on any error
-/// the grants go back to be written later.
+/// Write the pending grants, then release these leases and those renewals retired, in
+/// one transaction; on any error the grants and the retired leases go back to be written
+/// later (the leases given here stay unreleased: they expire).
 async fn write_and_release(
     pool: &PgPool,
     shared: &Mutex<Shared>,
-    leases: &[(Key, Lease)],
+    mut leases: Vec<(Key, Lease)>,
 ) -> Result<(), sqlx::Error> {
-    let grants = take_pending(shared);
+    let (grants, retired) = take_pending(shared);
+    if grants.is_empty() && retired.is_empty() && leases.is_empty() {
+        return Ok(());
+    }
+    let n = leases.len();
+    leases.extend(retired);
     let r = async {
         let mut tx = pool.begin().await?;
         write_grants(&mut tx, &grants).await?;
-        release(&mut tx, leases).await?;
+        release(&mut tx, &leases).await?;
         tx.commit().await
     }
     .await;
     if r.is_err() {
-        restore_pending(shared, grants);
+        restore_pending(shared, grants, leases.split_off(n));
     }
     r
 }
 
-fn take_pending(shared: &Mutex<Shared>) -> Vec<Grant> {
-    std::mem::take(&mut shared.lock().expect("authorizer state").pending)
+/// The grants to write and the retired leases to release (after them).
+fn take_pending(shared: &Mutex<Shared>) -> (Vec<Grant>, Vec<(Key, Lease)>) {
+    let mut sh = shared.lock().expect("authorizer state");
+    (
+        std::mem::take(&mut sh.pending),
+        std::mem::take(&mut sh.retired),
+    )
 }
 
-/// Put grants whose write failed back in front of the queue.
-fn restore_pending(shared: &Mutex<Shared>, mut grants: Vec<Grant>) {
+/// Put grants whose write failed back in front of the queue, with the retired leases.
+fn restore_pending(shared: &Mutex<Shared>, mut grants: Vec<Grant>, mut retired: Vec<(Key, Lease)>) {
     let mut sh = shared.lock().expect("authorizer state");
     grants.append(&mut sh.pending);
     sh.pending = grants;
+    retired.append(&mut sh.retired);
+    sh.retired = retired;
 }
 
-/// Write the grants made from leases since the last write, in one transaction.
+/// Write the grants made from leases since the last write, and release the leases that
+/// renewals replaced, in one transaction.
 async fn write_pending(pool: &PgPool, shared: &Mutex<Shared>) -> Result<(), sqlx::Error> {
-    let grants = take_pending(shared);
-    if grants.is_empty() {
-        return Ok(());
-    }
-    let r = async {
-        let mut tx = pool.begin().await?;
-        write_grants(&mut tx, &grants).await?;
-        tx.commit().await
-    }
-    .await;
-    if r.is_err() {
-        restore_pending(shared, grants);
-    }
-    r
+    write_and_release(pool, shared, Vec::new()).await
 }
 
 /// A granted decision's records: the decision and its holds (as the exact path writes
@@ -576,9 +580,15 @@ async fn write_grants(tx: &mut sqlx::PgConnection, grants: &[Grant]) -> Result<(
                         select * from unnest($1::uuid[], $2::text[], $3::uuid[], $4::text[], $5::numeric[])
                         on conflict (lease_id, budget, grant_id) do nothing
                         returning lease_id, budget, amount)
-             update open_holds o set amount = o.amount - x.a
-             from (select lease_id as l, budget as b, sum(amount) as a from d group by 1, 2) x
-             where o.hold_id = x.l and o.budget = x.b",
+             -- the leases' rows by index probe and tid (see `open_hold_rows`)
+             update open_holds o
+             set amount = o.amount - (select sum(d.amount) from d
+                                      where d.lease_id = o.hold_id and d.budget = o.budget)
+             where o.ctid = any(array(
+               select p.c from (select distinct lease_id, budget from d) x
+               cross join lateral (select o2.ctid as c from open_holds o2
+                                   where o2.hold_id = x.lease_id and o2.budget = x.budget
+                                   offset 0) p))",
         )
         .bind(&lease)
         .bind(&budget)
@@ -598,13 +608,14 @@ async fn release(tx: &mut sqlx::PgConnection, leases: &[(Key, Lease)]) -> Result
     }
     let ids: Vec<uuid::Uuid> = leases.iter().map(|(_, l)| l.id).collect();
     let tenants: Vec<String> = leases.iter().map(|(k, _)| k.0.clone()).collect();
-    sqlx::query(
+    sqlx::query(concat!(
         "with s as (insert into auth_settlements (hold_id, tenant_id, event_id)
                     select h, t, 'lease-released' from unnest($1::uuid[], $2::text[]) as x(h, t)
                     on conflict (hold_id, tenant_id) do nothing)
-         delete from open_holds o using unnest($1::uuid[], $2::text[]) as x(h, t)
-         where o.hold_id = x.h and o.tenant_id = x.t",
-    )
+         delete from open_holds o where o.ctid = any(array(",
+        crate::open_hold_rows!("$1", "$2"),
+        "))"
+    ))
     .bind(&ids)
     .bind(&tenants)
     .execute(&mut *tx)
@@ -630,7 +641,7 @@ async fn check_book(pool: &PgPool, shared: &Mutex<Shared>) -> Result<(), sqlx::E
         sh.stamp = stamp;
         sh.leases.drain().collect()
     };
-    write_and_release(pool, shared, &leases).await
+    write_and_release(pool, shared, leases).await
 }
 
 /// (tenant, budget, period)
@@ -889,16 +900,23 @@ async fn decide_batch(
                 }
             }
         }
-        let mut tenants: Vec<String> = exact.iter().map(|i| batch[*i].tenant.clone()).collect();
+        let mut deciding: Vec<String> = exact.iter().map(|i| batch[*i].tenant.clone()).collect();
+        deciding.sort();
+        deciding.dedup();
+        let mut tenants = deciding.clone();
         tenants.extend(renew.iter().cloned());
         tenants.sort();
         tenants.dedup();
-        // what was granted from leases is written first, and these tenants' leases are
-        // released in the same transaction: the decisions see all the remaining headroom
+        // what was granted from leases is written first, and the leases of the tenants
+        // with requests to decide exactly are released in the same transaction: the
+        // decisions see all the remaining headroom. A tenant whose lease is only renewed
+        // keeps granting from it meanwhile (its open rest counts as held when the new
+        // one is sized, so the two never promise the same headroom); the new lease
+        // replaces it afterwards and it is released with the next write.
         let keys: Vec<Key> = sh
             .leases
             .keys()
-            .filter(|k| tenants.binary_search(&k.0).is_ok())
+            .filter(|k| deciding.binary_search(&k.0).is_ok())
             .cloned()
             .collect();
         let released: Vec<(Key, Lease)> = keys
@@ -941,7 +959,11 @@ async fn decide_batch(
                 sh.book = book;
                 sh.stamp = stamp;
             }
-            sh.leases.extend(new_leases);
+            for (k, l) in new_leases {
+                if let Some(old) = sh.leases.insert(k.clone(), l) {
+                    sh.retired.push((k, old));
+                }
+            }
             sh.currencies.extend(currencies);
             sh.standings.extend(standings);
             for (i, d) in exact.into_iter().zip(decided) {
@@ -955,6 +977,10 @@ async fn decide_batch(
             let mut grants = grants;
             grants.append(&mut sh.pending);
             sh.pending = grants;
+            // a renewal that did not happen is asked for again by the next grant
+            for l in sh.leases.values_mut() {
+                l.renewing = false;
+            }
             for i in exact {
                 out[i] = Some(Err(AuthError::Db(sqlx::Error::Protocol(format!(
                     "authorisation batch failed: {e}"

@@ -604,6 +604,20 @@ async fn the_router_grants_from_budget_leases_and_keeps_the_bound() {
             .await
             >= 1
     );
+    // a narrower one, never reached either: its leases hold a few worst cases each, so
+    // they are renewed over and over while the lease being replaced keeps granting; each
+    // replaced lease is released once the grants drawn on it are written
+    add_budget(&s, "mid", "0.04").await;
+    let (served_mid, denied_mid) = burst(&s, 8).await;
+    assert_eq!((served_mid, denied_mid), (128, 0));
+    let mid_leases = s
+        .app
+        .count(
+            "select count(*) from authorizations a join auth_hold_budgets h on h.hold_id = a.id
+             where a.decision = 'lease' and h.budget = 'mid'",
+        )
+        .await;
+    assert!(mid_leases > 2, "{mid_leases} leases of 'mid': renewed");
     // a tight one as well: 0.003 admits four worst cases at a time
     add_budget(&s, "cap", "0.003").await;
     let (served2, denied2) = burst(&s, 8).await;
@@ -611,7 +625,7 @@ async fn the_router_grants_from_budget_leases_and_keeps_the_bound() {
         served2 > 0 && denied2 > 0,
         "served {served2}, denied {denied2}"
     );
-    let served = served + served2;
+    let served = served + served_mid + served2;
     s.app
         .wait_count("select count(*) from events", served)
         .await;
