@@ -7,17 +7,27 @@
 -- 4, 8 or 16 writer tasks no two of them ever touch the same row. Readers sum the lanes.
 -- Both are projections: they are recomputed here from the record, as `rebuild` does.
 
+create or replace function drop_primary_key(t regclass) returns void language plpgsql as $$
+declare n text;
+begin
+  select conname into n from pg_constraint where conrelid = t and contype = 'p';
+  execute format('alter table %s drop constraint %I', t, n);
+end $$;
+
 alter table provider_period_costs add column lane smallint not null default 0
   check (lane between 0 and 15);
-alter table provider_period_costs drop constraint provider_period_costs_pkey;
+-- (by whatever name: `rebuild` recreates a projection as rebuild_<table> and renames it,
+-- which keeps its index names)
+select drop_primary_key('provider_period_costs');
 alter table provider_period_costs add primary key (provider, model, period, currency, lane);
 alter table provider_period_costs alter column lane drop default;
 
 alter table provider_usage_minutes add column lane smallint not null default 0
   check (lane between 0 and 15);
-alter table provider_usage_minutes drop constraint provider_usage_minutes_pkey;
+select drop_primary_key('provider_usage_minutes');
 alter table provider_usage_minutes add primary key (provider, model, minute, lane);
 alter table provider_usage_minutes alter column lane drop default;
+drop function drop_primary_key(regclass);
 
 delete from provider_period_costs;
 insert into provider_period_costs (provider, model, period, currency, lane, list_cost)

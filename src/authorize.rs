@@ -878,7 +878,7 @@ async fn decide_batch(
     let mut exact: Vec<usize> = Vec::new();
     // tenants whose leases are renewed in this batch
     let mut renew: BTreeSet<String> = BTreeSet::new();
-    let (grants, released, mut book, mut stamp, tenants) = {
+    let (grants, mut released, mut book, mut stamp, tenants, n_retired) = {
         let mut sh = shared.lock().expect("authorizer state");
         let now = Utc::now();
         for (i, job) in batch.iter().enumerate() {
@@ -919,21 +919,30 @@ async fn decide_batch(
             .filter(|k| deciding.binary_search(&k.0).is_ok())
             .cloned()
             .collect();
-        let released: Vec<(Key, Lease)> = keys
+        let mut released: Vec<(Key, Lease)> = keys
             .into_iter()
             .filter_map(|k| sh.leases.remove(&k).map(|l| (k, l)))
             .collect();
+        // leases a renewal replaced go too (after the grants, which may draw on them), or
+        // an exact decision here would still count their unused rest as held
+        let retired = std::mem::take(&mut sh.retired);
+        let n_retired = retired.len();
+        released.extend(retired);
         (
             std::mem::take(&mut sh.pending),
             released,
             sh.book.clone(),
             sh.stamp,
             tenants,
+            n_retired,
         )
     };
     if tenants.is_empty() {
         // all granted from leases: written behind like the others
         let mut sh = shared.lock().expect("authorizer state");
+        let mut retired = released.split_off(released.len() - n_retired);
+        retired.append(&mut sh.retired);
+        sh.retired = retired;
         let mut grants = grants;
         grants.append(&mut sh.pending);
         sh.pending = grants;
@@ -954,8 +963,10 @@ async fn decide_batch(
     match r {
         Ok((decided, new_leases, currencies, standings)) => {
             if stamp != sh.stamp {
-                // a newer book: leases sized under the old one go (they expire)
-                sh.leases.clear();
+                // a newer book: leases sized under the old one stop granting and are
+                // released by the next write
+                let old: Vec<(Key, Lease)> = sh.leases.drain().collect();
+                sh.retired.extend(old);
                 sh.book = book;
                 sh.stamp = stamp;
             }
@@ -977,6 +988,11 @@ async fn decide_batch(
             let mut grants = grants;
             grants.append(&mut sh.pending);
             sh.pending = grants;
+            // the retired leases were not released: the next write does it (the others
+            // released here simply expire)
+            let mut retired = released.split_off(released.len() - n_retired);
+            retired.append(&mut sh.retired);
+            sh.retired = retired;
             // a renewal that did not happen is asked for again by the next grant
             for l in sh.leases.values_mut() {
                 l.renewing = false;
