@@ -26,6 +26,11 @@ pub struct Settings {
     pub batch_max: usize,
     /// How long the writer waits to fill a batch (`TOKENLEDGER_BATCH_WAIT_MS`).
     pub batch_wait: Duration,
+    /// Batches the writer checks against the stored event keys before staging them, after
+    /// it starts and after a batch met a stored key at the unique indexes
+    /// (`TOKENLEDGER_WRITER_LOOKUP_BATCHES`, default 8); other batches are staged
+    /// without that read and the unique indexes refuse them if they hold a duplicate.
+    pub writer_lookup_batches: u32,
     /// JetStream ack wait of the writer's consumer (`TOKENLEDGER_ACK_WAIT_MS`).
     pub ack_wait: Duration,
     /// Accepted clock skew: new prices take effect no earlier than now plus this
@@ -185,6 +190,7 @@ impl Settings {
             consumer: var("TOKENLEDGER_CONSUMER", "ledger-writer"),
             batch_max: parse("TOKENLEDGER_BATCH_MAX", 1000usize)?.clamp(1, 5000),
             batch_wait: Duration::from_millis(parse("TOKENLEDGER_BATCH_WAIT_MS", 5u64)?),
+            writer_lookup_batches: parse("TOKENLEDGER_WRITER_LOOKUP_BATCHES", 8u32)?,
             ack_wait: Duration::from_millis(parse("TOKENLEDGER_ACK_WAIT_MS", 30_000u64)?),
             clock_skew: Duration::from_secs(parse("TOKENLEDGER_CLOCK_SKEW_SECS", 300u64)?),
             invoice_grace: Duration::from_secs(parse("TOKENLEDGER_INVOICE_GRACE_SECS", 3600u64)?),

@@ -4,20 +4,39 @@ mod common;
 
 use std::time::Duration;
 
-use common::{usage, TestApp, ADMIN};
+use common::{fresh_settings, usage, TestApp, ADMIN};
 use serde_json::{json, Value};
 
 const EVENTS: &str = "select count(*) from events";
 const TRANSFERS: &str = "select count(*) from transfers";
 
+/// A service whose writer stages batches without looking their keys up from the first
+/// batch on (`lookups` = 0: the unique indexes catch duplicates and the batch is applied
+/// again with lookups) or only after the first `lookups` batches.
+async fn app_with_lookups(lookups: u32) -> TestApp {
+    let mut s = fresh_settings().await;
+    s.writer_lookup_batches = lookups;
+    let app = TestApp::start(s).await;
+    app.seed_prices().await;
+    app
+}
+
 #[tokio::test]
 async fn duplicates_resubmitted_republished_and_redelivered_are_charged_once() {
-    let app = TestApp::spawn().await;
+    for lookups in [8, 0] {
+        duplicates_charged_once(lookups).await;
+    }
+}
+
+async fn duplicates_charged_once(lookups: u32) {
+    let mut app = app_with_lookups(lookups).await;
     let key = app.tenant("acme").await;
     let ev = usage("e-1", "acme", "gpt-4o", 1000, 500);
     for _ in 0..3 {
         app.ingest(&key, &ev).await;
     }
+    // committed first, so the copy below comes in a batch of its own
+    app.wait_count(EVENTS, 1).await;
     // republished by another producer, past JetStream's duplicate window (a new msg id)
     let bus = tokenledger::bus::connect(&app.settings).await.unwrap();
     let parsed = tokenledger::events::parse(ev.clone(), chrono::Utc::now()).unwrap();
@@ -39,11 +58,18 @@ async fn duplicates_resubmitted_republished_and_redelivered_are_charged_once() {
         .unwrap();
     assert_eq!(r["price_amount"], "0.009"); // (1000 x 2.5 + 500 x 10) / 1e6 x 1.2
     assert_eq!(r["cost_amount"], "0.0075");
+    app.stop().await;
 }
 
 #[tokio::test]
 async fn conflicting_duplicate_is_recorded_and_the_first_kept() {
-    let app = TestApp::spawn().await;
+    for lookups in [8, 0] {
+        conflicting_duplicate(lookups).await;
+    }
+}
+
+async fn conflicting_duplicate(lookups: u32) {
+    let mut app = app_with_lookups(lookups).await;
     let key = app.tenant("acme").await;
     app.ingest(&key, &usage("e-1", "acme", "gpt-4o", 1000, 500))
         .await;
@@ -70,6 +96,7 @@ async fn conflicting_duplicate_is_recorded_and_the_first_kept() {
         .await
         .unwrap();
     assert_eq!(r["input_tokens"], 1000);
+    app.stop().await;
 }
 
 #[tokio::test]

@@ -54,7 +54,8 @@ pub async fn run_writer(
     for _ in 0..k {
         let (tx, rx) = mpsc::channel::<Message>(s.batch_max);
         routes.push(tx);
-        let writer = Writer::new(pool.clone(), &s.subject_prefix);
+        let writer =
+            Writer::new(pool.clone(), &s.subject_prefix).lookup_batches(s.writer_lookup_batches);
         tasks.spawn(writer_task(rx, writer, shared.clone()));
     }
     'outer: while !cancel.is_cancelled() {

@@ -48,6 +48,11 @@ pub struct Writer {
     subject_prefix: String,
     book: PriceBook,
     stamp: BookStamp,
+    /// Batches still to be checked against the stored keys before they are staged (see
+    /// `apply`); set at start and after a batch met a duplicate at the unique indexes.
+    careful: u32,
+    /// What `careful` is set to (`Settings::writer_lookup_batches`).
+    careful_batches: u32,
 }
 
 /// The terms in force for a usage event, or why there are none.
@@ -157,7 +162,13 @@ struct Known {
 }
 
 impl Known {
-    async fn load(tx: &mut sqlx::PgConnection, parsed: &[(usize, Event)]) -> sqlx::Result<Known> {
+    /// `look_up`: read which of the batch's keys are stored already; without it the batch
+    /// is staged as if none were, and the unique indexes refuse it if one was.
+    async fn load(
+        tx: &mut sqlx::PgConnection,
+        parsed: &[(usize, Event)],
+        look_up: bool,
+    ) -> sqlx::Result<Known> {
         let mut tenants: Vec<String> = parsed
             .iter()
             .map(|(_, e)| e.tenant_id().to_string())
@@ -186,6 +197,9 @@ impl Known {
                 ..TenantState::default()
             },
         };
+        if !look_up {
+            return Ok(known);
+        }
         for (t, id, hash, rq) in store::existing(tx, &keys, &reqs).await? {
             if let Some(r) = rq {
                 known.requests.insert((t.clone(), r), id.clone());
@@ -203,7 +217,16 @@ impl Writer {
             subject_prefix: subject_prefix.to_string(),
             book: PriceBook::default(),
             stamp: -1,
+            careful: 8,
+            careful_batches: 8,
         }
+    }
+
+    /// Batches checked against the stored keys first, at start and after a duplicate.
+    pub fn lookup_batches(mut self, n: u32) -> Writer {
+        self.careful = n;
+        self.careful_batches = n;
+        self
     }
 
     /// Whether a message came on its tenant's subject (`[prefix.]usage.v1.<tenant>`).
@@ -220,17 +243,44 @@ impl Writer {
 
     /// Apply a batch; returns one outcome per message, in order. On error nothing was
     /// committed and nothing may be acked.
+    ///
+    /// Duplicates seldom reach the writer (JetStream's window drops republished ones), so
+    /// a batch is first staged without reading which of its keys are stored — two index
+    /// probes per event saved. The events' unique indexes are the guard either way: if
+    /// one refuses the batch, it is rolled back whole and applied again with the keys
+    /// looked up (and so are the next `careful_batches`), so a duplicate or conflict gets
+    /// the same outcome as before.
     pub async fn apply(
         &mut self,
         msgs: &[Inbound],
         now: DateTime<Utc>,
+    ) -> sqlx::Result<Vec<Outcome>> {
+        if self.careful > 0 {
+            self.careful -= 1;
+            return self.attempt(msgs, now, true).await;
+        }
+        match self.attempt(msgs, now, false).await {
+            Err(sqlx::Error::Database(e)) if e.code().as_deref() == Some("23505") => {
+                tracing::debug!(error = %e, "a stored key in the batch; applying it with lookups");
+                self.careful = self.careful_batches;
+                self.attempt(msgs, now, true).await
+            }
+            r => r,
+        }
+    }
+
+    async fn attempt(
+        &mut self,
+        msgs: &[Inbound],
+        now: DateTime<Utc>,
+        look_up: bool,
     ) -> sqlx::Result<Vec<Outcome>> {
         let mut outcomes = vec![Outcome::Applied; msgs.len()];
         let mut b = Batch::default();
         let parsed = self.decode(msgs, now, &mut b, &mut outcomes);
         let mut tx = self.pool.begin().await?;
         // the price book, reloaded only when it changed
-        let mut known = Known::load(&mut tx, &parsed).await?;
+        let mut known = Known::load(&mut tx, &parsed, look_up).await?;
         if let Some(stamp) = known.book_stamp.filter(|s| *s != self.stamp) {
             self.book = load_book(&mut tx).await?;
             self.stamp = stamp;
@@ -312,7 +362,12 @@ impl Writer {
         for (i, ev) in parsed {
             outcomes[i] = self.stage(&mut b, &mut known, &msgs[i], ev);
         }
-        b.write(&mut tx).await?;
+        if let Err(e) = b.write(&mut tx).await {
+            // released now, not when the connection is next used: the retry may run on
+            // another connection and needs these tenants' locks
+            let _ = tx.rollback().await;
+            return Err(e);
+        }
         for (tenant, period, event_id, seq, currency) in &b.closes {
             crate::invoices::store::finalize(
                 &mut tx, tenant, period, currency, event_id, *seq, now,
