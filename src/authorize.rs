@@ -152,7 +152,27 @@ struct Lease {
     expires_at: DateTime<Utc>,
     /// The budget's spend and other holds when the lease was taken (for the views).
     spent: Decimal,
+    /// A renewal was asked for and has not been answered.
     renewing: bool,
+    /// No renewal is asked for before this: set when a renewal found no headroom to
+    /// lease beyond this lease (it is asked for again later, as holds settle below their
+    /// worst case and free headroom, instead of never before the lease runs out).
+    renew_after: DateTime<Utc>,
+}
+
+/// How long after a renewal that placed no lease another is asked for.
+const RENEW_RETRY: chrono::Duration = chrono::Duration::seconds(1);
+
+/// After a decision batch for `leasing` tenants committed: a lease of theirs still waiting
+/// for its renewal was not replaced (there was no headroom to lease beyond it). It keeps
+/// granting, and asks again after `RENEW_RETRY`.
+fn renewals_answered(sh: &mut Shared, leasing: &BTreeSet<String>, now: DateTime<Utc>) {
+    for (k, l) in sh.leases.iter_mut() {
+        if l.renewing && leasing.contains(&k.0) {
+            l.renewing = false;
+            l.renew_after = now + RENEW_RETRY;
+        }
+    }
 }
 
 /// A decision granted from leases, to be written behind.
@@ -362,7 +382,7 @@ fn grant_locally(
             draws.push((l.id, k.clone(), *amount));
             let low = (l.amount - l.drawn) * Decimal::TWO < l.amount
                 || l.expires_at - LEASE_TTL / 2 <= now;
-            if low && !l.renewing {
+            if low && !l.renewing && l.renew_after <= now {
                 l.renewing = true;
                 renew = true;
             }
@@ -975,6 +995,7 @@ async fn decide_batch(
                     sh.retired.push((k, old));
                 }
             }
+            renewals_answered(&mut sh, &leasing, Utc::now());
             sh.currencies.extend(currencies);
             sh.standings.extend(standings);
             for (i, d) in exact.into_iter().zip(decided) {
@@ -1119,6 +1140,7 @@ async fn decide_in_tx(
                 expires_at: now + LEASE_TTL,
                 spent: s.spent,
                 renewing: false,
+                renew_after: now,
             };
             s.held += half;
             rows.lease(tenant, currency, &k, &lease, b);
@@ -1427,6 +1449,7 @@ mod tests {
                 expires_at: t(expires),
                 spent: Decimal::ZERO,
                 renewing: false,
+                renew_after: DateTime::<Utc>::MIN_UTC,
             },
         );
         sh
@@ -1480,6 +1503,38 @@ mod tests {
             .collect();
         // renewal is asked for once, when less than half is left
         assert_eq!(renew, vec![false, false, true, false]);
+    }
+
+    #[test]
+    fn a_renewal_that_placed_nothing_is_asked_for_again_later() {
+        let now = t("2026-11-25T12:00:00Z");
+        let ttl = chrono::Duration::hours(1);
+        let mut sh = shared(
+            book(&[(7, 100, "2026-01-01T00:00:00Z")]),
+            Decimal::from(10),
+            7,
+            "2026-11-25T12:02:00Z",
+        );
+        let ask = |sh: &mut Shared, at: DateTime<Utc>| {
+            grant_locally(sh, "acme", &req(1_000_000), at, ttl)
+                .unwrap()
+                .1
+        };
+        let asked: Vec<bool> = (0..6).map(|_| ask(&mut sh, now)).collect();
+        assert_eq!(asked, vec![false, false, false, false, false, true]);
+        // the batch ran and placed no new lease: this one keeps granting ...
+        let other: BTreeSet<String> = ["other".to_string()].into();
+        renewals_answered(&mut sh, &other, now);
+        assert!(
+            sh.leases.values().all(|l| l.renewing),
+            "only its tenant's batch answers"
+        );
+        let leasing: BTreeSet<String> = ["acme".to_string()].into();
+        renewals_answered(&mut sh, &leasing, now);
+        // ... and asks again, not at once but after RENEW_RETRY
+        assert!(!ask(&mut sh, now + chrono::Duration::milliseconds(500)));
+        assert!(ask(&mut sh, now + RENEW_RETRY));
+        assert!(!ask(&mut sh, now + RENEW_RETRY));
     }
 
     #[test]
