@@ -270,13 +270,20 @@ impl Authorizer {
         if let Some((d, renew)) = granted {
             self.flush.notify_one();
             if renew {
-                let _ = self.tx.try_send(Job {
-                    tenant,
+                let job = Job {
+                    tenant: tenant.clone(),
                     req: None,
                     reply: None,
                     leased: true,
                     close: None,
-                });
+                };
+                if self.tx.try_send(job).is_err() {
+                    // the queue is full: not asked for, so a later grant asks again
+                    let mut sh = self.shared.lock().expect("authorizer state");
+                    for (_, l) in sh.leases.iter_mut().filter(|(k, _)| k.0 == tenant) {
+                        l.renewing = false;
+                    }
+                }
             }
             return Ok(d);
         }

@@ -89,6 +89,14 @@ async fn conflicting_duplicate(lookups: u32) {
         .await
         .unwrap();
     assert_eq!(kinds, ["payload_differs", "request_id_taken"]);
+    // a conflicting copy that would not rate (an unpriced model) is a conflict all the same,
+    // not a dead letter: it is never written, so no unique index would have caught it
+    app.ingest(&key, &usage("e-1", "acme", "no-such-model", 1, 1))
+        .await;
+    app.wait_count("select count(*) from event_conflicts", 3)
+        .await;
+    app.drain().await;
+    assert_eq!(app.count("select count(*) from dead_letters").await, 0);
     let r: Value = app
         .get(&key, "/v1/requests/req-e-1")
         .await

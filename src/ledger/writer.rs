@@ -154,6 +154,8 @@ struct Known {
     events: HashMap<(String, String), Vec<u8>>,
     /// (tenant, request id) -> event id
     requests: HashMap<(String, String), String>,
+    /// Staged without looking the keys up, an event was dead-lettered by its rating.
+    unsure: bool,
     /// The price book's stamp, read with the locks (none if no tenant was known).
     book_stamp: Option<BookStamp>,
     /// Tier positions and budget spend of the batch's tenants that have schedules or
@@ -191,6 +193,7 @@ impl Known {
             tenants: locked,
             events: HashMap::new(),
             requests: HashMap::new(),
+            unsure: false,
             book_stamp,
             state: TenantState {
                 closed,
@@ -257,32 +260,62 @@ impl Writer {
     ) -> sqlx::Result<Vec<Outcome>> {
         if self.careful > 0 {
             self.careful -= 1;
-            return self.attempt(msgs, now, true).await;
-        }
-        match self.attempt(msgs, now, false).await {
-            Err(sqlx::Error::Database(e)) if e.code().as_deref() == Some("23505") => {
-                tracing::debug!(error = %e, "a stored key in the batch; applying it with lookups");
-                self.careful = self.careful_batches;
-                self.attempt(msgs, now, true).await
+        } else {
+            match self.attempt(msgs, now, false).await {
+                Ok(Some(outcomes)) => return Ok(outcomes),
+                Ok(None) => {
+                    tracing::debug!("a dead letter staged without lookups; applying with them");
+                }
+                Err(sqlx::Error::Database(e)) if e.code().as_deref() == Some("23505") => {
+                    tracing::debug!(error = %e, "a stored key in the batch; applying with lookups");
+                }
+                Err(e) => return Err(e),
             }
-            r => r,
+            self.careful = self.careful_batches;
         }
+        // with lookups, every outcome is decided (`attempt` gives None only without them)
+        Ok(self.attempt(msgs, now, true).await?.unwrap_or_default())
     }
 
+    /// One try at a batch in a transaction of its own, rolled back explicitly on every
+    /// path that does not commit (the tenant locks are free at once for a retry on another
+    /// connection). `None`: staged without lookups, an event was dead-lettered by its
+    /// rating — had its key been stored, it would have been a duplicate or conflict instead,
+    /// and no unique index sees an event that is not written — so it must be applied again
+    /// with lookups.
     async fn attempt(
         &mut self,
         msgs: &[Inbound],
         now: DateTime<Utc>,
         look_up: bool,
-    ) -> sqlx::Result<Vec<Outcome>> {
+    ) -> sqlx::Result<Option<Vec<Outcome>>> {
+        let mut tx = self.pool.begin().await?;
+        match self.attempt_in(&mut tx, msgs, now, look_up).await {
+            Ok(Some(outcomes)) => {
+                tx.commit().await?;
+                Ok(Some(outcomes))
+            }
+            r => {
+                let _ = tx.rollback().await;
+                r
+            }
+        }
+    }
+
+    async fn attempt_in(
+        &mut self,
+        tx: &mut sqlx::PgConnection,
+        msgs: &[Inbound],
+        now: DateTime<Utc>,
+        look_up: bool,
+    ) -> sqlx::Result<Option<Vec<Outcome>>> {
         let mut outcomes = vec![Outcome::Applied; msgs.len()];
         let mut b = Batch::default();
         let parsed = self.decode(msgs, now, &mut b, &mut outcomes);
-        let mut tx = self.pool.begin().await?;
         // the price book, reloaded only when it changed
-        let mut known = Known::load(&mut tx, &parsed, look_up).await?;
+        let mut known = Known::load(tx, &parsed, look_up).await?;
         if let Some(stamp) = known.book_stamp.filter(|s| *s != self.stamp) {
-            self.book = load_book(&mut tx).await?;
+            self.book = load_book(tx).await?;
             self.stamp = stamp;
         }
         // tier positions and budget spend, read only for tenants that have terms
@@ -356,26 +389,21 @@ impl Writer {
                 minutes: &minutes,
             };
             let closed = std::mem::take(&mut known.state.closed);
-            known.state = store::load_state(&mut tx, who).await?;
+            known.state = store::load_state(tx, who).await?;
             known.state.closed = closed;
         }
         for (i, ev) in parsed {
             outcomes[i] = self.stage(&mut b, &mut known, &msgs[i], ev);
+            if !look_up && known.unsure {
+                return Ok(None);
+            }
         }
-        if let Err(e) = b.write(&mut tx).await {
-            // released now, not when the connection is next used: the retry may run on
-            // another connection and needs these tenants' locks
-            let _ = tx.rollback().await;
-            return Err(e);
-        }
+        b.write(tx).await?;
         for (tenant, period, event_id, seq, currency) in &b.closes {
-            crate::invoices::store::finalize(
-                &mut tx, tenant, period, currency, event_id, *seq, now,
-            )
-            .await?;
+            crate::invoices::store::finalize(tx, tenant, period, currency, event_id, *seq, now)
+                .await?;
         }
-        tx.commit().await?;
-        Ok(outcomes)
+        Ok(Some(outcomes))
     }
 
     /// Decode and validate; what fails is dead-lettered.
@@ -450,6 +478,7 @@ impl Writer {
         let charge = match self.legs(&ev, currency, known, b) {
             Ok(x) => x,
             Err((reason, detail)) => {
+                known.unsure = true;
                 dead(&mut b.dead, m, reason, detail, Some(&ev), None);
                 return Outcome::DeadLettered(reason);
             }
