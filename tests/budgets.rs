@@ -303,6 +303,8 @@ async fn concurrent_authorisations_never_take_a_blocking_budget_past_its_limit()
     }
     assert_eq!(more, 8, "(1 - 0.48) / 0.06 = 8.67");
     let st: Value = app.get(&key, "/v1/budgets").await.json().await.unwrap();
+    // the eight open holds, 0.06 each (read from the open-hold index)
+    assert_eq!(dec(&st["data"][0]["held"]), "0.48".parse().unwrap());
     let total = dec(&st["data"][0]["spent"]) + dec(&st["data"][0]["held"]);
     assert!(
         total <= Decimal::ONE,

@@ -192,7 +192,10 @@ pub struct BudgetStatus {
     pub remaining: Decimal,
 }
 
-/// The tenant's budgets in force at `now` with their current spend and holds.
+/// The tenant's budgets in force at `now` with their current spend and holds. Holds come
+/// from the open-hold index (`open_holds`: the unexpired holds the record leaves
+/// unsettled, which `verify` checks), not from the record, whose holds of the period grow
+/// with every authorisation of the month.
 pub async fn status(
     pool: &PgPool,
     tenant_id: &str,
@@ -209,11 +212,9 @@ pub async fn status(
         let (spent, held): (Decimal, Decimal) = sqlx::query_as(
             "select coalesce((select spent from budget_spend where tenant_id = $1 and budget = $2
                 and period = $3), 0),
-               coalesce((select sum(h.amount - coalesce((select sum(d.amount) from auth_lease_draws d
-                   where d.lease_id = h.hold_id and d.budget = h.budget), 0)) from auth_hold_budgets h
-                 where h.tenant_id = $1 and h.budget = $2 and h.period = $3 and h.expires_at > $4
-                   and not exists (select 1 from auth_settlements s where s.hold_id = h.hold_id
-                                     and s.tenant_id = h.tenant_id)), 0)",
+               coalesce((select sum(h.amount) from open_holds h
+                 where h.tenant_id = $1 and h.budget = $2 and h.period = $3
+                   and h.expires_at > $4), 0)",
         )
         .bind(tenant_id)
         .bind(&b.name)
