@@ -1011,14 +1011,14 @@ async fn decide_batch(
         }
         Err(e) => {
             tracing::error!(error = %e, "authorisation batch failed");
-            // nothing was written: the grants go back; the released leases were not
-            // released and simply expire
+            // nothing was written: the grants go back, and every lease this batch was to
+            // release (the deciding tenants' and those renewals replaced) is released by
+            // the next write, after those grants — not left to park its headroom until it
+            // expires
             let mut grants = grants;
             grants.append(&mut sh.pending);
             sh.pending = grants;
-            // the retired leases were not released: the next write does it (the others
-            // released here simply expire)
-            let mut retired = released.split_off(released.len() - n_retired);
+            let mut retired = released;
             retired.append(&mut sh.retired);
             sh.retired = retired;
             // a renewal that did not happen is asked for again by the next grant
