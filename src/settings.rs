@@ -190,7 +190,10 @@ impl Settings {
             consumer: var("TOKENLEDGER_CONSUMER", "ledger-writer"),
             batch_max: parse("TOKENLEDGER_BATCH_MAX", 1000usize)?.clamp(1, 5000),
             batch_wait: Duration::from_millis(parse("TOKENLEDGER_BATCH_WAIT_MS", 5u64)?),
-            writer_lookup_batches: parse("TOKENLEDGER_WRITER_LOOKUP_BATCHES", 8u32)?,
+            writer_lookup_batches: parse(
+                "TOKENLEDGER_WRITER_LOOKUP_BATCHES",
+                crate::ledger::writer::LOOKUP_BATCHES,
+            )?,
             ack_wait: Duration::from_millis(parse("TOKENLEDGER_ACK_WAIT_MS", 30_000u64)?),
             clock_skew: Duration::from_secs(parse("TOKENLEDGER_CLOCK_SKEW_SECS", 300u64)?),
             invoice_grace: Duration::from_secs(parse("TOKENLEDGER_INVOICE_GRACE_SECS", 3600u64)?),

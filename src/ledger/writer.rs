@@ -55,6 +55,10 @@ pub struct Writer {
     careful_batches: u32,
 }
 
+/// Batches checked against the stored keys first, at start and after a refusal, unless
+/// configured otherwise (`TOKENLEDGER_WRITER_LOOKUP_BATCHES`).
+pub const LOOKUP_BATCHES: u32 = 8;
+
 /// The terms in force for a usage event, or why there are none.
 pub fn terms_for<'b>(
     book: &'b PriceBook,
@@ -178,17 +182,6 @@ impl Known {
         tenants.sort();
         tenants.dedup();
         let ((locked, book_stamp), closed) = store::lock_tenants(tx, &tenants).await?;
-        let keys: Vec<(String, String)> = parsed
-            .iter()
-            .map(|(_, e)| (e.tenant_id().to_string(), e.id.clone()))
-            .collect();
-        let reqs: Vec<(String, String)> = parsed
-            .iter()
-            .filter_map(|(_, e)| {
-                e.request_id()
-                    .map(|r| (e.tenant_id().to_string(), r.to_string()))
-            })
-            .collect();
         let mut known = Known {
             tenants: locked,
             events: HashMap::new(),
@@ -203,6 +196,17 @@ impl Known {
         if !look_up {
             return Ok(known);
         }
+        let keys: Vec<(String, String)> = parsed
+            .iter()
+            .map(|(_, e)| (e.tenant_id().to_string(), e.id.clone()))
+            .collect();
+        let reqs: Vec<(String, String)> = parsed
+            .iter()
+            .filter_map(|(_, e)| {
+                e.request_id()
+                    .map(|r| (e.tenant_id().to_string(), r.to_string()))
+            })
+            .collect();
         for (t, id, hash, rq) in store::existing(tx, &keys, &reqs).await? {
             if let Some(r) = rq {
                 known.requests.insert((t.clone(), r), id.clone());
@@ -220,8 +224,8 @@ impl Writer {
             subject_prefix: subject_prefix.to_string(),
             book: PriceBook::default(),
             stamp: -1,
-            careful: 8,
-            careful_batches: 8,
+            careful: LOOKUP_BATCHES,
+            careful_batches: LOOKUP_BATCHES,
         }
     }
 
@@ -273,8 +277,10 @@ impl Writer {
             }
             self.careful = self.careful_batches;
         }
-        // with lookups, every outcome is decided (`attempt` gives None only without them)
-        Ok(self.attempt(msgs, now, true).await?.unwrap_or_default())
+        // with lookups every outcome is decided: `attempt` gives None only without them
+        self.attempt(msgs, now, true).await?.ok_or_else(|| {
+            sqlx::Error::Protocol("a batch with key lookups was left undecided".into())
+        })
     }
 
     /// One try at a batch in a transaction of its own, rolled back explicitly on every
