@@ -37,7 +37,11 @@ impl App {
         } else {
             (None, None)
         };
-        let authorizer = crate::authorize::Authorizer::start(pool.clone(), settings.hold_ttl);
+        let authorizer = crate::authorize::Authorizer::start(
+            pool.clone(),
+            settings.hold_ttl,
+            settings.grant_flush,
+        );
         let engine = crate::engine::Engine::new(pool.clone());
         let state = AppState {
             engine,

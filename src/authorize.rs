@@ -46,8 +46,9 @@ pub const MAX_BATCH: usize = 512;
 /// `LEASE_MARGIN` of it is left, and renewed when less than half of it is.
 pub const LEASE_TTL: chrono::Duration = chrono::Duration::seconds(120);
 const LEASE_MARGIN: chrono::Duration = chrono::Duration::seconds(30);
-/// Grants made from leases are written behind at most this often, together.
-const FLUSH_EVERY: std::time::Duration = std::time::Duration::from_millis(5);
+/// Grants made from leases are written behind at most this often, together (the default
+/// of `TOKENLEDGER_GRANT_FLUSH_MS`).
+pub const GRANT_FLUSH_MS: u64 = 5;
 
 /// Largest token counts accepted (the same cap as usage events).
 const MAX_TOKENS: u64 = 100_000_000;
@@ -212,7 +213,11 @@ pub struct Authorizer {
 impl Authorizer {
     /// Start the group-commit task; it ends when every handle is dropped (writing what is
     /// pending and releasing its leases).
-    pub fn start(pool: PgPool, hold_ttl: std::time::Duration) -> Authorizer {
+    pub fn start(
+        pool: PgPool,
+        hold_ttl: std::time::Duration,
+        grant_flush: std::time::Duration,
+    ) -> Authorizer {
         let (tx, rx) = mpsc::channel(4 * MAX_BATCH);
         let ttl = chrono::Duration::from_std(hold_ttl).unwrap_or(chrono::Duration::hours(1));
         let shared = Arc::new(Mutex::new(Shared {
@@ -220,7 +225,14 @@ impl Authorizer {
             ..Shared::default()
         }));
         let flush = Arc::new(Notify::new());
-        tokio::spawn(run(pool, ttl, rx, shared.clone(), flush.clone()));
+        tokio::spawn(run(
+            pool,
+            ttl,
+            grant_flush,
+            rx,
+            shared.clone(),
+            flush.clone(),
+        ));
         Authorizer {
             tx,
             shared,
@@ -436,6 +448,7 @@ fn check_strings(req: &AuthRequest) -> Result<(), String> {
 async fn run(
     pool: PgPool,
     ttl: chrono::Duration,
+    flush_every: std::time::Duration,
     mut rx: mpsc::Receiver<Job>,
     shared: Arc<Mutex<Shared>>,
     flush: Arc<Notify>,
@@ -446,7 +459,7 @@ async fn run(
     // old one)
     let mut check = tokio::time::interval(std::time::Duration::from_millis(250));
     check.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
-    // grants are written at most every FLUSH_EVERY: one transaction carries all of them
+    // grants are written at most every `flush_every`: one transaction carries all of them
     let mut due: Option<tokio::time::Instant> = None;
     let mut last_flush = tokio::time::Instant::now();
     loop {
@@ -457,7 +470,7 @@ async fn run(
                 }
             }
             _ = flush.notified(), if due.is_none() => {
-                due = Some((last_flush + FLUSH_EVERY).max(tokio::time::Instant::now()));
+                due = Some((last_flush + flush_every).max(tokio::time::Instant::now()));
                 continue;
             }
             _ = tokio::time::sleep_until(due.unwrap_or_else(tokio::time::Instant::now)), if due.is_some() => {

@@ -196,14 +196,22 @@ pub async fn run(s0: &Settings, a: BenchArgs) -> anyhow::Result<()> {
     } else {
         None
     };
-    let rate_c = if only("c") {
-        Some(naive(s0, &a).await?)
+    let (rate_c, cpu_c) = if only("c") {
+        let (r, c) = naive(s0, &a).await?;
+        (Some(r), c)
     } else {
-        None
+        (None, None)
     };
     let mut rate_d = None;
     if only("d") {
-        let rate_d = *rate_d.insert(real_pipeline(s0, &a).await?);
+        let (r, cpu_d) = real_pipeline(s0, &a).await?;
+        let rate_d = *rate_d.insert(r);
+        if let (Some(d), Some(c)) = (cpu_d, cpu_c) {
+            println!(
+                "    CPU per event (d) / (c) = {:.2} (whole machine: publisher, nats-server, writer, Postgres)",
+                d / c
+            );
+        }
         for (name, base) in [
             ("(c) naive", rate_c),
             ("(b) plain Postgres", rate_b),
@@ -248,6 +256,7 @@ async fn jetstream_alone(s0: &Settings, a: &BenchArgs) -> anyhow::Result<f64> {
     let n = a.events;
     let (s, _pool, b) = fresh(s0, "a", 0).await?;
     let evs = events(n, a.tenants, "a");
+    let busy = machine_busy_secs();
     let t = Instant::now();
     let p = publisher(b.clone(), s.clone(), evs, 0);
     let mut src = b.batch_source(s.batch_max, s.batch_wait).await?;
@@ -259,8 +268,12 @@ async fn jetstream_alone(s0: &Settings, a: &BenchArgs) -> anyhow::Result<f64> {
     }
     p.await??;
     let rate = n as f64 / t.elapsed().as_secs_f64();
+    let cpu = cpu_per(busy, n);
     b.delete_stream().await?;
-    println!("(a) JetStream publish + consume:        {rate:>9.0} events/s");
+    println!(
+        "(a) JetStream publish + consume:        {rate:>9.0} events/s{}",
+        cpu_text(cpu)
+    );
     Ok(rate)
 }
 
@@ -303,7 +316,7 @@ async fn plain_postgres(s0: &Settings, a: &BenchArgs) -> anyhow::Result<f64> {
 }
 
 /// NATS -> one plain row per event -> ack.
-async fn naive(s0: &Settings, a: &BenchArgs) -> anyhow::Result<f64> {
+async fn naive(s0: &Settings, a: &BenchArgs) -> anyhow::Result<(f64, Option<f64>)> {
     let n = a.events;
     let (s, pool, b) = fresh(s0, "c", 0).await?;
     let owner = db::connect(&s.owner_database_url, 1).await?;
@@ -314,6 +327,7 @@ async fn naive(s0: &Settings, a: &BenchArgs) -> anyhow::Result<f64> {
         .execute(&owner)
         .await?;
     let evs = events(n, a.tenants, "c");
+    let busy = machine_busy_secs();
     let t = Instant::now();
     let p = publisher(b.clone(), s.clone(), evs, 0);
     let mut src = b.batch_source(s.batch_max, s.batch_wait).await?;
@@ -332,15 +346,20 @@ async fn naive(s0: &Settings, a: &BenchArgs) -> anyhow::Result<f64> {
     }
     p.await??;
     let rate = n as f64 / t.elapsed().as_secs_f64();
+    let cpu = cpu_per(busy, n);
     b.delete_stream().await?;
-    println!("(c) naive pipeline (NATS -> 1 row):     {rate:>9.0} events/s");
-    Ok(rate)
+    println!(
+        "(c) naive pipeline (NATS -> 1 row):     {rate:>9.0} events/s{}",
+        cpu_text(cpu)
+    );
+    Ok((rate, cpu))
 }
 
-async fn real_pipeline(s0: &Settings, a: &BenchArgs) -> anyhow::Result<f64> {
+async fn real_pipeline(s0: &Settings, a: &BenchArgs) -> anyhow::Result<(f64, Option<f64>)> {
     let n = a.events;
     let (s, pool, b) = fresh(s0, "d", a.tenants).await?;
     let evs = events(n, a.tenants, "d");
+    let busy = machine_busy_secs();
     let t = Instant::now();
     let p = publisher(b.clone(), s.clone(), evs, 0);
     let commits = real(&b, &s, &pool, n).await?;
@@ -351,9 +370,13 @@ async fn real_pipeline(s0: &Settings, a: &BenchArgs) -> anyhow::Result<f64> {
         .max()
         .unwrap_or_else(Instant::now);
     let rate = n as f64 / (last - t).as_secs_f64();
+    let cpu = cpu_per(busy, n);
     b.delete_stream().await?;
-    println!("(d) real pipeline (rated, double-entry, projections): {rate:>9.0} events/s");
-    Ok(rate)
+    println!(
+        "(d) real pipeline (rated, double-entry, projections): {rate:>9.0} events/s{}",
+        cpu_text(cpu)
+    );
+    Ok((rate, cpu))
 }
 
 /// (p50, p99) in milliseconds.
@@ -512,4 +535,55 @@ fn plain_rows(evs: &[Event], seq0: i64) -> (EventRows, TransferRows, Projections
         });
     }
     (er, tr, pr)
+}
+
+/// The machine's CPU time per event (µs) since `busy0`.
+fn cpu_per(busy0: Option<f64>, n: u64) -> Option<f64> {
+    Some((machine_busy_secs()? - busy0?) * 1e6 / n.max(1) as f64)
+}
+
+fn cpu_text(cpu: Option<f64>) -> String {
+    cpu.map(|c| format!(", {c:.0} µs CPU per event"))
+        .unwrap_or_default()
+}
+
+/// CPU time the whole machine has spent busy (every process, user and system), in seconds,
+/// from `/proc/stat`; `None` where it cannot be read (not Linux). Throughput on a shared,
+/// noisy machine moves with whatever else runs; CPU per unit of work moves much less.
+pub fn machine_busy_secs() -> Option<f64> {
+    let stat = std::fs::read_to_string("/proc/stat").ok()?;
+    busy_secs(stat.lines().next()?)
+}
+
+/// The busy seconds of a `/proc/stat` `cpu` line: every field but idle and iowait, in
+/// clock ticks of 1/100 s (USER_HZ on Linux); guest time is already inside user.
+fn busy_secs(line: &str) -> Option<f64> {
+    let mut f = line.split_whitespace();
+    if f.next()? != "cpu" {
+        return None;
+    }
+    let v: Vec<u64> = f.map(|x| x.parse().ok()).collect::<Option<_>>()?;
+    if v.len() < 4 {
+        return None;
+    }
+    let busy: u64 = v
+        .iter()
+        .take(8)
+        .enumerate()
+        .filter(|(i, _)| *i != 3 && *i != 4)
+        .map(|(_, x)| x)
+        .sum();
+    Some(busy as f64 / 100.0)
+}
+
+#[cfg(test)]
+mod cpu_tests {
+    #[test]
+    fn busy_time_leaves_out_idle_and_iowait_and_guest() {
+        // user nice system idle iowait irq softirq steal guest guest_nice
+        let line = "cpu  1000 20 300 9000 50 7 3 0 400 0";
+        assert_eq!(super::busy_secs(line), Some(13.30));
+        assert_eq!(super::busy_secs("cpu0 1 2 3 4"), None);
+        assert_eq!(super::busy_secs("cpu 1 x 3 4"), None);
+    }
 }

@@ -16,7 +16,7 @@ use std::time::{Duration, Instant};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::sync::Mutex;
 
-use crate::bench::{fresh, BenchArgs};
+use crate::bench::{fresh, machine_busy_secs, BenchArgs};
 use crate::router::fake::{Behavior, Fake};
 use crate::settings::Settings;
 
@@ -131,13 +131,14 @@ fn pct(v: &[u64], p: f64) -> u64 {
     v[((v.len() as f64 * p).ceil() as usize).clamp(1, v.len()) - 1]
 }
 
-/// Closed-loop requests/s over `conns` keep-alive connections for `secs`, and how many.
+/// Closed-loop requests/s over `conns` keep-alive connections for `secs`, how many, and
+/// the machine's CPU time per request (µs, every process; `None` where unreadable).
 async fn throughput(
     addr: SocketAddr,
     req: Vec<u8>,
     conns: usize,
     secs: u64,
-) -> anyhow::Result<(f64, u64)> {
+) -> anyhow::Result<(f64, u64, Option<f64>)> {
     let stop = Arc::new(AtomicBool::new(false));
     let done = Arc::new(AtomicU64::new(0));
     let mut tasks = Vec::new();
@@ -154,14 +155,32 @@ async fn throughput(
         }));
     }
     let t = Instant::now();
+    let (n0, busy0) = (done.load(Ordering::Relaxed), machine_busy_secs());
     tokio::time::sleep(Duration::from_secs(secs)).await;
+    let (n1, busy1) = (done.load(Ordering::Relaxed), machine_busy_secs());
     stop.store(true, Ordering::Relaxed);
     let elapsed = t.elapsed().as_secs_f64();
     for t in tasks {
         t.await??;
     }
     let n = done.load(Ordering::Relaxed);
-    Ok((n as f64 / elapsed, n))
+    let cpu = match (busy0, busy1) {
+        (Some(a), Some(b)) if n1 > n0 => Some((b - a) * 1e6 / (n1 - n0) as f64),
+        _ => None,
+    };
+    Ok((n as f64 / elapsed, n, cpu))
+}
+
+/// `, N µs CPU per request (ratio to direct R)`: the whole machine's CPU time (router,
+/// fake, client, ledger writer, Postgres, nats-server) over the requests completed.
+fn cpu_note(cpu: Option<f64>, direct: Option<f64>) -> String {
+    match (cpu, direct) {
+        (Some(c), Some(d)) if d > 0.0 => {
+            format!(", {c:.0} µs CPU per request (ratio to direct {:.1})", c / d)
+        }
+        (Some(c), _) => format!(", {c:.0} µs CPU per request"),
+        _ => String::new(),
+    }
 }
 
 /// (r) The router against the fake upstream directly.
@@ -237,14 +256,19 @@ pub async fn router_overhead(s0: &Settings, a: &BenchArgs) -> anyhow::Result<()>
                 r99 as i64 - d99 as i64
             );
         }
-        let (direct, _) = throughput(fake_addr, request(path, "x", body), conns, secs).await?;
-        println!("    {label:<8} direct to the fake      {direct:>8.0} requests/s");
+        let (direct, _, dcpu) =
+            throughput(fake_addr, request(path, "x", body), conns, secs).await?;
+        println!(
+            "    {label:<8} direct to the fake      {direct:>8.0} requests/s{}",
+            cpu_note(dcpu, None)
+        );
         for (who, key) in [("no budget", &free_key), ("blocking budget", &budget_key)] {
-            let (r, n) = throughput(router, request(path, key, body), conns, secs).await?;
+            let (r, n, cpu) = throughput(router, request(path, key, body), conns, secs).await?;
             served += n;
             println!(
-                "    {label:<8} router, {who:<16} {r:>8.0} requests/s (ratio to direct {:.2})",
-                r / direct
+                "    {label:<8} router, {who:<16} {r:>8.0} requests/s (ratio to direct {:.2}){}",
+                r / direct,
+                cpu_note(cpu, dcpu)
             );
         }
     }

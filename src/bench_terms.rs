@@ -355,7 +355,7 @@ pub async fn authorizations(s0: &Settings, _a: &BenchArgs) -> anyhow::Result<()>
     }
     let naive = done.load(Ordering::Relaxed) as f64 / secs as f64;
     // the authorizer
-    let auth = Authorizer::start(pool.clone(), Duration::from_secs(3600));
+    let auth = Authorizer::start(pool.clone(), Duration::from_secs(3600), s0.grant_flush);
     let req = AuthRequest {
         tenant_id: None,
         api_key_id: Some("key-0".into()),

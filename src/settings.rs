@@ -54,6 +54,9 @@ pub struct Settings {
     /// (`TOKENLEDGER_HOLD_TTL_SECS`, default 3600). Must be at least as long as a producer
     /// may keep a usage event spooled before publishing it.
     pub hold_ttl: Duration,
+    /// How often the router's grants from budget leases are written behind, together
+    /// (`TOKENLEDGER_GRANT_FLUSH_MS`).
+    pub grant_flush: Duration,
     /// NATS KV bucket of routing decisions (`TOKENLEDGER_ROUTING_BUCKET`, default
     /// `routing`).
     pub routing_bucket: String,
@@ -198,6 +201,10 @@ impl Settings {
             clock_skew: Duration::from_secs(parse("TOKENLEDGER_CLOCK_SKEW_SECS", 300u64)?),
             invoice_grace: Duration::from_secs(parse("TOKENLEDGER_INVOICE_GRACE_SECS", 3600u64)?),
             hold_ttl: Duration::from_secs(parse("TOKENLEDGER_HOLD_TTL_SECS", 3600u64)?),
+            grant_flush: Duration::from_millis(parse(
+                "TOKENLEDGER_GRANT_FLUSH_MS",
+                crate::authorize::GRANT_FLUSH_MS,
+            )?),
             routing_bucket: var("TOKENLEDGER_ROUTING_BUCKET", "routing"),
             publish_interval: Duration::from_millis(parse(
                 "TOKENLEDGER_PUBLISH_INTERVAL_MS",

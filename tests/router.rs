@@ -580,7 +580,22 @@ async fn add_budget(s: &Setup, name: &str, amount: &str) {
 
 #[tokio::test]
 async fn the_router_grants_from_budget_leases_and_keeps_the_bound() {
-    let mut s = setup(|st| st.clock_skew = Duration::ZERO).await;
+    leases_keep_the_bound(Duration::from_millis(5)).await;
+}
+
+/// Grants written a quarter second behind: usage events settle grants before they are
+/// written (such a grant never opens a hold), and the bound and the record still hold.
+#[tokio::test]
+async fn grants_written_after_their_settlement_keep_the_bound() {
+    leases_keep_the_bound(Duration::from_millis(250)).await;
+}
+
+async fn leases_keep_the_bound(grant_flush: Duration) {
+    let mut s = setup(|st| {
+        st.clock_skew = Duration::ZERO;
+        st.grant_flush = grant_flush;
+    })
+    .await;
     // gpt-4o-mini: 0.18 / 0.72 per million (20% markup): the worst case of this short
     // prompt and 1,000 output tokens is about 0.00073
     add_budget(&s, "wide", "1").await;
@@ -659,6 +674,18 @@ async fn the_router_grants_from_budget_leases_and_keeps_the_bound() {
             .await,
         0
     );
+    if grant_flush >= Duration::from_millis(100) {
+        // the case this interval is for: usage settled grants before they were written
+        let first = s
+            .app
+            .count(
+                "select count(*) from authorizations a join auth_settlements x
+                   on x.hold_id = a.id and x.tenant_id = a.tenant_id
+                 where a.decision = 'allow' and x.settled_at < a.decided_at",
+            )
+            .await;
+        assert!(first > 0, "no grant was settled before it was written");
+    }
     // the bound: the tight budget's spend never went past its limit (holds were worst
     // cases, leases included)
     let st: Value = s.app.get(&s.key, "/v1/budgets").await.json().await.unwrap();
