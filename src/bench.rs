@@ -208,8 +208,11 @@ pub async fn run(s0: &Settings, a: BenchArgs) -> anyhow::Result<()> {
         let rate_d = *rate_d.insert(r);
         if let (Some(d), Some(c)) = (cpu_d, cpu_c) {
             println!(
-                "    CPU per event (d) / (c) = {:.2} (whole machine: publisher, nats-server, writer, Postgres)",
-                d / c
+                "    CPU per event (d) / (c) = {:.2} (tokenledger {:.2}, Postgres {:.2}, nats-server {:.2})",
+                d.total() / c.total(),
+                d.own / c.own,
+                d.postgres / c.postgres,
+                d.nats / c.nats
             );
         }
         for (name, base) in [
@@ -256,7 +259,7 @@ async fn jetstream_alone(s0: &Settings, a: &BenchArgs) -> anyhow::Result<f64> {
     let n = a.events;
     let (s, _pool, b) = fresh(s0, "a", 0).await?;
     let evs = events(n, a.tenants, "a");
-    let busy = machine_busy_secs();
+    let busy = CpuSplit::now();
     let t = Instant::now();
     let p = publisher(b.clone(), s.clone(), evs, 0);
     let mut src = b.batch_source(s.batch_max, s.batch_wait).await?;
@@ -268,7 +271,7 @@ async fn jetstream_alone(s0: &Settings, a: &BenchArgs) -> anyhow::Result<f64> {
     }
     p.await??;
     let rate = n as f64 / t.elapsed().as_secs_f64();
-    let cpu = cpu_per(busy, n);
+    let cpu = cpu_since(busy, n);
     b.delete_stream().await?;
     println!(
         "(a) JetStream publish + consume:        {rate:>9.0} events/s{}",
@@ -316,7 +319,7 @@ async fn plain_postgres(s0: &Settings, a: &BenchArgs) -> anyhow::Result<f64> {
 }
 
 /// NATS -> one plain row per event -> ack.
-async fn naive(s0: &Settings, a: &BenchArgs) -> anyhow::Result<(f64, Option<f64>)> {
+async fn naive(s0: &Settings, a: &BenchArgs) -> anyhow::Result<(f64, Option<CpuSplit>)> {
     let n = a.events;
     let (s, pool, b) = fresh(s0, "c", 0).await?;
     let owner = db::connect(&s.owner_database_url, 1).await?;
@@ -327,7 +330,7 @@ async fn naive(s0: &Settings, a: &BenchArgs) -> anyhow::Result<(f64, Option<f64>
         .execute(&owner)
         .await?;
     let evs = events(n, a.tenants, "c");
-    let busy = machine_busy_secs();
+    let busy = CpuSplit::now();
     let t = Instant::now();
     let p = publisher(b.clone(), s.clone(), evs, 0);
     let mut src = b.batch_source(s.batch_max, s.batch_wait).await?;
@@ -346,7 +349,7 @@ async fn naive(s0: &Settings, a: &BenchArgs) -> anyhow::Result<(f64, Option<f64>
     }
     p.await??;
     let rate = n as f64 / t.elapsed().as_secs_f64();
-    let cpu = cpu_per(busy, n);
+    let cpu = cpu_since(busy, n);
     b.delete_stream().await?;
     println!(
         "(c) naive pipeline (NATS -> 1 row):     {rate:>9.0} events/s{}",
@@ -355,11 +358,11 @@ async fn naive(s0: &Settings, a: &BenchArgs) -> anyhow::Result<(f64, Option<f64>
     Ok((rate, cpu))
 }
 
-async fn real_pipeline(s0: &Settings, a: &BenchArgs) -> anyhow::Result<(f64, Option<f64>)> {
+async fn real_pipeline(s0: &Settings, a: &BenchArgs) -> anyhow::Result<(f64, Option<CpuSplit>)> {
     let n = a.events;
     let (s, pool, b) = fresh(s0, "d", a.tenants).await?;
     let evs = events(n, a.tenants, "d");
-    let busy = machine_busy_secs();
+    let busy = CpuSplit::now();
     let t = Instant::now();
     let p = publisher(b.clone(), s.clone(), evs, 0);
     let commits = real(&b, &s, &pool, n).await?;
@@ -370,7 +373,7 @@ async fn real_pipeline(s0: &Settings, a: &BenchArgs) -> anyhow::Result<(f64, Opt
         .max()
         .unwrap_or_else(Instant::now);
     let rate = n as f64 / (last - t).as_secs_f64();
-    let cpu = cpu_per(busy, n);
+    let cpu = cpu_since(busy, n);
     b.delete_stream().await?;
     println!(
         "(d) real pipeline (rated, double-entry, projections): {rate:>9.0} events/s{}",
@@ -537,53 +540,133 @@ fn plain_rows(evs: &[Event], seq0: i64) -> (EventRows, TransferRows, Projections
     (er, tr, pr)
 }
 
-/// The machine's CPU time per event (µs) since `busy0`.
-fn cpu_per(busy0: Option<f64>, n: u64) -> Option<f64> {
-    Some((machine_busy_secs()? - busy0?) * 1e6 / n.max(1) as f64)
+/// CPU time (user + system, in seconds) of this process (every thread: publisher, writer,
+/// router, fake upstream, benchmark client), of every Postgres process and of nats-server,
+/// read from `/proc/<pid>/stat`. Steal and other processes are not in it, so it says where
+/// the work of a benchmark goes — which a saturated machine's busy time (two cores' worth
+/// whatever the load) cannot. Postgres backends that exit within a window are missed.
+#[derive(Clone, Copy, Debug, Default, PartialEq)]
+pub struct CpuSplit {
+    pub own: f64,
+    pub postgres: f64,
+    pub nats: f64,
 }
 
-fn cpu_text(cpu: Option<f64>) -> String {
-    cpu.map(|c| format!(", {c:.0} µs CPU per event"))
+impl CpuSplit {
+    /// Now; `None` where `/proc` cannot be read (not Linux).
+    pub fn now() -> Option<CpuSplit> {
+        let (_, own) = stat_cpu(&std::fs::read_to_string("/proc/self/stat").ok()?)?;
+        let mut s = CpuSplit {
+            own,
+            ..CpuSplit::default()
+        };
+        for e in std::fs::read_dir("/proc").ok()?.flatten() {
+            let name = e.file_name();
+            let Some(pid) = name
+                .to_str()
+                .filter(|n| n.bytes().all(|b| b.is_ascii_digit()))
+            else {
+                continue;
+            };
+            let Ok(text) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
+                continue; // it exited meanwhile
+            };
+            match stat_cpu(&text) {
+                Some((comm, secs)) if comm == "postgres" => s.postgres += secs,
+                Some((comm, secs)) if comm == "nats-server" => s.nats += secs,
+                _ => {}
+            }
+        }
+        Some(s)
+    }
+
+    /// Per unit of work, in µs, from `self` (earlier) to `later`.
+    pub fn per(self, later: CpuSplit, n: u64) -> CpuSplit {
+        let k = 1e6 / n.max(1) as f64;
+        CpuSplit {
+            own: (later.own - self.own) * k,
+            postgres: (later.postgres - self.postgres) * k,
+            nats: (later.nats - self.nats) * k,
+        }
+    }
+
+    pub fn total(self) -> f64 {
+        self.own + self.postgres + self.nats
+    }
+
+    /// `N µs CPU per <unit> (this process A, Postgres B, nats-server C)`
+    pub fn describe(self, unit: &str) -> String {
+        format!(
+            "{:.0} µs CPU per {unit} (tokenledger {:.0}, Postgres {:.0}, nats-server {:.0})",
+            self.total(),
+            self.own,
+            self.postgres,
+            self.nats
+        )
+    }
+}
+
+/// The command name and user + system seconds of a `/proc/<pid>/stat` line: the name is in
+/// parentheses (and may hold spaces or parentheses itself); utime and stime are fields 14
+/// and 15, in clock ticks of 1/100 s (USER_HZ on Linux).
+fn stat_cpu(line: &str) -> Option<(String, f64)> {
+    let open = line.find('(')?;
+    let close = line.rfind(')')?;
+    let comm = line.get(open + 1..close)?.to_string();
+    let rest: Vec<&str> = line.get(close + 1..)?.split_whitespace().collect();
+    // rest[0] is field 3 (state)
+    let utime: u64 = rest.get(11)?.parse().ok()?;
+    let stime: u64 = rest.get(12)?.parse().ok()?;
+    Some((comm, (utime + stime) as f64 / 100.0))
+}
+
+/// The CPU per event since `at0`, described.
+fn cpu_since(at0: Option<CpuSplit>, n: u64) -> Option<CpuSplit> {
+    Some(at0?.per(CpuSplit::now()?, n))
+}
+
+fn cpu_text(cpu: Option<CpuSplit>) -> String {
+    cpu.map(|c| format!(", {}", c.describe("event")))
         .unwrap_or_default()
-}
-
-/// CPU time the whole machine has spent busy (every process, user and system), in seconds,
-/// from `/proc/stat`; `None` where it cannot be read (not Linux). Throughput on a shared,
-/// noisy machine moves with whatever else runs; CPU per unit of work moves much less.
-pub fn machine_busy_secs() -> Option<f64> {
-    let stat = std::fs::read_to_string("/proc/stat").ok()?;
-    busy_secs(stat.lines().next()?)
-}
-
-/// The busy seconds of a `/proc/stat` `cpu` line: every field but idle and iowait, in
-/// clock ticks of 1/100 s (USER_HZ on Linux); guest time is already inside user.
-fn busy_secs(line: &str) -> Option<f64> {
-    let mut f = line.split_whitespace();
-    if f.next()? != "cpu" {
-        return None;
-    }
-    let v: Vec<u64> = f.map(|x| x.parse().ok()).collect::<Option<_>>()?;
-    if v.len() < 4 {
-        return None;
-    }
-    let busy: u64 = v
-        .iter()
-        .take(8)
-        .enumerate()
-        .filter(|(i, _)| *i != 3 && *i != 4)
-        .map(|(_, x)| x)
-        .sum();
-    Some(busy as f64 / 100.0)
 }
 
 #[cfg(test)]
 mod cpu_tests {
     #[test]
-    fn busy_time_leaves_out_idle_and_iowait_and_guest() {
-        // user nice system idle iowait irq softirq steal guest guest_nice
-        let line = "cpu  1000 20 300 9000 50 7 3 0 400 0";
-        assert_eq!(super::busy_secs(line), Some(13.30));
-        assert_eq!(super::busy_secs("cpu0 1 2 3 4"), None);
-        assert_eq!(super::busy_secs("cpu 1 x 3 4"), None);
+    fn process_cpu_is_utime_plus_stime() {
+        let line =
+            "4242 (nats-server) S 1 4242 4242 0 -1 4194560 900 0 0 0 1234 567 0 0 20 0 9 0 100 0 0";
+        assert_eq!(
+            super::stat_cpu(line),
+            Some(("nats-server".to_string(), 18.01))
+        );
+        // a command name with a space and a parenthesis
+        let line = "7 (tokio (rt) w) R 1 7 7 0 -1 0 0 0 0 0 100 50 0 0 20 0 1 0 5 0 0";
+        assert_eq!(
+            super::stat_cpu(line),
+            Some(("tokio (rt) w".to_string(), 1.5))
+        );
+        assert_eq!(super::stat_cpu("7 (x) R 1 2"), None);
+    }
+
+    #[test]
+    #[cfg(target_os = "linux")]
+    fn this_process_cpu_is_read_from_proc_and_grows_with_work() {
+        let a = super::CpuSplit::now().expect("/proc readable on Linux");
+        // spin until the kernel has charged at least two ticks to this process
+        let t = std::time::Instant::now();
+        let mut x = 0u64;
+        let b = loop {
+            for i in 0..1_000_000u64 {
+                x = x.wrapping_mul(31).wrapping_add(i);
+            }
+            let b = super::CpuSplit::now().expect("/proc readable on Linux");
+            if b.own >= a.own + 0.02 || t.elapsed() > std::time::Duration::from_secs(5) {
+                break b;
+            }
+        };
+        std::hint::black_box(x);
+        assert!(b.own >= a.own + 0.02, "{a:?} -> {b:?}");
+        assert!(b.postgres >= a.postgres && b.nats >= a.nats);
     }
 }

@@ -16,7 +16,7 @@ use std::time::{Duration, Instant};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::sync::Mutex;
 
-use crate::bench::{fresh, machine_busy_secs, BenchArgs};
+use crate::bench::{fresh, BenchArgs, CpuSplit};
 use crate::router::fake::{Behavior, Fake};
 use crate::settings::Settings;
 
@@ -132,13 +132,14 @@ fn pct(v: &[u64], p: f64) -> u64 {
 }
 
 /// Closed-loop requests/s over `conns` keep-alive connections for `secs`, how many, and
-/// the machine's CPU time per request (µs, every process; `None` where unreadable).
+/// the CPU time per request (µs) of this process, Postgres and nats-server (`None` where
+/// unreadable).
 async fn throughput(
     addr: SocketAddr,
     req: Vec<u8>,
     conns: usize,
     secs: u64,
-) -> anyhow::Result<(f64, u64, Option<f64>)> {
+) -> anyhow::Result<(f64, u64, Option<CpuSplit>)> {
     let stop = Arc::new(AtomicBool::new(false));
     let done = Arc::new(AtomicU64::new(0));
     let mut tasks = Vec::new();
@@ -155,30 +156,32 @@ async fn throughput(
         }));
     }
     let t = Instant::now();
-    let (n0, busy0) = (done.load(Ordering::Relaxed), machine_busy_secs());
+    let (n0, cpu0) = (done.load(Ordering::Relaxed), CpuSplit::now());
     tokio::time::sleep(Duration::from_secs(secs)).await;
-    let (n1, busy1) = (done.load(Ordering::Relaxed), machine_busy_secs());
+    let (n1, cpu1) = (done.load(Ordering::Relaxed), CpuSplit::now());
     stop.store(true, Ordering::Relaxed);
     let elapsed = t.elapsed().as_secs_f64();
     for t in tasks {
         t.await??;
     }
     let n = done.load(Ordering::Relaxed);
-    let cpu = match (busy0, busy1) {
-        (Some(a), Some(b)) if n1 > n0 => Some((b - a) * 1e6 / (n1 - n0) as f64),
+    let cpu = match (cpu0, cpu1) {
+        (Some(a), Some(b)) if n1 > n0 => Some(a.per(b, n1 - n0)),
         _ => None,
     };
     Ok((n as f64 / elapsed, n, cpu))
 }
 
-/// `, N µs CPU per request (ratio to direct R)`: the whole machine's CPU time (router,
-/// fake, client, ledger writer, Postgres, nats-server) over the requests completed.
-fn cpu_note(cpu: Option<f64>, direct: Option<f64>) -> String {
+/// `, N µs CPU per request (tokenledger A, Postgres B, nats-server C; ratio to direct R)`:
+/// "tokenledger" is this whole process — router, ledger writer, fake upstream and client.
+fn cpu_note(cpu: Option<CpuSplit>, direct: Option<CpuSplit>) -> String {
     match (cpu, direct) {
-        (Some(c), Some(d)) if d > 0.0 => {
-            format!(", {c:.0} µs CPU per request (ratio to direct {:.1})", c / d)
-        }
-        (Some(c), _) => format!(", {c:.0} µs CPU per request"),
+        (Some(c), Some(d)) if d.total() > 0.0 => format!(
+            ", {}, ratio to direct {:.1}",
+            c.describe("request"),
+            c.total() / d.total()
+        ),
+        (Some(c), _) => format!(", {}", c.describe("request")),
         _ => String::new(),
     }
 }
