@@ -594,7 +594,8 @@ impl CpuSplit {
         self.own + self.postgres + self.nats
     }
 
-    /// `N µs CPU per <unit> (this process A, Postgres B, nats-server C)`
+    /// `N µs CPU per <unit> (tokenledger A, Postgres B, nats-server C)`, "tokenledger" being
+    /// this process.
     pub fn describe(self, unit: &str) -> String {
         format!(
             "{:.0} µs CPU per {unit} (tokenledger {:.0}, Postgres {:.0}, nats-server {:.0})",
@@ -620,7 +621,7 @@ fn stat_cpu(line: &str) -> Option<(String, f64)> {
     Some((comm, (utime + stime) as f64 / 100.0))
 }
 
-/// The CPU per event since `at0`, described.
+/// The CPU per event (µs, by process) since `at0`, over `n` events.
 fn cpu_since(at0: Option<CpuSplit>, n: u64) -> Option<CpuSplit> {
     Some(at0?.per(CpuSplit::now()?, n))
 }
