@@ -151,6 +151,20 @@ impl Columns {
     /// `unnest(...)` of the bound columns (tenant, period, key, then `COLUMNS`), their
     /// parameters numbered from `first`.
     pub fn unnest(first: usize) -> String {
+        format!("unnest({})", Self::params(first).join(", "))
+    }
+
+    /// The same columns as a select list, `unnest($1::text[]), unnest($2::text[]), ...`:
+    /// rows yielded as they go, without a tuplestore per array (the writer's hot path).
+    pub fn select_list(first: usize) -> String {
+        Self::params(first)
+            .iter()
+            .map(|p| format!("unnest({p})"))
+            .collect::<Vec<_>>()
+            .join(", ")
+    }
+
+    fn params(first: usize) -> Vec<String> {
         let types = [
             "text", "text", "text", "text", "text", "text", "text", "text", "numeric", "text",
             "text", "text", "numeric", "numeric",
@@ -163,7 +177,7 @@ impl Columns {
         for i in 0..15 {
             parts.push(format!("${}::numeric[]", first + types.len() + i));
         }
-        format!("unnest({})", parts.join(", "))
+        parts
     }
 }
 

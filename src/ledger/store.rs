@@ -309,21 +309,25 @@ macro_rules! open_hold_rows {
 
 /// One statement appends the whole batch: events, transfers, conflicts, dead letters,
 /// rollup and balance upserts and the new tenant heads, as data-modifying CTEs over
-/// arrays. One round trip instead of seven keeps small batches (low rates) fast.
+/// arrays. One round trip instead of seven keeps small batches (low rates) fast. The
+/// inserts of a row per event (events, transfers) and the largest upserts (rollups,
+/// balances, invoice accruals) unnest their arrays in the select list (a ProjectSet,
+/// which yields rows as it goes), not in `from unnest(a, b, ...)`, which first copies
+/// every array into a tuplestore of its own (see the README's *Benchmark*).
 const APPEND_START: &str = concat!("with
   ev as (insert into events (tenant_id, id, seq, type, source, occurred_at, envelope, payload_hash,
            request_id, model, provider, api_key_id, status, batch, input_tokens, cached_input_tokens,
            cache_write_tokens, output_tokens, reasoning_tokens)
-         select * from unnest($1::text[], $2::text[], $3::int8[], $4::text[], $5::text[],
-           $6::timestamptz[], $7::bytea[], $8::bytea[], $9::text[], $10::text[], $11::text[],
-           $12::text[], $13::text[], $14::bool[], $15::int8[], $16::int8[], $17::int8[], $18::int8[],
-           $19::int8[])),
+         select unnest($1::text[]), unnest($2::text[]), unnest($3::int8[]), unnest($4::text[]),
+           unnest($5::text[]), unnest($6::timestamptz[]), unnest($7::bytea[]), unnest($8::bytea[]),
+           unnest($9::text[]), unnest($10::text[]), unnest($11::text[]), unnest($12::text[]),
+           unnest($13::text[]), unnest($14::bool[]), unnest($15::int8[]), unnest($16::int8[]),
+           unnest($17::int8[]), unnest($18::int8[]), unnest($19::int8[])),
   tr as (insert into transfers (tenant_id, seq, leg, kind, debit_account, credit_account,
            amount, currency, cost_version_id, price_version_id, markup_rule_id, breakdown)
-         select t, s, l, k, d, c, a, cu, cv, pv, mr, b::json
-         from unnest($20::text[], $21::int8[], $22::int2[], $23::text[], $24::text[], $25::text[],
-           $26::numeric[], $27::text[], $28::int8[], $29::int8[], $30::int8[], $31::text[])
-           as x(t, s, l, k, d, c, a, cu, cv, pv, mr, b)),
+         select unnest($20::text[]), unnest($21::int8[]), unnest($22::int2[]), unnest($23::text[]),
+           unnest($24::text[]), unnest($25::text[]), unnest($26::numeric[]), unnest($27::text[]),
+           unnest($28::int8[]), unnest($29::int8[]), unnest($30::int8[]), unnest($31::text[])::json),
   cf as (insert into event_conflicts (tenant_id, event_id, kind, existing_event_id, payload, payload_hash)
          select t, e, k, x, p::jsonb, h from unnest($32::text[], $33::text[], $34::text[], $35::text[],
            $36::text[], $37::bytea[]) as u(t, e, k, x, p, h)
@@ -334,12 +338,13 @@ const APPEND_START: &str = concat!("with
   ru as (insert into usage_rollups as r (tenant_id, day, model, provider, api_key_id, requests,
            input_tokens, cached_input_tokens, cache_write_tokens, output_tokens, reasoning_tokens,
            price_amount, cost_amount, currency)
-         select * from unnest($45::text[], $46::date[], $47::text[], $48::text[], $49::text[],
-           $50::int8[], $51::int8[], $52::int8[], $53::int8[], $54::int8[], $55::int8[],
-           $56::numeric[], $57::numeric[], $58::text[])
+         select unnest($45::text[]), unnest($46::date[]), unnest($47::text[]), unnest($48::text[]),
+           unnest($49::text[]), unnest($50::int8[]), unnest($51::int8[]), unnest($52::int8[]),
+           unnest($53::int8[]), unnest($54::int8[]), unnest($55::int8[]), unnest($56::numeric[]),
+           unnest($57::numeric[]), unnest($58::text[])
          ", rollup_add!(), "),
   ba as (insert into account_balances as b (tenant_id, account, currency, balance)
-         select * from unnest($59::text[], $60::text[], $61::text[], $62::numeric[])
+         select unnest($59::text[]), unnest($60::text[]), unnest($61::text[]), unnest($62::numeric[])
          on conflict (tenant_id, account, currency) do update set balance = b.balance + excluded.balance),
   hd as (update tenant_heads h set last_seq = x.s
          from unnest($63::text[], $64::int8[]) as x(t, s) where h.tenant_id = x.t),
@@ -382,9 +387,9 @@ static APPEND: std::sync::LazyLock<String> = std::sync::LazyLock::new(|| {
     format!(
         "{APPEND_START}
   ia as (insert into invoice_accruals as a (tenant_id, period, line_key, {COLUMNS})
-         select * from {} {ON_CONFLICT})
+         select {} {ON_CONFLICT})
 select 1",
-        Columns::unnest(101)
+        Columns::select_list(101)
     )
 });
 
