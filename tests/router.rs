@@ -466,6 +466,51 @@ async fn cancelled_and_cut_off_streams_are_billed_with_estimated_tokens_not_zero
     s.app.stop().await;
 }
 
+/// The router gathers the upstream's events that are already in hand into one write, but
+/// never waits for more: with a pause between the upstream's chunks, the client's first
+/// read comes long before the stream's end.
+#[tokio::test]
+async fn streamed_events_are_forwarded_as_they_come() {
+    let mut s = setup(|_| {}).await;
+    s.a.set(Behavior {
+        words: 3,
+        chunk_delay_ms: 300,
+        ..Behavior::default()
+    });
+    let r = s
+        .chat(json!({"model": "gpt-4o-mini", "stream": true,
+            "messages": [{"role": "user", "content": "Three words, slowly."}]}))
+        .await;
+    assert_eq!(r.status(), 200);
+    let id = request_id(&r);
+    let mut body = r.bytes_stream();
+    let first = body.next().await.unwrap().unwrap();
+    let first = String::from_utf8(first.to_vec()).unwrap();
+    assert!(first.starts_with("data: "), "{first}");
+    assert!(!first.contains("[DONE]"), "held until the end: {first}");
+    let mut all = first;
+    while let Some(chunk) = body.next().await {
+        all.push_str(std::str::from_utf8(&chunk.unwrap()).unwrap());
+    }
+    assert!(all.ends_with("data: [DONE]\n\n"), "{all}");
+    let text: String = all
+        .split("\n\n")
+        .filter_map(|e| e.strip_prefix("data: "))
+        .filter(|d| *d != "[DONE]")
+        .map(|d| serde_json::from_str::<Value>(d).unwrap())
+        .filter_map(|c| {
+            c["choices"][0]["delta"]["content"]
+                .as_str()
+                .map(str::to_string)
+        })
+        .collect();
+    assert_eq!(text, "tokens are counted");
+    let billed = s.billed(&id).await;
+    assert_eq!(billed["output_tokens"], 3);
+    assert_eq!(billed["status"], "ok");
+    s.app.stop().await;
+}
+
 #[tokio::test]
 async fn a_denied_budget_answers_402_records_the_denial_and_no_usage() {
     let mut s = setup(|_| {}).await;

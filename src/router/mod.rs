@@ -25,7 +25,7 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::Router;
 use chrono::{DateTime, Utc};
-use futures::StreamExt;
+use futures::{FutureExt, StreamExt};
 use rust_decimal::Decimal;
 use serde::Deserialize;
 use serde_json::{json, Map, Value};
@@ -1226,7 +1226,37 @@ impl Job {
                 Ok(Some(Ok(b))) => b,
             };
             buf.extend_from_slice(&chunk);
-            // every complete event of this read goes to the client in one write
+            // and whatever else the upstream has already delivered. Upstreams send an event
+            // per transfer-encoding chunk, and the HTTP client hands chunks over one at a
+            // time, each after a turn of its connection task: forwarded one by one, each
+            // event cost a write to the client — most of a streamed request's CPU. So after
+            // each chunk the connection task gets one turn to hand over the next one if it
+            // has it; what it has not yet read from the network is not waited for.
+            let mut ended = None;
+            let mut turned = false;
+            while buf.len() < COALESCE_BYTES {
+                match upstream.next().now_or_never() {
+                    None if !turned => {
+                        tokio::task::yield_now().await;
+                        turned = true;
+                        continue;
+                    }
+                    None => break,
+                    Some(Some(Ok(b))) => {
+                        buf.extend_from_slice(&b);
+                        turned = false;
+                    }
+                    Some(Some(Err(_))) => {
+                        ended = Some(Status::Error);
+                        break;
+                    }
+                    Some(None) => {
+                        ended = Some(Status::Ok);
+                        break;
+                    }
+                }
+            }
+            // every complete event of these reads goes to the client in one write
             let mut out: Vec<u8> = Vec::new();
             let mut taken = 0;
             while let Some((text_end, end)) = event_end(&buf[taken..]) {
@@ -1238,6 +1268,10 @@ impl Job {
             if !out.is_empty() && tx.send(Ok(Bytes::from(out))).await.is_err() {
                 status = Status::Cancelled;
                 break 'read;
+            }
+            if let Some(s) = ended {
+                status = s;
+                break;
             }
         }
         if status == Status::Ok && !seen.done {
@@ -1388,6 +1422,10 @@ impl Job {
     }
 }
 
+/// At most this much of a stream is gathered from what the upstream already delivered
+/// into one write to the client.
+const COALESCE_BYTES: usize = 64 << 10;
+
 /// What a stream showed so far.
 #[derive(Default)]
 struct StreamSeen {
@@ -1399,14 +1437,14 @@ struct StreamSeen {
 }
 
 fn contains(hay: &[u8], needle: &[u8]) -> bool {
-    hay.windows(needle.len()).any(|w| w == needle)
+    memchr::memmem::find(hay, needle).is_some()
 }
 
 /// `{"a":1,"usage":null}` -> `{"a":1}` (the compact form upstreams send); `None` when
 /// the bytes are not in that form, and the caller re-serialises instead.
 fn strip_null_usage(data: &[u8]) -> Option<Vec<u8>> {
     for pat in [&b",\"usage\":null"[..], &b"\"usage\":null,"[..]] {
-        if let Some(i) = data.windows(pat.len()).position(|w| w == pat) {
+        if let Some(i) = memchr::memmem::find(data, pat) {
             let mut v = Vec::with_capacity(data.len());
             v.extend_from_slice(&data[..i]);
             v.extend_from_slice(&data[i + pat.len()..]);
@@ -1419,15 +1457,16 @@ fn strip_null_usage(data: &[u8]) -> Option<Vec<u8>> {
 /// Where the first complete SSE event in `buf` ends: (end of its text, end including the
 /// blank line). Events are separated by a blank line (`\n\n` or `\r\n\r\n`).
 fn event_end(buf: &[u8]) -> Option<(usize, usize)> {
-    let mut i = 0;
-    while i + 1 < buf.len() {
-        if buf[i] == b'\n' && buf[i + 1] == b'\n' {
+    let mut from = 0;
+    while let Some(j) = memchr::memchr2(b'\n', b'\r', &buf[from..]) {
+        let i = from + j;
+        if buf[i] == b'\n' && buf.get(i + 1) == Some(&b'\n') {
             return Some((i, i + 2));
         }
-        if buf[i] == b'\r' && buf[i..].starts_with(b"\r\n\r\n") {
+        if buf[i..].starts_with(b"\r\n\r\n") {
             return Some((i, i + 4));
         }
-        i += 1;
+        from = i + 1;
     }
     None
 }
@@ -1472,6 +1511,11 @@ mod tests {
         assert_eq!(event_end(b"data: x\n\ndata: y"), Some((7, 9)));
         assert_eq!(event_end(b"data: x\r\n\r\n"), Some((7, 11)));
         assert_eq!(event_end(b"data: x\n"), None);
+        // a lone CR or LF inside or at the end is not a boundary
+        assert_eq!(event_end(b"data: a\rb\ndata: c\n\n"), Some((17, 19)));
+        assert_eq!(event_end(b"data: x\r\n\r"), None);
+        assert_eq!(event_end(b"data: x\n\r\n\r\n"), Some((8, 12)));
+        assert_eq!(event_end(b""), None);
     }
 
     #[test]
