@@ -207,16 +207,7 @@ async fn chat_plain_and_streamed_are_billed_exactly_as_answered() {
     let id = request_id(&r);
     let data = sse(r).await;
     assert!(data.iter().all(|d| !d.contains("\"usage\"")), "{data:?}");
-    let text: String = data
-        .iter()
-        .filter(|d| d.as_str() != "[DONE]")
-        .map(|d| serde_json::from_str::<Value>(d).unwrap())
-        .filter_map(|c| {
-            c["choices"][0]["delta"]["content"]
-                .as_str()
-                .map(str::to_string)
-        })
-        .collect();
+    let text = streamed_text(data.iter().map(String::as_str));
     assert_eq!(text.split(' ').count(), 12);
     let billed = s.billed(&id).await;
     assert_eq!(billed["output_tokens"], 12);
@@ -466,6 +457,19 @@ async fn cancelled_and_cut_off_streams_are_billed_with_estimated_tokens_not_zero
     s.app.stop().await;
 }
 
+/// A stream's text: the content of its chunks' deltas, joined (`data` is each event's data).
+fn streamed_text<'a>(data: impl IntoIterator<Item = &'a str>) -> String {
+    data.into_iter()
+        .filter(|d| *d != "[DONE]")
+        .map(|d| serde_json::from_str::<Value>(d).unwrap())
+        .filter_map(|c| {
+            c["choices"][0]["delta"]["content"]
+                .as_str()
+                .map(str::to_string)
+        })
+        .collect()
+}
+
 /// The router gathers the upstream's events that are already in hand into one write, but
 /// never waits for more: with a pause between the upstream's chunks, the client's first
 /// read comes long before the stream's end.
@@ -493,17 +497,7 @@ async fn streamed_events_are_forwarded_as_they_come() {
         all.push_str(std::str::from_utf8(&chunk.unwrap()).unwrap());
     }
     assert!(all.ends_with("data: [DONE]\n\n"), "{all}");
-    let text: String = all
-        .split("\n\n")
-        .filter_map(|e| e.strip_prefix("data: "))
-        .filter(|d| *d != "[DONE]")
-        .map(|d| serde_json::from_str::<Value>(d).unwrap())
-        .filter_map(|c| {
-            c["choices"][0]["delta"]["content"]
-                .as_str()
-                .map(str::to_string)
-        })
-        .collect();
+    let text = streamed_text(all.split("\n\n").filter_map(|e| e.strip_prefix("data: ")));
     assert_eq!(text, "tokens are counted");
     let billed = s.billed(&id).await;
     assert_eq!(billed["output_tokens"], 3);
