@@ -15,7 +15,7 @@ pub mod publish;
 pub mod usage;
 
 use std::collections::{BTreeMap, HashMap};
-use std::sync::{Arc, Mutex, RwLock};
+use std::sync::{Arc, LazyLock, Mutex, RwLock};
 use std::time::{Duration, Instant};
 
 use axum::body::{Body, Bytes};
@@ -26,6 +26,7 @@ use axum::routing::{get, post};
 use axum::Router;
 use chrono::{DateTime, Utc};
 use futures::{FutureExt, StreamExt};
+use memchr::memmem;
 use rust_decimal::Decimal;
 use serde::Deserialize;
 use serde_json::{json, Map, Value};
@@ -1350,9 +1351,19 @@ impl Job {
             seen.done = true;
             return pass(out);
         }
-        let mentions_usage = contains(&data, b"\"usage\"");
-        let null_usage = mentions_usage && contains(&data, b"\"usage\":null");
-        if seen.provider_id.is_none() || (mentions_usage && !null_usage) {
+        let mentions_usage = FIND_USAGE.find(&data).is_some();
+        let null_usage = mentions_usage && FIND_NULL_USAGE.find(&data).is_some();
+        let real_usage = mentions_usage && !null_usage;
+        // the first chunk is read for the response id; without usage in it, for nothing
+        // else (skipping the rest, not building a tree of it)
+        let mut id_read = false;
+        if seen.provider_id.is_none() && !real_usage {
+            if let Ok(c) = serde_json::from_slice::<ChunkId>(&data) {
+                seen.provider_id = c.id.as_ref().and_then(Value::as_str).map(str::to_string);
+                id_read = true;
+            }
+        }
+        if !id_read && (seen.provider_id.is_none() || real_usage) {
             let Ok(mut v) = serde_json::from_slice::<Value>(&data) else {
                 return pass(out);
             };
@@ -1436,18 +1447,32 @@ struct StreamSeen {
     data: Vec<Vec<u8>>,
 }
 
-fn contains(hay: &[u8], needle: &[u8]) -> bool {
-    memchr::memmem::find(hay, needle).is_some()
+/// The searches made in every streamed event, built once.
+static FIND_USAGE: LazyLock<memmem::Finder<'static>> =
+    LazyLock::new(|| memmem::Finder::new(b"\"usage\""));
+static FIND_NULL_USAGE: LazyLock<memmem::Finder<'static>> =
+    LazyLock::new(|| memmem::Finder::new(b"\"usage\":null"));
+static FIND_NULL_USAGE_FORMS: LazyLock<[memmem::Finder<'static>; 2]> = LazyLock::new(|| {
+    [
+        memmem::Finder::new(b",\"usage\":null"),
+        memmem::Finder::new(b"\"usage\":null,"),
+    ]
+});
+
+/// A chunk's response id, the rest of it skipped.
+#[derive(Deserialize)]
+struct ChunkId {
+    id: Option<Value>,
 }
 
 /// `{"a":1,"usage":null}` -> `{"a":1}` (the compact form upstreams send); `None` when
 /// the bytes are not in that form, and the caller re-serialises instead.
 fn strip_null_usage(data: &[u8]) -> Option<Vec<u8>> {
-    for pat in [&b",\"usage\":null"[..], &b"\"usage\":null,"[..]] {
-        if let Some(i) = memchr::memmem::find(data, pat) {
+    for f in FIND_NULL_USAGE_FORMS.iter() {
+        if let Some(i) = f.find(data) {
             let mut v = Vec::with_capacity(data.len());
             v.extend_from_slice(&data[..i]);
-            v.extend_from_slice(&data[i + pat.len()..]);
+            v.extend_from_slice(&data[i + f.needle().len()..]);
             return Some(v);
         }
     }
