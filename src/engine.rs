@@ -57,10 +57,22 @@ impl Engine {
         &self.pool
     }
 
-    /// The current book and its stamp.
+    /// The current book and its stamp (checked against the database at most every
+    /// `BOOK_CHECK`).
     pub async fn book(&self) -> Result<(Arc<PriceBook>, BookStamp), sqlx::Error> {
+        self.load(false).await
+    }
+
+    /// The book as of now: its stamp is read from the database whatever the cache says.
+    /// Whoever acts on facts read just before (the publisher on alert facts) needs a book
+    /// at least as new as the one the writer rated those facts with.
+    pub async fn book_now(&self) -> Result<(Arc<PriceBook>, BookStamp), sqlx::Error> {
+        self.load(true).await
+    }
+
+    async fn load(&self, check: bool) -> Result<(Arc<PriceBook>, BookStamp), sqlx::Error> {
         let mut c = self.cache.lock().await;
-        if c.checked.is_some_and(|t| t.elapsed() < BOOK_CHECK) {
+        if !check && c.checked.is_some_and(|t| t.elapsed() < BOOK_CHECK) {
             return Ok((c.book.clone(), c.stamp));
         }
         let mut conn = self.pool.acquire().await?;
@@ -395,7 +407,9 @@ pub async fn run_publisher(
             let newest: i64 = sqlx::query_scalar("select coalesce(max(id), 0) from alert_facts")
                 .fetch_one(pool)
                 .await?;
-            let (book, stamp) = engine.book().await?;
+            // after the facts: a book as new as the one they were rated with (a cached
+            // book could predate a term the writer already applied)
+            let (book, stamp) = engine.book_now().await?;
             let today = Utc::now().date_naive();
             // one of our provider commitments used up: every tenant's ranking changes
             let exhausted = exhausted_provider_commitments(pool, &book).await?;

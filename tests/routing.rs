@@ -66,16 +66,6 @@ async fn crossing_a_tier_and_reaching_a_budget_change_the_published_decision() {
     price(&app, "r-dear", "2").await; // customer 2.4 per million
     class(&app, "test:pair", &["r-cheap", "r-dear"]).await;
     let key = app.tenant("acme").await;
-    // volume tier on r-dear: 75% off once its list spend passes 5
-    let r = app
-        .admin_post(
-            "/v1/admin/tenants/acme/tier-schedules",
-            Some(&json!({"name": "dear", "mode": "volume", "metric": "spend", "scope": "model",
-                "scope_value": "r-dear", "effective_from": PAST,
-                "tiers": [{"up_to": "5", "discount_percent": "0"}, {"up_to": null, "discount_percent": "75"}]})),
-        )
-        .await;
-    assert_eq!(r.status(), 201);
     let r = app
         .http
         .post(app.url("/v1/budgets"))
@@ -108,6 +98,18 @@ async fn crossing_a_tier_and_reaching_a_budget_change_the_published_decision() {
         "2.4".parse().unwrap()
     );
 
+    // volume tier on r-dear: 75% off once its list spend passes 5, added just before the
+    // usage that crosses it — the publisher's cached price book may not have it yet when the
+    // crossing arrives, and the crossing's decision must still apply it
+    let r = app
+        .admin_post(
+            "/v1/admin/tenants/acme/tier-schedules",
+            Some(&json!({"name": "dear", "mode": "volume", "metric": "spend", "scope": "model",
+                "scope_value": "r-dear", "effective_from": PAST,
+                "tiers": [{"up_to": "5", "discount_percent": "0"}, {"up_to": null, "discount_percent": "75"}]})),
+        )
+        .await;
+    assert_eq!(r.status(), 201);
     // usage of r-dear crosses its tier (list 4.8, then 1.2; charged 4.8 + 0.3 - credit 3.6)
     app.ingest(
         ADMIN,
