@@ -241,6 +241,12 @@ impl Authorizer {
         }
     }
 
+    /// The stamp of the price book and terms the authorizer decides with (-1 before the
+    /// first load): it follows `terms_version` within a quarter second.
+    pub fn terms_stamp(&self) -> BookStamp {
+        self.shared.lock().expect("authorizer state").stamp
+    }
+
     /// At shutdown, once no request is in flight: write what was granted from leases and
     /// release the leases (a process killed outright leaves them to expire).
     pub async fn close(&self) {

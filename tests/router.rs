@@ -520,8 +520,8 @@ async fn a_denied_budget_answers_402_records_the_denial_and_no_usage() {
         .await
         .unwrap();
     assert_eq!(r.status(), 201, "{}", r.text().await.unwrap());
-    // the router re-reads the price book and terms every 250 ms
-    tokio::time::sleep(Duration::from_millis(600)).await;
+    // the router and the authorizer re-read the terms every 250 ms
+    s.app.wait_terms_seen().await;
     let msg = json!([{"role": "user", "content": "hello"}]);
     // a small request fits and settles its hold
     let r = s
@@ -614,7 +614,7 @@ async fn add_budget(s: &Setup, name: &str, amount: &str) {
         .unwrap();
     assert_eq!(r.status(), 201, "{}", r.text().await.unwrap());
     // the router and the authorizer re-read the terms every 250 ms
-    tokio::time::sleep(Duration::from_millis(600)).await;
+    s.app.wait_terms_seen().await;
 }
 
 #[tokio::test]

@@ -149,9 +149,9 @@ async fn crossing_a_tier_and_reaching_a_budget_change_the_published_decision() {
         &json!([usage("c1", "acme", "r-cheap", 1_000_000, 0)]),
     )
     .await;
-    let d = kv_until(&kv, k, |v| v["status"] == "blocked").await;
+    let d = kv_until(&kv, k, |v| v["trigger"] == "budget_limit").await;
+    assert_eq!(d["status"], "blocked", "{d}");
     assert_eq!(d["blocked_by"], "cap");
-    assert_eq!(d["trigger"], "budget_limit");
 
     // bad quotes: a clear error
     for bad in [

@@ -588,6 +588,13 @@ async fn two_dispatchers_never_deliver_the_same_attempt_twice() {
         per_id.values().all(|c| *c == 1),
         "a message was delivered twice"
     );
+    // the dispatchers record an attempt once its response is back: wait for the last ones
+    for sql in [
+        "select count(*) from webhook_attempts where attempt = 1",
+        "select count(*) from webhook_messages where status = 'succeeded' and attempts = 1",
+    ] {
+        s.app.wait_count(sql, n as i64).await;
+    }
     assert_eq!(
         s.app
             .count("select count(*) from webhook_attempts where attempt = 1")

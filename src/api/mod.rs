@@ -260,6 +260,10 @@ async fn metrics(State(st): State<AppState>) -> impl IntoResponse {
             ack_pending as f64,
         );
     }
+    st.metrics.set(
+        "tokenledger_authorizer_terms_stamp",
+        st.authorizer.terms_stamp() as f64,
+    );
     if let Ok(n) = sqlx::query_scalar::<_, i64>("select count(*) from dead_letters")
         .fetch_one(&st.pool)
         .await

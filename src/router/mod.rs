@@ -173,8 +173,15 @@ pub async fn start(
                 _ = cancel.cancelled() => return,
                 _ = tokio::time::sleep(BOOK_REFRESH) => {}
             }
-            match engine.book().await {
-                Ok((b, _)) => *st2.0.book.write().expect("book lock") = b,
+            // the stamp itself, not the engine's cache of it: a term reaches routing
+            // within one refresh
+            match engine.book_now().await {
+                Ok((b, stamp)) => {
+                    *st2.0.book.write().expect("book lock") = b;
+                    st2.0
+                        .metrics
+                        .set("tokenledger_router_terms_stamp", stamp as f64);
+                }
                 Err(e) => tracing::warn!(error = %e, "price book refresh failed"),
             }
         }

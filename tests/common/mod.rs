@@ -213,6 +213,39 @@ impl TestApp {
         );
     }
 
+    /// Wait until the authorizer and, if this app runs one, the router decide with the
+    /// terms in the database now (their `/metrics` stamps reach `terms_version`); panics
+    /// after 20 s.
+    pub async fn wait_terms_seen(&self) {
+        let n = self.count("select n from terms_version where id = 1").await;
+        let mut names = vec!["tokenledger_authorizer_terms_stamp"];
+        if self.router.is_some() {
+            names.push("tokenledger_router_terms_stamp");
+        }
+        let mut text = String::new();
+        for _ in 0..400 {
+            text = self
+                .http
+                .get(self.url("/metrics"))
+                .send()
+                .await
+                .unwrap()
+                .text()
+                .await
+                .unwrap();
+            let seen = |name: &str| {
+                text.lines()
+                    .filter_map(|l| l.strip_prefix(name)?.trim().parse::<f64>().ok())
+                    .any(|v| v >= n as f64)
+            };
+            if names.iter().all(|name| seen(name)) {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        panic!("timed out waiting for {names:?} to reach terms version {n}:\n{text}");
+    }
+
     /// Wait until the writer's consumer has nothing pending or unacked.
     pub async fn drain(&self) {
         let bus = tokenledger::bus::connect(&self.settings).await.unwrap();
