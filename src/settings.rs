@@ -57,6 +57,11 @@ pub struct Settings {
     /// How often the router's grants from budget leases are written behind, together
     /// (`TOKENLEDGER_GRANT_FLUSH_MS`).
     pub grant_flush: Duration,
+    /// How long the router gathers usage events into one publishing round after the first
+    /// arrives (`TOKENLEDGER_PUBLISH_LINGER_MS`, default 5): the events of a round reach
+    /// NATS, JetStream's store and the ledger's consumer together instead of one by one.
+    /// It delays the ledger, never a response.
+    pub publish_linger: Duration,
     /// NATS KV bucket of routing decisions (`TOKENLEDGER_ROUTING_BUCKET`, default
     /// `routing`).
     pub routing_bucket: String,
@@ -205,6 +210,7 @@ impl Settings {
                 "TOKENLEDGER_GRANT_FLUSH_MS",
                 crate::authorize::GRANT_FLUSH_MS,
             )?),
+            publish_linger: Duration::from_millis(parse("TOKENLEDGER_PUBLISH_LINGER_MS", 5u64)?),
             routing_bucket: var("TOKENLEDGER_ROUTING_BUCKET", "routing"),
             publish_interval: Duration::from_millis(parse(
                 "TOKENLEDGER_PUBLISH_INTERVAL_MS",

@@ -505,6 +505,46 @@ async fn streamed_events_are_forwarded_as_they_come() {
     s.app.stop().await;
 }
 
+/// The router's publisher holds a round open for its linger after the first event (one
+/// write to NATS for the events of a few milliseconds), and a flush ends the round at once.
+#[tokio::test]
+async fn the_usage_publisher_gathers_a_round_for_its_linger_and_a_flush_ends_it() {
+    use tokenledger::router::publish::{self, Outgoing};
+    let mut st = fresh_settings().await;
+    st.roles = vec!["api".into()]; // no writer: the stream keeps what arrives
+    let mut app = TestApp::start(st.clone()).await;
+    let bus = tokenledger::bus::connect(&st).await.unwrap();
+    let cancel = tokio_util::sync::CancellationToken::new();
+    let publisher = publish::start(
+        bus.js.clone(),
+        app.pool.clone(),
+        tokenledger::telemetry::Metrics::default(),
+        Duration::from_secs(60),
+        cancel.clone(),
+    );
+    for i in 0..3 {
+        let ev = tokenledger::events::parse(
+            usage(&format!("linger-{i}"), "acme", "gpt-4o-mini", 10, 5),
+            chrono::Utc::now(),
+        )
+        .unwrap();
+        publisher.publish(Outgoing::of(&ev, &st));
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(
+        app.stream_messages().await,
+        0,
+        "published before the round's linger was over"
+    );
+    tokio::time::timeout(Duration::from_secs(10), publisher.flush())
+        .await
+        .expect("a flush waited for the linger");
+    assert_eq!(app.stream_messages().await, 3);
+    cancel.cancel();
+    app.stop().await;
+}
+
 #[tokio::test]
 async fn a_denied_budget_answers_402_records_the_denial_and_no_usage() {
     let mut s = setup(|_| {}).await;

@@ -143,6 +143,7 @@ pub async fn start(
         js.clone(),
         engine.pool().clone(),
         metrics.clone(),
+        settings.publish_linger,
         cancel.clone(),
     );
     let decisions: Decisions = Arc::default();

@@ -81,6 +81,7 @@ pub fn start(
     js: jetstream::Context,
     pool: PgPool,
     metrics: Metrics,
+    linger: Duration,
     cancel: CancellationToken,
 ) -> Publisher {
     let (tx, rx) = mpsc::unbounded_channel();
@@ -89,6 +90,7 @@ pub fn start(
         js.clone(),
         pool.clone(),
         metrics.clone(),
+        linger,
         rx,
         pending.clone(),
     ));
@@ -119,12 +121,24 @@ async fn run(
     js: jetstream::Context,
     pool: PgPool,
     metrics: Metrics,
+    linger: Duration,
     mut rx: mpsc::UnboundedReceiver<Msg>,
     pending: Pending,
 ) {
     let mut inflight: JoinSet<()> = JoinSet::new();
     let mut buf = Vec::with_capacity(ROUND);
     while rx.recv_many(&mut buf, ROUND).await > 0 {
+        // gather the round for `linger` after its first event (a flush ends it at once):
+        // one write to NATS for many events, and JetStream stores, acknowledges and
+        // delivers them to the ledger's consumer together
+        let until = tokio::time::Instant::now() + linger;
+        while buf.len() < ROUND && !buf.iter().any(|m| matches!(m, Msg::Flush(_))) {
+            let room = ROUND - buf.len();
+            match tokio::time::timeout_at(until, rx.recv_many(&mut buf, room)).await {
+                Ok(n) if n > 0 => {}
+                _ => break,
+            }
+        }
         let mut round = Vec::new();
         let mut flushes = Vec::new();
         for m in buf.drain(..) {
