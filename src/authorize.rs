@@ -281,31 +281,39 @@ impl Authorizer {
         req: AuthRequest,
     ) -> Result<AuthDecision, AuthError> {
         check_request(&req)?;
-        let granted = {
-            let mut sh = self.shared.lock().expect("authorizer state");
-            grant_locally(&mut sh, &tenant, &req, Utc::now(), self.ttl)
-        };
-        if let Some((d, renew)) = granted {
-            self.flush.notify_one();
-            if renew {
-                let job = Job {
-                    tenant: tenant.clone(),
-                    req: None,
-                    reply: None,
-                    leased: true,
-                    close: None,
-                };
-                if self.tx.try_send(job).is_err() {
-                    // the queue is full: not asked for, so a later grant asks again
-                    let mut sh = self.shared.lock().expect("authorizer state");
-                    for (_, l) in sh.leases.iter_mut().filter(|(k, _)| k.0 == tenant) {
-                        l.renewing = false;
-                    }
-                }
-            }
+        if let Some(d) = self.try_leased(&tenant, &req) {
             return Ok(d);
         }
         self.exact(tenant, req, true).await
+    }
+
+    /// An allow granted from the tenant's leases alone, at once, or `None` when they
+    /// cannot grant it (no lease in force, too little left in one, or a decision other
+    /// than allow): then only `authorize_leased` decides, exactly.
+    pub fn try_leased(&self, tenant: &str, req: &AuthRequest) -> Option<AuthDecision> {
+        check_request(req).ok()?;
+        let (d, renew) = {
+            let mut sh = self.shared.lock().expect("authorizer state");
+            grant_locally(&mut sh, tenant, req, Utc::now(), self.ttl)?
+        };
+        self.flush.notify_one();
+        if renew {
+            let job = Job {
+                tenant: tenant.to_string(),
+                req: None,
+                reply: None,
+                leased: true,
+                close: None,
+            };
+            if self.tx.try_send(job).is_err() {
+                // the queue is full: not asked for, so a later grant asks again
+                let mut sh = self.shared.lock().expect("authorizer state");
+                for (_, l) in sh.leases.iter_mut().filter(|(k, _)| k.0 == tenant) {
+                    l.renewing = false;
+                }
+            }
+        }
+        Some(d)
     }
 
     async fn exact(

@@ -674,10 +674,12 @@ async fn handle(st: RouterState, headers: HeaderMap, body: Bytes, endpoint: Endp
     if book.has_budgets(&key.tenant_id) {
         let first = &cands[0];
         let counter = Counter::for_model(&first.provider, &first.model);
-        let whole = Value::Object(body.clone());
-        let input = match endpoint {
-            Endpoint::Chat => usage::chat_input(counter, &whole),
-            Endpoint::Embeddings => usage::embedding_input(counter, &whole),
+        // first with the prompt's byte bound, which costs nothing to compute: a lease that
+        // covers it grants at once; only otherwise is the prompt tokenized, and the exact
+        // count decides
+        let bound = match endpoint {
+            Endpoint::Chat => usage::chat_input_bound(counter, &body),
+            Endpoint::Embeddings => usage::embedding_input_bound(counter, &body),
         };
         let max_tokens = match endpoint {
             Endpoint::Embeddings => Some(0),
@@ -686,7 +688,7 @@ async fn handle(st: RouterState, headers: HeaderMap, body: Bytes, endpoint: Endp
                 .or_else(|| body.get("max_tokens"))
                 .and_then(Value::as_u64),
         };
-        let req = AuthRequest {
+        let mut req = AuthRequest {
             tenant_id: None,
             api_key_id: Some(key.key_id.to_string()),
             tags: tags.clone(),
@@ -695,15 +697,22 @@ async fn handle(st: RouterState, headers: HeaderMap, body: Bytes, endpoint: Endp
             region: ups
                 .provider(&first.provider)
                 .and_then(|p| p.cfg.region.clone()),
-            estimated_input_tokens: input,
+            estimated_input_tokens: bound,
             max_tokens,
         };
-        match st
-            .0
-            .authorizer
-            .authorize_leased(key.tenant_id.clone(), req)
-            .await
-        {
+        let decided = match st.0.authorizer.try_leased(&key.tenant_id, &req) {
+            Some(d) => Ok(d),
+            None => {
+                req.estimated_input_tokens = match endpoint {
+                    Endpoint::Chat => usage::chat_input(counter, &body),
+                    Endpoint::Embeddings => usage::embedding_input(counter, &body),
+                };
+                st.0.authorizer
+                    .authorize_leased(key.tenant_id.clone(), req)
+                    .await
+            }
+        };
+        match decided {
             Ok(d) => match d.decision {
                 Verdict::Deny => {
                     st.0.metrics.inc("tokenledger_router_denied_total", 1);
@@ -960,10 +969,9 @@ impl Job {
     }
 
     fn estimated_input(&self, counter: Counter) -> u64 {
-        let whole = Value::Object(self.body.clone());
         match self.endpoint {
-            Endpoint::Chat => usage::chat_input(counter, &whole),
-            Endpoint::Embeddings => usage::embedding_input(counter, &whole),
+            Endpoint::Chat => usage::chat_input(counter, &self.body),
+            Endpoint::Embeddings => usage::embedding_input(counter, &self.body),
         }
     }
 

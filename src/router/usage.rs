@@ -18,7 +18,7 @@
 //!   smaller than the reasoning, or `total_tokens` equals prompt + completion + reasoning):
 //!   added to `output`.
 
-use serde_json::Value;
+use serde_json::{Map, Value};
 use tiktoken_rs::CoreBPE;
 
 use crate::events::MAX_TOKENS;
@@ -139,6 +139,18 @@ impl Counter {
         }
     }
 
+    /// An upper bound of `count`, in constant time: a byte-level BPE token stands for at
+    /// least one byte of UTF-8, so the tiktoken encodings never count more tokens than
+    /// bytes; the approximation is at most 1.25 × bytes (o200k_base's count × 1.25, or
+    /// bytes ÷ 3).
+    pub fn bound(self, text: &str) -> u64 {
+        let bytes = text.len() as u64;
+        match self {
+            Counter::O200k | Counter::Cl100k => bytes,
+            Counter::Approx => (bytes * 5).div_ceil(4),
+        }
+    }
+
     pub fn count(self, text: &str) -> u64 {
         if text.is_empty() {
             return 0;
@@ -175,7 +187,17 @@ pub const IMAGE_TOKENS: u64 = 765;
 /// Prompt tokens of a chat request, the way OpenAI's chat format counts them: each
 /// message's text (string content or text parts) and name, 3 tokens of framing per
 /// message and 3 to prime the reply; tool definitions as their JSON.
-pub fn chat_input(counter: Counter, body: &Value) -> u64 {
+pub fn chat_input(counter: Counter, body: &Map<String, Value>) -> u64 {
+    chat_tokens(body, |s| counter.count(s))
+}
+
+/// An upper bound of `chat_input` without tokenizing: each text's bytes instead of its
+/// tokens (`Counter::bound`).
+pub fn chat_input_bound(counter: Counter, body: &Map<String, Value>) -> u64 {
+    chat_tokens(body, |s| counter.bound(s))
+}
+
+fn chat_tokens(body: &Map<String, Value>, count: impl Fn(&str) -> u64) -> u64 {
     let mut n = 3;
     for m in body
         .get("messages")
@@ -185,46 +207,55 @@ pub fn chat_input(counter: Counter, body: &Value) -> u64 {
     {
         n += 3;
         if let Some(s) = m.get("name").and_then(Value::as_str) {
-            n += 1 + counter.count(s);
+            n += 1 + count(s);
         }
         match m.get("content") {
-            Some(Value::String(s)) => n += counter.count(s),
+            Some(Value::String(s)) => n += count(s),
             Some(Value::Array(parts)) => {
                 for p in parts {
                     match p.get("type").and_then(Value::as_str) {
                         Some("text") => {
-                            n += counter.count(p.get("text").and_then(Value::as_str).unwrap_or(""))
+                            n += count(p.get("text").and_then(Value::as_str).unwrap_or(""))
                         }
                         Some("image_url") | Some("input_image") => n += IMAGE_TOKENS,
-                        _ => n += counter.count(&p.to_string()),
+                        _ => n += count(&p.to_string()),
                     }
                 }
             }
             _ => {}
         }
         if let Some(calls) = m.get("tool_calls") {
-            n += counter.count(&calls.to_string());
+            n += count(&calls.to_string());
         }
     }
     for k in ["tools", "functions", "response_format"] {
         if let Some(v) = body.get(k) {
-            n += counter.count(&v.to_string());
+            n += count(&v.to_string());
         }
     }
     n
 }
 
 /// Prompt tokens of an embeddings request (`input`: a string, strings, or token arrays).
-pub fn embedding_input(counter: Counter, body: &Value) -> u64 {
+pub fn embedding_input(counter: Counter, body: &Map<String, Value>) -> u64 {
+    embedding_tokens(body, |s| counter.count(s))
+}
+
+/// An upper bound of `embedding_input` without tokenizing (`Counter::bound`).
+pub fn embedding_input_bound(counter: Counter, body: &Map<String, Value>) -> u64 {
+    embedding_tokens(body, |s| counter.bound(s))
+}
+
+fn embedding_tokens(body: &Map<String, Value>, count: impl Fn(&str) -> u64) -> u64 {
     match body.get("input") {
-        Some(Value::String(s)) => counter.count(s),
+        Some(Value::String(s)) => count(s),
         Some(Value::Array(items)) => items
             .iter()
             .map(|i| match i {
-                Value::String(s) => counter.count(s),
+                Value::String(s) => count(s),
                 Value::Array(tokens) => tokens.len() as u64,
                 Value::Number(_) => 1,
-                other => counter.count(&other.to_string()),
+                other => count(&other.to_string()),
             })
             .sum(),
         _ => 0,
@@ -350,12 +381,59 @@ mod tests {
         assert_eq!(Counter::O200k.count(text), 10);
         assert!(Counter::Approx.count(text) >= 15);
         let body = json!({"messages": [{"role": "user", "content": text}]});
-        assert_eq!(chat_input(Counter::O200k, &body), 16);
+        assert_eq!(chat_input(Counter::O200k, body.as_object().unwrap()), 16);
         let mut p = Produced::default();
         p.add(&json!({"content": "Hello"}));
         p.add(&json!({"content": ""}));
         p.add(&json!({"content": " world"}));
         assert_eq!(p.chunks, 2);
         assert_eq!(p.tokens(Counter::O200k), 2);
+    }
+
+    #[test]
+    fn the_byte_bound_is_never_below_the_count() {
+        let texts = [
+            "",
+            "a",
+            "The quick brown fox jumps over the lazy dog.",
+            "    \n\n\t  spaces   and\r\n  newlines  ",
+            "1234567890 3.14159 -42 0x1F",
+            "日本語のテキストと中文文本",
+            "emoji 👩‍👩‍👧‍👦🏳️‍🌈 and accents: café naïve",
+            "{\"json\": [1, 2, {\"k\": null}]}",
+        ];
+        for c in [Counter::O200k, Counter::Cl100k, Counter::Approx] {
+            for t in texts {
+                assert!(c.bound(t) >= c.count(t), "{c:?} {t:?}");
+            }
+        }
+        let body = json!({
+            "messages": [
+                {"role": "system", "content": texts[2], "name": "sys"},
+                {"role": "user", "content": [{"type": "text", "text": texts[5]},
+                    {"type": "image_url", "image_url": {"url": "https://x/y.png"}},
+                    {"type": "input_audio", "input_audio": {"data": "AAAA"}}]},
+                {"role": "assistant", "content": null, "tool_calls": [{"id": "c1",
+                    "type": "function", "function": {"name": "f", "arguments": "{}"}}]}
+            ],
+            "tools": [{"type": "function", "function": {"name": "f", "parameters": {}}}]
+        });
+        let body = body.as_object().unwrap();
+        for c in [Counter::O200k, Counter::Cl100k, Counter::Approx] {
+            assert!(chat_input_bound(c, body) >= chat_input(c, body), "{c:?}");
+        }
+        let emb = json!({"input": [texts[6], [1, 2, 3], texts[3]]});
+        let emb = emb.as_object().unwrap();
+        assert!(embedding_input_bound(Counter::O200k, emb) >= embedding_input(Counter::O200k, emb));
+    }
+
+    proptest::proptest! {
+        #[test]
+        fn the_byte_bound_holds_for_any_text(t in "\\PC{0,200}", ws in "[ \t\n]{0,40}") {
+            let t = format!("{ws}{t}{ws}");
+            for c in [Counter::O200k, Counter::Cl100k, Counter::Approx] {
+                proptest::prop_assert!(c.bound(&t) >= c.count(&t));
+            }
+        }
     }
 }
