@@ -24,7 +24,8 @@ pub struct Settings {
     pub consumer: String,
     /// Most events the writer applies in one transaction (`TOKENLEDGER_BATCH_MAX`).
     pub batch_max: usize,
-    /// How long the writer waits to fill a batch (`TOKENLEDGER_BATCH_WAIT_MS`).
+    /// How long the writer waits to fill a batch after its first message
+    /// (`TOKENLEDGER_BATCH_WAIT_MS`, default 2; under full load batches fill before it).
     pub batch_wait: Duration,
     /// Batches the writer checks against the stored event keys before staging them, after
     /// it starts and after a batch met a stored key at the unique indexes
@@ -197,7 +198,7 @@ impl Settings {
             subject_prefix: var("TOKENLEDGER_SUBJECT_PREFIX", ""),
             consumer: var("TOKENLEDGER_CONSUMER", "ledger-writer"),
             batch_max: parse("TOKENLEDGER_BATCH_MAX", 1000usize)?.clamp(1, 5000),
-            batch_wait: Duration::from_millis(parse("TOKENLEDGER_BATCH_WAIT_MS", 5u64)?),
+            batch_wait: Duration::from_millis(parse("TOKENLEDGER_BATCH_WAIT_MS", 2u64)?),
             writer_lookup_batches: parse(
                 "TOKENLEDGER_WRITER_LOOKUP_BATCHES",
                 crate::ledger::writer::LOOKUP_BATCHES,
