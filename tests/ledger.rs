@@ -634,15 +634,7 @@ async fn openapi_health_and_metrics_are_served() {
     }
     assert_eq!(app.status("/healthz").await, 200);
     assert_eq!(app.status("/readyz").await, 200);
-    let m = app
-        .http
-        .get(app.url("/metrics"))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let m = app.metrics().await;
     assert!(m.contains("tokenledger_batch_seconds_bucket"));
     assert!(m.contains("tokenledger_consumer_pending_messages"));
 }

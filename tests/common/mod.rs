@@ -213,6 +213,18 @@ impl TestApp {
         );
     }
 
+    /// The Prometheus text of `/metrics`.
+    pub async fn metrics(&self) -> String {
+        self.http
+            .get(self.url("/metrics"))
+            .send()
+            .await
+            .unwrap()
+            .text()
+            .await
+            .unwrap()
+    }
+
     /// Wait until the authorizer and, if this app runs one, the router decide with the
     /// terms in the database now (their `/metrics` stamps reach `terms_version`); panics
     /// after 20 s.
@@ -224,15 +236,7 @@ impl TestApp {
         }
         let mut text = String::new();
         for _ in 0..400 {
-            text = self
-                .http
-                .get(self.url("/metrics"))
-                .send()
-                .await
-                .unwrap()
-                .text()
-                .await
-                .unwrap();
+            text = self.metrics().await;
             let seen = |name: &str| {
                 text.lines()
                     .filter_map(|l| l.strip_prefix(name)?.trim().parse::<f64>().ok())
