@@ -427,10 +427,15 @@ pub async fn run_publisher(
                 for t in &tenants {
                     publish_tenant(&engine, kv, t, trigger).await?;
                 }
+                let startup = last_stamp == -1;
                 last_stamp = stamp;
                 last_day = Some(today);
-                last_alert = Some(newest);
-                return Ok(());
+                if startup {
+                    last_alert = Some(newest);
+                    return Ok(());
+                }
+                // and on to the facts: a tenant that crossed a tier in this same round is
+                // published again with its own trigger
             }
             if newly_exhausted {
                 let tenants: Vec<String> = sqlx::query_scalar("select id from tenants order by id")

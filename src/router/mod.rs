@@ -676,7 +676,8 @@ async fn handle(st: RouterState, headers: HeaderMap, body: Bytes, endpoint: Endp
         let counter = Counter::for_model(&first.provider, &first.model);
         // first with the prompt's byte bound, which costs nothing to compute: a lease that
         // covers it grants at once; only otherwise is the prompt tokenized, and the exact
-        // count decides
+        // count decides. Only for short prompts: a long one's bound would hold several
+        // times its tokens' worth of headroom until its usage settles
         let bound = match endpoint {
             Endpoint::Chat => usage::chat_input_bound(counter, &body),
             Endpoint::Embeddings => usage::embedding_input_bound(counter, &body),
@@ -700,7 +701,12 @@ async fn handle(st: RouterState, headers: HeaderMap, body: Bytes, endpoint: Endp
             estimated_input_tokens: bound,
             max_tokens,
         };
-        let decided = match st.0.authorizer.try_leased(&key.tenant_id, &req) {
+        let leased = if bound <= usage::BOUND_MAX_TOKENS {
+            st.0.authorizer.try_leased(&key.tenant_id, &req)
+        } else {
+            None
+        };
+        let decided = match leased {
             Some(d) => Ok(d),
             None => {
                 req.estimated_input_tokens = match endpoint {

@@ -132,10 +132,11 @@ async fn run(
         // one write to NATS for many events, and JetStream stores, acknowledges and
         // delivers them to the ledger's consumer together
         let until = tokio::time::Instant::now() + linger;
-        while buf.len() < ROUND && !buf.iter().any(|m| matches!(m, Msg::Flush(_))) {
-            let room = ROUND - buf.len();
+        let mut flush = buf.iter().any(|m| matches!(m, Msg::Flush(_)));
+        while buf.len() < ROUND && !flush {
+            let (from, room) = (buf.len(), ROUND - buf.len());
             match tokio::time::timeout_at(until, rx.recv_many(&mut buf, room)).await {
-                Ok(n) if n > 0 => {}
+                Ok(n) if n > 0 => flush = buf[from..].iter().any(|m| matches!(m, Msg::Flush(_))),
                 _ => break,
             }
         }
