@@ -578,6 +578,22 @@ impl Endpoint {
             Endpoint::Embeddings => "embeddings",
         }
     }
+
+    /// The request's prompt tokens, counted locally.
+    fn input(self, counter: Counter, body: &Map<String, Value>) -> u64 {
+        match self {
+            Endpoint::Chat => usage::chat_input(counter, body),
+            Endpoint::Embeddings => usage::embedding_input(counter, body),
+        }
+    }
+
+    /// An upper bound of `input` from the texts' bytes, without tokenizing.
+    fn input_bound(self, counter: Counter, body: &Map<String, Value>) -> u64 {
+        match self {
+            Endpoint::Chat => usage::chat_input_bound(counter, body),
+            Endpoint::Embeddings => usage::embedding_input_bound(counter, body),
+        }
+    }
 }
 
 async fn chat_completions(
@@ -678,10 +694,7 @@ async fn handle(st: RouterState, headers: HeaderMap, body: Bytes, endpoint: Endp
         // covers it grants at once; only otherwise is the prompt tokenized, and the exact
         // count decides. Only for short prompts: a long one's bound would hold several
         // times its tokens' worth of headroom until its usage settles
-        let bound = match endpoint {
-            Endpoint::Chat => usage::chat_input_bound(counter, &body),
-            Endpoint::Embeddings => usage::embedding_input_bound(counter, &body),
-        };
+        let bound = endpoint.input_bound(counter, &body);
         let max_tokens = match endpoint {
             Endpoint::Embeddings => Some(0),
             Endpoint::Chat => body
@@ -709,10 +722,7 @@ async fn handle(st: RouterState, headers: HeaderMap, body: Bytes, endpoint: Endp
         let decided = match leased {
             Some(d) => Ok(d),
             None => {
-                req.estimated_input_tokens = match endpoint {
-                    Endpoint::Chat => usage::chat_input(counter, &body),
-                    Endpoint::Embeddings => usage::embedding_input(counter, &body),
-                };
+                req.estimated_input_tokens = endpoint.input(counter, &body);
                 st.0.authorizer
                     .authorize_leased(key.tenant_id.clone(), req)
                     .await
@@ -974,13 +984,6 @@ impl Job {
         Counter::for_model(&c.provider, &c.model)
     }
 
-    fn estimated_input(&self, counter: Counter) -> u64 {
-        match self.endpoint {
-            Endpoint::Chat => usage::chat_input(counter, &self.body),
-            Endpoint::Embeddings => usage::embedding_input(counter, &self.body),
-        }
-    }
-
     async fn finish(
         self,
         p: &Provider,
@@ -1099,7 +1102,7 @@ impl Job {
     fn estimate(&self, c: &Candidate, produced: &Produced) -> Measured {
         let counter = self.counter(c);
         let n = Counts {
-            input: self.estimated_input(counter),
+            input: self.endpoint.input(counter, &self.body),
             output: produced.tokens(counter),
             ..Counts::default()
         };
