@@ -339,15 +339,23 @@ async fn fallback_on_500_429_and_timeout_reaches_the_next_candidate_and_records_
     // the last candidate's Retry-After has cooled down by now
     tokio::time::sleep(Duration::from_millis(1100)).await;
     // (the 429 last: its Retry-After leaves the provider cooling down)
-    for (mode, retry) in [(Mode::Fail500, 0), (Mode::Stall, 0), (Mode::Fail429, 30)] {
+    // (a redirect to the same, working endpoint is not followed: one call to `a`)
+    for (mode, retry) in [
+        (Mode::Fail500, 0),
+        (Mode::Stall, 0),
+        (Mode::Redirect, 0),
+        (Mode::Fail429, 30),
+    ] {
         s.a.set(Behavior {
             mode,
             times: Some(1),
             retry_after_secs: retry,
             ..Behavior::default()
         });
+        let calls = s.a.requests();
         let r = s.chat(body.clone()).await;
         assert_eq!(r.status(), 200, "{mode:?}");
+        assert_eq!(s.a.requests(), calls + 1, "{mode:?}");
         assert_eq!(
             r.headers()["x-tokenledger-route"],
             "anthropic/claude-haiku-4-5"

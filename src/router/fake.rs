@@ -12,7 +12,8 @@
 //! keeps the last 100 deliveries (headers and body), `GET /fake/webhooks` lists them.
 //!
 //! Behaviour (`POST /fake/behavior`, JSON; `GET /fake/stats` counts requests):
-//! `{"mode": "ok" | "fail_500" | "fail_429" | "stall" | "omit_usage" | "cut_stream",
+//! `{"mode": "ok" | "fail_500" | "fail_429" | "stall" | "omit_usage" | "cut_stream" |
+//!   "redirect" (307 to the same endpoint, which a client following it would find working),
 //!   "times": n (apply to the next n requests, then back to ok; absent: until changed),
 //!   "retry_after_secs": s (sent with fail_429), "words": n (reply length, default 12),
 //!   "chunk_delay_ms": n (between stream chunks)}`.
@@ -41,6 +42,8 @@ pub enum Mode {
     Stall,
     OmitUsage,
     CutStream,
+    /// Answer 307 Temporary Redirect to this same endpoint (which would answer normally).
+    Redirect,
 }
 
 #[derive(Clone, Debug, Deserialize, Serialize)]
@@ -211,8 +214,15 @@ fn error(status: StatusCode, message: &str, retry_after: u64) -> Response {
 }
 
 /// Failures and stalls shared by every endpoint; `None` to answer normally.
-async fn misbehave(b: &Behavior) -> Option<Response> {
+async fn misbehave(b: &Behavior, path: &str) -> Option<Response> {
     match b.mode {
+        Mode::Redirect => Some(
+            (
+                StatusCode::TEMPORARY_REDIRECT,
+                [(header::LOCATION, path.to_string())],
+            )
+                .into_response(),
+        ),
         Mode::Fail500 => Some(error(
             StatusCode::INTERNAL_SERVER_ERROR,
             "fake upstream: injected failure",
@@ -276,7 +286,7 @@ async fn chat(State(st): State<Arc<Inner>>, body: Bytes) -> Response {
     let Ok(req) = serde_json::from_slice::<Value>(&body) else {
         return error(StatusCode::BAD_REQUEST, "body is not JSON", 0);
     };
-    if let Some(r) = misbehave(&b).await {
+    if let Some(r) = misbehave(&b, "/v1/chat/completions").await {
         return r;
     }
     let model = req
@@ -393,7 +403,7 @@ async fn embeddings(State(st): State<Arc<Inner>>, body: Bytes) -> Response {
     let Ok(req) = serde_json::from_slice::<Value>(&body) else {
         return error(StatusCode::BAD_REQUEST, "body is not JSON", 0);
     };
-    if let Some(r) = misbehave(&b).await {
+    if let Some(r) = misbehave(&b, "/v1/embeddings").await {
         return r;
     }
     let inputs: Vec<u64> = match req.get("input") {

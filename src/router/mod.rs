@@ -572,13 +572,6 @@ enum Endpoint {
 }
 
 impl Endpoint {
-    fn path(self) -> &'static str {
-        match self {
-            Endpoint::Chat => "chat/completions",
-            Endpoint::Embeddings => "embeddings",
-        }
-    }
-
     /// The request's prompt tokens, counted locally.
     fn input(self, counter: Counter, body: &Map<String, Value>) -> u64 {
         match self {
@@ -937,14 +930,13 @@ impl Job {
                 .expect("object")
                 .insert("include_usage".into(), Value::Bool(true));
         }
-        let url = format!(
-            "{}/{}",
-            p.cfg.base_url.trim_end_matches('/'),
-            self.endpoint.path()
-        );
+        let url = match self.endpoint {
+            Endpoint::Chat => &p.chat_url,
+            Endpoint::Embeddings => &p.embeddings_url,
+        };
         let mut req = p
             .client
-            .post(url)
+            .post(url.clone())
             .header(header::CONTENT_TYPE, "application/json")
             .header("x-request-id", &self.request_id)
             .body(serde_json::to_vec(&Value::Object(body)).expect("serialises"));
@@ -968,6 +960,13 @@ impl Job {
         let ra = retry_after(resp.headers());
         if status == StatusCode::TOO_MANY_REQUESTS || status.is_server_error() {
             return Err(Failure::Retryable(format!("HTTP {}", status.as_u16()), ra));
+        }
+        if status.is_redirection() {
+            // not followed (see `Upstreams::from_config`): this upstream cannot serve it
+            return Err(Failure::Retryable(
+                format!("HTTP {} (redirects are not followed)", status.as_u16()),
+                None,
+            ));
         }
         // the request itself was refused: pass the upstream's answer through
         let ct = resp.headers().get(header::CONTENT_TYPE).cloned();
