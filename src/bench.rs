@@ -41,6 +41,10 @@ pub struct BenchArgs {
     /// default all.
     #[arg(long)]
     pub only: Option<String>,
+    /// Run (c) and (d) this many times, alternately, and print the median of their
+    /// ratios: one pair says little on a machine whose speed moves within minutes.
+    #[arg(long, default_value_t = 1)]
+    pub pairs: usize,
 }
 
 pub(crate) fn events(n: u64, tenants: usize, run: &str) -> Vec<Event> {
@@ -196,14 +200,18 @@ pub async fn run(s0: &Settings, a: BenchArgs) -> anyhow::Result<()> {
     } else {
         None
     };
-    let (rate_c, cpu_c) = if only("c") {
-        let (r, c) = naive(s0, &a).await?;
-        (Some(r), c)
-    } else {
-        (None, None)
-    };
     let mut rate_d = None;
-    if only("d") {
+    let mut pairs = Vec::new();
+    for _ in 0..a.pairs.max(1) {
+        let (rate_c, cpu_c) = if only("c") {
+            let (r, c) = naive(s0, &a).await?;
+            (Some(r), c)
+        } else {
+            (None, None)
+        };
+        if !only("d") {
+            break;
+        }
         let (r, cpu_d) = real_pipeline(s0, &a).await?;
         let rate_d = *rate_d.insert(r);
         if let (Some(d), Some(c)) = (cpu_d, cpu_c) {
@@ -224,6 +232,30 @@ pub async fn run(s0: &Settings, a: BenchArgs) -> anyhow::Result<()> {
                 println!("    ratio (d) / {name} = {:.2}", rate_d / base);
             }
         }
+        if let Some(c) = rate_c {
+            pairs.push((c, rate_d));
+        }
+    }
+    if pairs.len() > 1 {
+        let median = |mut v: Vec<f64>| {
+            v.sort_by(f64::total_cmp);
+            let m = v.len() / 2;
+            if v.len() % 2 == 1 {
+                v[m]
+            } else {
+                (v[m - 1] + v[m]) / 2.0
+            }
+        };
+        let ratios: Vec<f64> = pairs.iter().map(|(c, d)| d / c).collect();
+        let shown: Vec<String> = ratios.iter().map(|r| format!("{r:.2}")).collect();
+        println!(
+            "{} pairs of (c), (d): ratios {}; median (d) / (c) = {:.2}, median (c) {:.0}, (d) {:.0} events/s",
+            pairs.len(),
+            shown.join(", "),
+            median(ratios.clone()),
+            median(pairs.iter().map(|p| p.0).collect()),
+            median(pairs.iter().map(|p| p.1).collect()),
+        );
     }
     if only("t") {
         let rate_t = crate::bench_terms::terms_pipeline(s0, &a).await?;
