@@ -553,20 +553,15 @@ fn plain_rows(evs: &[Event], seq0: i64) -> (EventRows, TransferRows, Projections
             pr.add_transfer(&u.tenant_id, d, c, amount, "USD");
         }
         pr.add_usage(RatedUsage {
-            tenant: u.tenant_id.clone(),
-            request_id: u.request_id.clone(),
-            event_id: ev.id.clone(),
-            seq,
+            tenant: &u.tenant_id,
             occurred_at: ev.time,
-            api_key_id: String::new(),
-            provider: u.provider.clone(),
-            model: u.model.clone(),
-            status: "ok".into(),
-            batch: u.batch,
+            api_key_id: "",
+            provider: &u.provider,
+            model: &u.model,
             tokens: [u.input_tokens as i64, 0, 0, u.output_tokens as i64, 0],
             price: amount,
             cost: amount,
-            currency: "USD".into(),
+            currency: "USD",
         });
     }
     (er, tr, pr)

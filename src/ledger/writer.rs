@@ -451,7 +451,7 @@ impl Writer {
 
     /// Decide one event's fate in ledger order: duplicate, conflict, dead letter, or
     /// rated and staged with the tenant's next sequence number.
-    fn stage(&self, b: &mut Batch, known: &mut Known, m: &Inbound, ev: Event) -> Outcome {
+    fn stage(&self, b: &mut Batch, known: &mut Known, m: &Inbound, mut ev: Event) -> Outcome {
         let tenant = ev.tenant_id().to_string();
         let Some((last_seq, currency)) = known.tenants.get(&tenant) else {
             dead(
@@ -493,7 +493,7 @@ impl Writer {
         *head += 1;
         let seq = *head;
         if let (EventData::Usage(u), Some(r)) = (&ev.data, &charge.rating) {
-            stage_usage(b, &ev, u, r, seq);
+            stage_usage(b, &ev, u, r);
         }
         // the hold this usage settles (an id that is no hold of this tenant settles nothing)
         if let EventData::Usage(u) = &ev.data {
@@ -503,7 +503,9 @@ impl Writer {
                 b.settlements.event_id.push(ev.id.clone());
             }
         }
-        stage_event(&mut b.events, &ev, seq);
+        // the envelope's last reader (a conflict's record of it has returned above)
+        let envelope = std::mem::take(&mut ev.canonical);
+        stage_event_with(&mut b.events, &ev, envelope, seq);
         accrue(b, known, &ev, &charge, seq, currency);
         for (n, leg) in charge.legs.iter().enumerate() {
             stage_transfer(b, &ev, seq, n as i16, currency, leg, &charge);
@@ -706,13 +708,19 @@ fn conflict(c: &mut ConflictRows, ev: &Event, kind: &str, existing: &str) {
 
 /// Stage one event's row (also used by the benchmark's plain-Postgres baseline).
 pub fn stage_event(r: &mut EventRows, ev: &Event, seq: i64) {
+    stage_event_with(r, ev, ev.canonical.clone(), seq);
+}
+
+/// `stage_event` with the envelope's bytes handed over (the writer moves them out of the
+/// event rather than copying them).
+fn stage_event_with(r: &mut EventRows, ev: &Event, envelope: Vec<u8>, seq: i64) {
     r.tenant.push(ev.tenant_id().into());
     r.id.push(ev.id.clone());
     r.seq.push(seq);
     r.type_.push(ev.type_().into());
     r.source.push(ev.source.clone());
     r.occurred_at.push(ev.time);
-    r.envelope.push(ev.canonical.clone());
+    r.envelope.push(envelope);
     r.hash.push(ev.payload_hash.to_vec());
     let u = match &ev.data {
         EventData::Usage(u) => Some(u),
@@ -738,18 +746,13 @@ pub fn stage_event(r: &mut EventRows, ev: &Event, seq: i64) {
     }
 }
 
-fn stage_usage(b: &mut Batch, ev: &Event, u: &UsageData, r: &Rating, seq: i64) {
+fn stage_usage(b: &mut Batch, ev: &Event, u: &UsageData, r: &Rating) {
     b.proj.add_usage(RatedUsage {
-        tenant: u.tenant_id.clone(),
-        request_id: u.request_id.clone(),
-        event_id: ev.id.clone(),
-        seq,
+        tenant: &u.tenant_id,
         occurred_at: ev.time,
-        api_key_id: u.api_key_id.clone().unwrap_or_default(),
-        provider: u.provider.clone(),
-        model: u.model.clone(),
-        status: u.status.as_str().into(),
-        batch: u.batch,
+        api_key_id: u.api_key_id.as_deref().unwrap_or_default(),
+        provider: &u.provider,
+        model: &u.model,
         tokens: [
             u.input_tokens as i64,
             u.cached_input_tokens as i64,
@@ -759,7 +762,7 @@ fn stage_usage(b: &mut Batch, ev: &Event, u: &UsageData, r: &Rating, seq: i64) {
         ],
         price: r.price,
         cost: r.cost,
-        currency: r.currency.clone(),
+        currency: &r.currency,
     });
 }
 
