@@ -108,9 +108,10 @@ impl Projections {
 
     pub fn add_usage(&mut self, r: RatedUsage<'_>) {
         let day = r.occurred_at.date_naive();
-        // the day's number in eight digits (so it sorts as the date does)
-        let mut n = day.num_days_from_ce().max(0) as u32;
-        let mut d = [b'0'; 8];
+        // the day's number, offset to be positive for any date chrono holds (RFC 3339 allows
+        // year 0000, before the CE epoch), in ten digits: it sorts as the date does
+        let mut n = (i64::from(day.num_days_from_ce()) + 1_000_000_000) as u64;
+        let mut d = [b'0'; 10];
         for c in d.iter_mut().rev() {
             *c = b'0' + (n % 10) as u8;
             n /= 10;
@@ -729,6 +730,15 @@ mod tests {
                 (["acme-b", "gpt-4o", "openai", ""], day(1), 1),
             ]
         );
+        // days before the CE epoch stay apart, and in order
+        let mut q = Projections::default();
+        for (y, m, d) in [(0, 12, 31), (0, 12, 30), (1, 1, 1)] {
+            let mut u = usage("acme", 1, "gpt-4o", "");
+            u.occurred_at = Utc.with_ymd_and_hms(y, m, d, 0, 0, 0).unwrap();
+            q.add_usage(u);
+        }
+        let days: Vec<_> = q.rollups().map(|(_, a)| a.day.to_string()).collect();
+        assert_eq!(days, ["0000-12-30", "0000-12-31", "0001-01-01"]);
         let (_, first) = p.rollups().next().unwrap();
         assert_eq!(first.tokens, [20, 8, 0, 10, 2]);
         assert_eq!(first.price, Decimal::new(6, 2));
