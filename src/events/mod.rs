@@ -159,15 +159,22 @@ struct CanonicalEnvelope<'a> {
 
 impl Event {
     pub fn new(id: String, source: String, time: DateTime<Utc>, data: EventData) -> Event {
-        let canonical = serde_json::to_vec(&CanonicalEnvelope {
-            specversion: SPEC_VERSION,
-            id: &id,
-            source: &source,
-            type_: type_of(&data),
-            time: time.to_rfc3339_opts(SecondsFormat::AutoSi, true),
-            datacontenttype: "application/json",
-            data: &data,
-        })
+        // sized for a usage event's envelope (≈ 600–700 bytes): growing from serde_json's
+        // default 128 bytes reallocated and copied it three times (2% of the
+        // ledger writer's CPU)
+        let mut canonical = Vec::with_capacity(1024);
+        serde_json::to_writer(
+            &mut canonical,
+            &CanonicalEnvelope {
+                specversion: SPEC_VERSION,
+                id: &id,
+                source: &source,
+                type_: type_of(&data),
+                time: time.to_rfc3339_opts(SecondsFormat::AutoSi, true),
+                datacontenttype: "application/json",
+                data: &data,
+            },
+        )
         .expect("event serialises");
         let payload_hash: [u8; 32] = Sha256::digest(&canonical).into();
         Event {
