@@ -2,6 +2,7 @@
 //! whole batch, never one round trip per event.
 
 use std::collections::{BTreeMap, HashMap, HashSet};
+use std::fmt::Write;
 
 use chrono::{DateTime, Datelike, NaiveDate, Utc};
 use rust_decimal::Decimal;
@@ -95,29 +96,17 @@ fn parts<const N: usize>(k: &str) -> [&str; N] {
 }
 
 impl Projections {
-    fn joined(&mut self, parts: &[&str]) -> &str {
-        self.key.clear();
-        for (i, p) in parts.iter().enumerate() {
-            if i > 0 {
-                self.key.push('\0');
-            }
-            self.key.push_str(p);
-        }
-        &self.key
-    }
-
     pub fn add_usage(&mut self, r: RatedUsage<'_>) {
         let day = r.occurred_at.date_naive();
-        // the day's number, offset to be positive for any date chrono holds (RFC 3339 allows
-        // year 0000, before the CE epoch), in ten digits: it sorts as the date does
-        let mut n = (i64::from(day.num_days_from_ce()) + 1_000_000_000) as u64;
-        let mut d = [b'0'; 10];
-        for c in d.iter_mut().rev() {
-            *c = b'0' + (n % 10) as u8;
-            n /= 10;
-        }
-        let d = std::str::from_utf8(&d).expect("digits");
-        self.joined(&[r.tenant, d, r.model, r.provider, r.api_key_id]);
+        // the day as its number, offset to be positive for any date chrono holds (RFC 3339
+        // allows year 0000, before the CE epoch), in ten digits: it sorts as the date does
+        let n = i64::from(day.num_days_from_ce()) + 1_000_000_000;
+        self.key.clear();
+        let _ = write!(
+            self.key,
+            "{}\0{n:010}\0{}\0{}\0{}",
+            r.tenant, r.model, r.provider, r.api_key_id
+        );
         let agg = match self.rollups.get_mut(self.key.as_str()) {
             Some(a) => a,
             None => self.rollups.entry(self.key.clone()).or_insert(RollupAgg {
@@ -143,7 +132,8 @@ impl Projections {
         currency: &str,
     ) {
         for (account, delta) in [(debit, amount), (credit, -amount)] {
-            self.joined(&[tenant, account, currency]);
+            self.key.clear();
+            let _ = write!(self.key, "{tenant}\0{account}\0{currency}");
             match self.balances.get_mut(self.key.as_str()) {
                 Some(b) => *b += delta,
                 None => {
