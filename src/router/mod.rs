@@ -12,6 +12,7 @@
 pub mod config;
 pub mod fake;
 pub mod publish;
+mod raw;
 pub mod usage;
 
 use std::collections::{BTreeMap, HashMap};
@@ -1027,27 +1028,21 @@ impl Job {
                 return;
             }
         };
-        let mut value: Value = match serde_json::from_slice(&body) {
-            Ok(v @ Value::Object(_)) => v,
-            _ => {
-                // not JSON: pass it through, bill an estimate
-                let mut r = Response::new(Body::from(body));
-                r.headers_mut().insert(
-                    header::CONTENT_TYPE,
-                    HeaderValue::from_static("application/json"),
-                );
-                let _ = reply.send(with_request_id(r, &self.request_id));
-                let counts = self.estimate(c, &Produced::default());
-                self.record(p, c, counts, None, fallback_from, Status::Ok);
-                return;
-            }
+        let Some(value) = raw::RawObject::parse(&body) else {
+            // not a JSON object: pass it through, bill an estimate
+            let mut r = Response::new(Body::from(body));
+            r.headers_mut().insert(
+                header::CONTENT_TYPE,
+                HeaderValue::from_static("application/json"),
+            );
+            let _ = reply.send(with_request_id(r, &self.request_id));
+            let counts = self.estimate(c, &Produced::default());
+            self.record(p, c, counts, None, fallback_from, Status::Ok);
+            return;
         };
-        let provider_id = value.get("id").and_then(Value::as_str).map(str::to_string);
-        let counts = match value
-            .get("usage")
-            .filter(|u| !u.is_null())
-            .map(usage::normalise)
-        {
+        let provider_id = value.string("id");
+        let mut usage_out = value.value("usage");
+        let counts = match usage_out.as_ref().map(usage::normalise) {
             Some(Ok(c)) => Measured::Reported(c),
             other => {
                 if let Some(Err(e)) = other {
@@ -1055,7 +1050,8 @@ impl Job {
                 }
                 let mut produced = Produced::default();
                 for ch in value
-                    .get("choices")
+                    .value("choices")
+                    .as_ref()
                     .and_then(Value::as_array)
                     .into_iter()
                     .flatten()
@@ -1066,20 +1062,26 @@ impl Job {
                 }
                 let est = self.estimate(c, &produced);
                 if let Measured::Estimated(n, _) = &est {
-                    value["usage"] = usage_object(n, self.endpoint);
+                    usage_out = Some(usage_object(n, self.endpoint));
                 }
                 est
             }
         };
         let cost = self.cost(p, c, &counts, &fallback_from);
-        if let (Some(cost), Some(u)) = (cost, value.get_mut("usage").and_then(Value::as_object_mut))
-        {
+        let mut changed = matches!(counts, Measured::Estimated(..));
+        if let (Some(cost), Some(u)) = (cost, usage_out.as_mut().and_then(Value::as_object_mut)) {
             u.insert("cost".into(), decimal_number(cost));
             if matches!(counts, Measured::Estimated(..)) {
                 u.insert("estimated".into(), Value::Bool(true));
             }
+            changed = true;
         }
-        let mut r = Response::new(Body::from(serde_json::to_vec(&value).expect("serialises")));
+        // untouched, the upstream's bytes go back as they came
+        let out = match (&usage_out, changed) {
+            (Some(u), true) => Bytes::from(value.to_vec_with("usage", u)),
+            _ => body.clone(),
+        };
+        let mut r = Response::new(Body::from(out));
         r.headers_mut().insert(
             header::CONTENT_TYPE,
             HeaderValue::from_static("application/json"),
