@@ -1,7 +1,8 @@
 //! (r) The router's overhead: the same requests sent to the fake upstream directly and
-//! through the router (with the ledger writer consuming what it publishes, in the same
-//! process), each plain and streamed, without a budget and with a blocking budget in
-//! scope.
+//! through the router, each plain and streamed, without a budget and with a blocking
+//! budget in scope: latency first with the router alone (as on hosts of its own; the
+//! ledger writer takes its events afterwards), then latency and throughput with the
+//! ledger writer consuming what it publishes beside it (same process, same two cores).
 //!
 //! Latency is measured open loop at a fixed rate (from each request's scheduled start,
 //! so a stall is not hidden by requests that were never sent); throughput closed loop
@@ -214,18 +215,6 @@ pub async fn router_overhead(s0: &Settings, a: &BenchArgs) -> anyhow::Result<()>
     )
     .execute(&pool)
     .await?;
-    // the ledger writer runs beside the router, on the same two cores: it settles the
-    // holds the budget tenant's requests place, as it does in production (without it
-    // open holds would pile up and every authorisation would sum them all)
-    s.roles = vec!["router".into(), "writer".into()];
-    s.router_addr = "127.0.0.1:0".into();
-    s.router_config = cfg.clone();
-    let app = crate::app::App::build(s.clone()).await?;
-    let router = app
-        .router_addr
-        .ok_or_else(|| anyhow::anyhow!("no router"))?;
-    let cancel = app.cancel.clone();
-    let task = tokio::spawn(app.run_until_stopped());
     let plain = r#"{"model":"gpt-4o-mini","messages":[{"role":"system","content":"You are terse."},{"role":"user","content":"Say something about ledgers in twelve words."}],"max_tokens":64}"#;
     let streamed = r#"{"model":"gpt-4o-mini","messages":[{"role":"system","content":"You are terse."},{"role":"user","content":"Say something about ledgers in twelve words."}],"max_tokens":64,"stream":true}"#;
     let path = "/v1/chat/completions";
@@ -236,36 +225,52 @@ pub async fn router_overhead(s0: &Settings, a: &BenchArgs) -> anyhow::Result<()>
         "(r) router overhead: fake upstream in process; latency at {rate} requests/s for {secs} s (open loop), \
          throughput over {conns} keep-alive connections for {secs} s"
     );
+    let keys = [("no budget", &free_key), ("blocking budget", &budget_key)];
     let mut served = 0u64;
+
+    // First the router alone, as it runs on hosts of its own: its events wait in
+    // JetStream and the ledger writer takes them when it starts below. Latency only (a
+    // throughput without the writer would outrun the ledger).
+    s.router_addr = "127.0.0.1:0".into();
+    s.router_config = cfg.clone();
+    s.roles = vec!["router".into()];
+    let app = crate::app::App::build(s.clone()).await?;
+    let router = app
+        .router_addr
+        .ok_or_else(|| anyhow::anyhow!("no router"))?;
+    let cancel = app.cancel.clone();
+    let task = tokio::spawn(app.run_until_stopped());
+    println!("    the router alone (the ledger writer not running):");
     for (label, body) in [("plain", plain), ("streamed", streamed)] {
-        // warm up connections and caches, and for the budget tenant its first lease (the
-        // first request of a tenant after start is decided exactly, in a transaction, and
-        // the requests arriving meanwhile wait for it: a one-off per tenant and process,
-        // not the steady state measured here)
-        throughput(fake_addr, request(path, "x", body), 4, 1).await?;
-        for key in [&free_key, &budget_key] {
-            served += throughput(router, request(path, key, body), 4, 1).await?.1;
-        }
-        let direct = latencies(fake_addr, request(path, "x", body), rate, secs).await?;
-        let (d50, d99) = (pct(&direct, 0.5), pct(&direct, 0.99));
-        println!("    {label:<8} direct to the fake      p50 {d50:>6} µs  p99 {d99:>6} µs");
-        for (who, key) in [("no budget", &free_key), ("blocking budget", &budget_key)] {
-            let v = latencies(router, request(path, key, body), rate, secs).await?;
-            served += v.len() as u64;
-            let (r50, r99) = (pct(&v, 0.5), pct(&v, 0.99));
-            println!(
-                "    {label:<8} router, {who:<16} p50 {r50:>6} µs  p99 {r99:>6} µs  added p50 {:>6} µs  p99 {:>6} µs",
-                r50 as i64 - d50 as i64,
-                r99 as i64 - d99 as i64
-            );
-        }
+        served += warm_up(fake_addr, router, path, body, &keys).await?;
+        served += latency_rows(fake_addr, router, path, label, body, rate, secs, &keys).await?;
+    }
+    cancel.cancel();
+    task.await??;
+
+    // Then as in one place: the ledger writer beside the router, on the same two cores.
+    // It settles the holds the budget tenant's requests place, as it does in production
+    // (without it open holds would pile up and every authorisation would sum them all).
+    s.roles = vec!["router".into(), "writer".into()];
+    let app = crate::app::App::build(s.clone()).await?;
+    let router = app
+        .router_addr
+        .ok_or_else(|| anyhow::anyhow!("no router"))?;
+    let cancel = app.cancel.clone();
+    let task = tokio::spawn(app.run_until_stopped());
+    // the first phase's events are in the ledger before anything is measured
+    recorded(&pool, served).await?;
+    println!("    the router with the ledger writer beside it:");
+    for (label, body) in [("plain", plain), ("streamed", streamed)] {
+        served += warm_up(fake_addr, router, path, body, &keys).await?;
+        served += latency_rows(fake_addr, router, path, label, body, rate, secs, &keys).await?;
         let (direct, _, dcpu) =
             throughput(fake_addr, request(path, "x", body), conns, secs).await?;
         println!(
             "    {label:<8} direct to the fake      {direct:>8.0} requests/s{}",
             cpu_note(dcpu, None)
         );
-        for (who, key) in [("no budget", &free_key), ("blocking budget", &budget_key)] {
+        for (who, key) in keys {
             let (r, n, cpu) = throughput(router, request(path, key, body), conns, secs).await?;
             served += n;
             println!(
@@ -276,17 +281,7 @@ pub async fn router_overhead(s0: &Settings, a: &BenchArgs) -> anyhow::Result<()>
         }
     }
     // the ledger takes every request the router served, once
-    let t = Instant::now();
-    let mut events: i64 = 0;
-    while t.elapsed() < Duration::from_secs(120) {
-        events = sqlx::query_scalar("select count(*) from events")
-            .fetch_one(&pool)
-            .await?;
-        if events >= served as i64 {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
+    let events = recorded(&pool, served).await?;
     cancel.cancel();
     task.await??;
     let spooled: i64 = sqlx::query_scalar("select count(*) from router_spool")
@@ -297,4 +292,69 @@ pub async fn router_overhead(s0: &Settings, a: &BenchArgs) -> anyhow::Result<()>
     );
     let _ = std::fs::remove_file(cfg);
     Ok(())
+}
+
+/// Warm up connections and caches, and for the budget tenant its first lease (the first
+/// request of a tenant after start is decided exactly, in a transaction, and the requests
+/// arriving meanwhile wait for it: a one-off per tenant and process, not the steady state
+/// measured). Returns the requests the router served.
+async fn warm_up(
+    fake: SocketAddr,
+    router: SocketAddr,
+    path: &str,
+    body: &str,
+    keys: &[(&str, &String); 2],
+) -> anyhow::Result<u64> {
+    throughput(fake, request(path, "x", body), 4, 1).await?;
+    let mut served = 0;
+    for (_, key) in keys {
+        served += throughput(router, request(path, key, body), 4, 1).await?.1;
+    }
+    Ok(served)
+}
+
+/// Latency direct to the fake, then through the router for each key, printed; returns the
+/// requests the router served.
+#[allow(clippy::too_many_arguments)]
+async fn latency_rows(
+    fake: SocketAddr,
+    router: SocketAddr,
+    path: &str,
+    label: &str,
+    body: &str,
+    rate: u64,
+    secs: u64,
+    keys: &[(&str, &String); 2],
+) -> anyhow::Result<u64> {
+    let direct = latencies(fake, request(path, "x", body), rate, secs).await?;
+    let (d50, d99) = (pct(&direct, 0.5), pct(&direct, 0.99));
+    println!("    {label:<8} direct to the fake      p50 {d50:>6} µs  p99 {d99:>6} µs");
+    let mut served = 0;
+    for (who, key) in keys {
+        let v = latencies(router, request(path, key, body), rate, secs).await?;
+        served += v.len() as u64;
+        let (r50, r99) = (pct(&v, 0.5), pct(&v, 0.99));
+        println!(
+            "    {label:<8} router, {who:<16} p50 {r50:>6} µs  p99 {r99:>6} µs  added p50 {:>6} µs  p99 {:>6} µs",
+            r50 as i64 - d50 as i64,
+            r99 as i64 - d99 as i64
+        );
+    }
+    Ok(served)
+}
+
+/// Wait (up to two minutes) until the ledger holds `served` usage events; their count.
+async fn recorded(pool: &sqlx::PgPool, served: u64) -> anyhow::Result<i64> {
+    let t = Instant::now();
+    let mut events: i64 = 0;
+    while t.elapsed() < Duration::from_secs(120) {
+        events = sqlx::query_scalar("select count(*) from events")
+            .fetch_one(pool)
+            .await?;
+        if events >= served as i64 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    Ok(events)
 }
