@@ -234,12 +234,7 @@ pub async fn router_overhead(s0: &Settings, a: &BenchArgs) -> anyhow::Result<()>
     s.router_addr = "127.0.0.1:0".into();
     s.router_config = cfg.clone();
     s.roles = vec!["router".into()];
-    let app = crate::app::App::build(s.clone()).await?;
-    let router = app
-        .router_addr
-        .ok_or_else(|| anyhow::anyhow!("no router"))?;
-    let cancel = app.cancel.clone();
-    let task = tokio::spawn(app.run_until_stopped());
+    let (router, cancel, task) = start(&s).await?;
     println!("    the router alone (the ledger writer not running):");
     for (label, body) in [("plain", plain), ("streamed", streamed)] {
         served += warm_up(fake_addr, router, path, body, &keys).await?;
@@ -252,12 +247,7 @@ pub async fn router_overhead(s0: &Settings, a: &BenchArgs) -> anyhow::Result<()>
     // It settles the holds the budget tenant's requests place, as it does in production
     // (without it open holds would pile up and every authorisation would sum them all).
     s.roles = vec!["router".into(), "writer".into()];
-    let app = crate::app::App::build(s.clone()).await?;
-    let router = app
-        .router_addr
-        .ok_or_else(|| anyhow::anyhow!("no router"))?;
-    let cancel = app.cancel.clone();
-    let task = tokio::spawn(app.run_until_stopped());
+    let (router, cancel, task) = start(&s).await?;
     // the first phase's events are in the ledger before anything is measured
     recorded(&pool, served).await?;
     println!("    the router with the ledger writer beside it:");
@@ -357,4 +347,21 @@ async fn recorded(pool: &sqlx::PgPool, served: u64) -> anyhow::Result<i64> {
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
     Ok(events)
+}
+
+/// The service with `s.roles` in this process: the router's address, the token that stops
+/// it and its task.
+async fn start(
+    s: &Settings,
+) -> anyhow::Result<(
+    SocketAddr,
+    tokio_util::sync::CancellationToken,
+    tokio::task::JoinHandle<anyhow::Result<()>>,
+)> {
+    let app = crate::app::App::build(s.clone()).await?;
+    let router = app
+        .router_addr
+        .ok_or_else(|| anyhow::anyhow!("no router"))?;
+    let cancel = app.cancel.clone();
+    Ok((router, cancel, tokio::spawn(app.run_until_stopped())))
 }
