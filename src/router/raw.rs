@@ -41,12 +41,7 @@ impl<'a> RawObject<'a> {
 
     /// A string member (`None` when absent or not a string).
     pub fn string(&self, key: &str) -> Option<String> {
-        serde_json::from_str::<Value>(self.get(key)?.get())
-            .ok()
-            .and_then(|v| match v {
-                Value::String(s) => Some(s),
-                _ => None,
-            })
+        serde_json::from_str(self.get(key)?.get()).ok()
     }
 
     /// The object written back, `key`'s value replaced by `with` (in its place, or added
