@@ -45,6 +45,11 @@ pub struct BenchArgs {
     /// ratios: one pair says little on a machine whose speed moves within minutes.
     #[arg(long, default_value_t = 1)]
     pub pairs: usize,
+    /// Publish (c)'s and (d)'s events at this rate, events/s, instead of as fast as
+    /// JetStream acks them (0): below a pipeline's capacity it drains as it goes, where
+    /// flat out the slower pipeline also works off a growing backlog.
+    #[arg(long, default_value_t = 0)]
+    pub publish_rate: u64,
 }
 
 pub(crate) fn events(n: u64, tenants: usize, run: &str) -> Vec<Event> {
@@ -190,15 +195,17 @@ pub async fn run(s0: &Settings, a: BenchArgs) -> anyhow::Result<()> {
         "tokenledger bench: {n} events per measurement, batches of up to {}, {} writer tasks, {} tenants",
         s0.batch_max, s0.writers, a.tenants
     );
-    let rate_a = if only("a") {
-        Some(jetstream_alone(s0, &a).await?)
+    let (rate_a, cpu_a) = if only("a") {
+        let (r, c) = jetstream_alone(s0, &a).await?;
+        (Some(r), c)
     } else {
-        None
+        (None, None)
     };
-    let rate_b = if only("b") {
-        Some(plain_postgres(s0, &a).await?)
+    let (rate_b, cpu_b) = if only("b") {
+        let (r, c) = plain_postgres(s0, &a).await?;
+        (Some(r), c)
     } else {
-        None
+        (None, None)
     };
     let mut rate_d = None;
     let mut pairs = Vec::new();
@@ -231,6 +238,9 @@ pub async fn run(s0: &Settings, a: BenchArgs) -> anyhow::Result<()> {
             if let Some(base) = base {
                 println!("    ratio (d) / {name} = {:.2}", rate_d / base);
             }
+        }
+        if let (Some(fa), Some(fb), Some(c)) = (cpu_a, cpu_b, cpu_c) {
+            print_floor(fa, fb, c);
         }
         if let Some(c) = rate_c {
             pairs.push((c, rate_d));
@@ -287,7 +297,23 @@ pub async fn run(s0: &Settings, a: BenchArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
-async fn jetstream_alone(s0: &Settings, a: &BenchArgs) -> anyhow::Result<f64> {
+/// The floor under any pipeline that moves events through JetStream and writes the rows
+/// of (b): (a)'s CPU per event plus (b)'s, with no decoding, validation, rating, key
+/// lookup or locking at all. Both (c) and (d) keep the two cores busy, so their rates are
+/// about inverse to their CPU per event, and (c)'s CPU over the floor's is about the best
+/// ratio to (c) such a pipeline could reach on this machine.
+fn print_floor(a: CpuSplit, b: CpuSplit, c: CpuSplit) {
+    let floor = a.total() + b.total();
+    println!(
+        "    floor (a) + (b) = {floor:.0} µs CPU per event (JetStream {:.0}, rows {:.0}): \
+         at most {:.2} of (c) for any pipeline writing (b)'s rows",
+        a.total(),
+        b.total(),
+        c.total() / floor
+    );
+}
+
+async fn jetstream_alone(s0: &Settings, a: &BenchArgs) -> anyhow::Result<(f64, Option<CpuSplit>)> {
     let n = a.events;
     let (s, _pool, b) = fresh(s0, "a", 0).await?;
     let evs = events(n, a.tenants, "a");
@@ -309,14 +335,15 @@ async fn jetstream_alone(s0: &Settings, a: &BenchArgs) -> anyhow::Result<f64> {
         "(a) JetStream publish + consume:        {rate:>9.0} events/s{}",
         cpu_text(cpu)
     );
-    Ok(rate)
+    Ok((rate, cpu))
 }
 
 /// The rows of the pipeline, batched, on one connection.
-async fn plain_postgres(s0: &Settings, a: &BenchArgs) -> anyhow::Result<f64> {
+async fn plain_postgres(s0: &Settings, a: &BenchArgs) -> anyhow::Result<(f64, Option<CpuSplit>)> {
     let n = a.events;
     let (s, pool, b) = fresh(s0, "b", a.tenants).await?;
     let evs = events(n, a.tenants, "b");
+    let busy = CpuSplit::now();
     let t = Instant::now();
     let mut conn = pool.acquire().await?;
     for (chunk_no, chunk) in evs.chunks(s.batch_max).enumerate() {
@@ -344,10 +371,14 @@ async fn plain_postgres(s0: &Settings, a: &BenchArgs) -> anyhow::Result<f64> {
         tx.commit().await?;
     }
     let rate = n as f64 / t.elapsed().as_secs_f64();
+    let cpu = cpu_since(busy, n);
     drop(conn);
     b.delete_stream().await?;
-    println!("(b) plain Postgres, same rows, batched: {rate:>9.0} events/s");
-    Ok(rate)
+    println!(
+        "(b) plain Postgres, same rows, batched: {rate:>9.0} events/s{}",
+        cpu_text(cpu)
+    );
+    Ok((rate, cpu))
 }
 
 /// NATS -> one plain row per event -> ack.
@@ -364,7 +395,7 @@ async fn naive(s0: &Settings, a: &BenchArgs) -> anyhow::Result<(f64, Option<CpuS
     let evs = events(n, a.tenants, "c");
     let busy = CpuSplit::now();
     let t = Instant::now();
-    let p = publisher(b.clone(), s.clone(), evs, 0);
+    let p = publisher(b.clone(), s.clone(), evs, a.publish_rate);
     let mut src = b.batch_source(s.batch_max, s.batch_wait).await?;
     let mut done = 0;
     while done < n {
@@ -396,7 +427,7 @@ async fn real_pipeline(s0: &Settings, a: &BenchArgs) -> anyhow::Result<(f64, Opt
     let evs = events(n, a.tenants, "d");
     let busy = CpuSplit::now();
     let t = Instant::now();
-    let p = publisher(b.clone(), s.clone(), evs, 0);
+    let p = publisher(b.clone(), s.clone(), evs, a.publish_rate);
     let commits = real(&b, &s, &pool, n).await?;
     p.await??;
     let last = commits
