@@ -342,20 +342,25 @@ async fn plain_postgres(s0: &Settings, a: &BenchArgs) -> anyhow::Result<(f64, Op
     let n = a.events;
     let (s, pool, b) = fresh(s0, "b", a.tenants).await?;
     let evs = events(n, a.tenants, "b");
+    // the rows are built before the clock starts: (b) is what writing them costs
+    let chunks: Vec<PlainRows> = evs
+        .chunks(s.batch_max)
+        .enumerate()
+        .map(|(no, chunk)| plain_rows(chunk, no as i64 * s.batch_max as i64))
+        .collect::<anyhow::Result<_>>()?;
     let busy = CpuSplit::now();
     let t = Instant::now();
     let mut conn = pool.acquire().await?;
-    for (chunk_no, chunk) in evs.chunks(s.batch_max).enumerate() {
-        let (er, tr, pr) = plain_rows(chunk, chunk_no as i64 * s.batch_max as i64);
+    for r in &chunks {
         let mut tx = sqlx::Connection::begin(&mut *conn).await?;
-        let (cf, dl, heads) = (Default::default(), Default::default(), Default::default());
+        let (cf, dl) = (Default::default(), Default::default());
         let rows = store::Rows {
-            events: &er,
-            transfers: &tr,
+            events: &r.events,
+            transfers: &r.transfers,
             conflicts: &cf,
             dead: &dl,
-            proj: &pr,
-            heads: &heads,
+            proj: &r.proj,
+            heads: &r.heads,
             tiers: &Default::default(),
             budgets: &Default::default(),
             alerts: &Default::default(),
@@ -363,8 +368,8 @@ async fn plain_postgres(s0: &Settings, a: &BenchArgs) -> anyhow::Result<(f64, Op
             commitments: &Default::default(),
             reservations: &Default::default(),
             provider_minutes: &Default::default(),
-            provider_costs: &Default::default(),
-            accruals: &Default::default(),
+            provider_costs: &r.provider_costs,
+            accruals: &r.accruals,
         };
         store::append(&mut tx, rows).await?;
         tx.commit().await?;
@@ -546,55 +551,113 @@ static PLAIN_BREAKDOWN: std::sync::LazyLock<String> = std::sync::LazyLock::new(|
     r#"{"v":1,"tokens":[1234,200,0,800,0],"cost_rates":["2.5","1.25","2.5","10","10"],"price_rates":["3","1.5","3","12","12"],"long_context":false,"batch":false,"cost_batch_discount":"0","price_batch_discount":"0","markup_percent":"20","currency":"USD","cost_version_id":163,"price_version_id":null,"markup_rule_id":1}"#.to_string()
 });
 
-/// The rows the pipeline writes for these events, built without locks or rating.
-fn plain_rows(evs: &[Event], seq0: i64) -> (EventRows, TransferRows, Projections) {
-    let (mut er, mut tr, mut pr) = (
-        EventRows::default(),
-        TransferRows::default(),
-        Projections::default(),
-    );
+/// The rows the real pipeline writes for a batch of the benchmark's usage events (none of
+/// its tenants has tiers, budgets, commitments or reservations, and no provider terms
+/// count usage by the minute): each event's row, its price and cost transfers with the
+/// breakdown, the rollup, balance, tenant head, provider cost and invoice accrual upserts.
+struct PlainRows {
+    events: EventRows,
+    transfers: TransferRows,
+    proj: Projections,
+    heads: HashMap<String, i64>,
+    provider_costs: store::ProviderCosts,
+    accruals: crate::invoices::accrue::Accruals,
+}
+
+/// Build [`PlainRows`] without reading anything: one fixed set of rates (the bench's
+/// events carry their own token counts), no locks, no lookups.
+fn plain_rows(evs: &[Event], seq0: i64) -> anyhow::Result<PlainRows> {
+    use crate::invoices::accrue::{accrue_event, Charged};
+    let template: pricing::Breakdown = serde_json::from_str(&PLAIN_BREAKDOWN)?;
+    let mut r = PlainRows {
+        events: EventRows::default(),
+        transfers: TransferRows::default(),
+        proj: Projections::default(),
+        heads: HashMap::new(),
+        provider_costs: Default::default(),
+        accruals: Default::default(),
+    };
+    let mut closed = std::collections::HashSet::new();
     for (i, ev) in evs.iter().enumerate() {
         let seq = seq0 + i as i64 + 1;
         let crate::events::EventData::Usage(u) = &ev.data else {
             continue;
         };
-        crate::ledger::writer::stage_event(&mut er, ev, seq);
-        let amount = rust_decimal::Decimal::new(12345, 7);
-        for (leg, (kind, d, c)) in [
-            ("usage_price", "receivable", "revenue"),
-            ("usage_cost", "cogs", "payable:x"),
+        crate::ledger::writer::stage_event(&mut r.events, ev, seq);
+        let mut b = template.clone();
+        b.tokens = [
+            u.uncached_input_tokens(),
+            u.cached_input_tokens,
+            u.cache_write_tokens,
+            u.plain_output_tokens(),
+            u.reasoning_tokens,
+        ];
+        let breakdown = serde_json::to_string(&b)?;
+        let rating = b.expand()?;
+        for (leg, (kind, d, c, amount)) in [
+            ("usage_price", "receivable", "revenue", rating.price),
+            ("usage_cost", "cogs", "payable:x", rating.cost),
         ]
         .into_iter()
         .enumerate()
         {
-            tr.tenant.push(u.tenant_id.clone());
-            tr.seq.push(seq);
-            tr.leg.push(leg as i16);
-            tr.kind.push(kind.into());
-            tr.debit.push(d.into());
-            tr.credit.push(c.into());
-            tr.amount.push(amount);
-            tr.currency.push("USD".into());
-            tr.cost_version.push(None);
-            tr.price_version.push(None);
-            tr.markup_rule.push(None);
-            tr.breakdown
-                .push((leg == 0).then(|| PLAIN_BREAKDOWN.clone()));
-            pr.add_transfer(&u.tenant_id, d, c, amount, "USD");
+            let t = &mut r.transfers;
+            t.tenant.push(u.tenant_id.clone());
+            t.seq.push(seq);
+            t.leg.push(leg as i16);
+            t.kind.push(kind.into());
+            t.debit.push(d.into());
+            t.credit.push(c.into());
+            t.amount.push(amount);
+            t.currency.push("USD".into());
+            t.cost_version.push(Some(rating.cost_version_id));
+            t.price_version.push(rating.price_version_id);
+            t.markup_rule.push(rating.markup_rule_id);
+            t.breakdown.push((leg == 0).then(|| breakdown.clone()));
+            r.proj.add_transfer(&u.tenant_id, d, c, amount, "USD");
         }
-        pr.add_usage(RatedUsage {
+        r.proj.add_usage(RatedUsage {
             tenant: &u.tenant_id,
             occurred_at: ev.time,
-            api_key_id: "",
+            api_key_id: u.api_key_id.as_deref().unwrap_or(""),
             provider: &u.provider,
             model: &u.model,
-            tokens: [u.input_tokens as i64, 0, 0, u.output_tokens as i64, 0],
-            price: amount,
-            cost: amount,
+            tokens: [
+                u.input_tokens as i64,
+                u.cached_input_tokens as i64,
+                u.cache_write_tokens as i64,
+                u.output_tokens as i64,
+                u.reasoning_tokens as i64,
+            ],
+            price: rating.price,
+            cost: rating.cost,
             currency: "USD",
         });
+        r.heads.insert(u.tenant_id.clone(), seq);
+        let k = (
+            u.provider.clone(),
+            u.model.clone(),
+            pricing::period_of(ev.time),
+            "USD".to_string(),
+            crate::ledger::lane(&u.tenant_id),
+        );
+        *r.provider_costs.entry(k).or_default() += rating.cost;
+        let charged = Charged::Usage {
+            provider: &u.provider,
+            model: &u.model,
+            rating: &rating,
+        };
+        accrue_event(
+            &mut r.accruals,
+            &mut closed,
+            &u.tenant_id,
+            &ev.id,
+            ev.time,
+            charged,
+            true,
+        );
     }
-    (er, tr, pr)
+    Ok(r)
 }
 
 /// CPU time (user + system, in seconds) of this process (every thread: publisher, writer,
