@@ -1082,3 +1082,68 @@ async fn the_official_openai_python_sdk_sees_exactly_what_the_billing_api_record
     s.app.rebuild_and_verify().await;
     s.app.stop().await;
 }
+
+#[tokio::test]
+async fn unknown_routes_wrong_methods_and_oversized_bodies_get_openai_errors() {
+    let s = setup(|_| {}).await;
+    let error_of = |r: reqwest::Response| async move {
+        assert_eq!(
+            r.headers()["content-type"],
+            "application/json",
+            "an OpenAI-shaped error, not plain text"
+        );
+        let v: Value = r.json().await.unwrap();
+        assert_eq!(v["error"]["type"], "invalid_request_error", "{v}");
+        assert!(v["error"]["message"].as_str().unwrap().len() > 5, "{v}");
+        v["error"]["code"].as_str().unwrap().to_string()
+    };
+    let r = s
+        .app
+        .http
+        .post(s.router("/v1/completions"))
+        .bearer_auth(&s.key)
+        .json(&json!({"model": "gpt-4o-mini", "prompt": "hi"}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 404);
+    assert_eq!(error_of(r).await, "unknown_url");
+    let r = s
+        .app
+        .http
+        .get(s.router("/v1/chat/completions"))
+        .bearer_auth(&s.key)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 405);
+    assert_eq!(error_of(r).await, "method_not_allowed");
+    // a body over the limit: refused before anything is authorised, routed or billed
+    let big = format!(
+        r#"{{"model":"gpt-4o-mini","messages":[{{"role":"user","content":"{}"}}]}}"#,
+        "x".repeat(tokenledger::router::MAX_BODY_BYTES)
+    );
+    let r = s
+        .app
+        .http
+        .post(s.router("/v1/chat/completions"))
+        .bearer_auth(&s.key)
+        .header("content-type", "application/json")
+        .body(big)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 413);
+    assert_eq!(error_of(r).await, "request_too_large");
+    assert_eq!(s.a.requests(), 0, "nothing reached the upstream");
+    // a body well over the old 2 MB default is served (inline images are this large)
+    let image = format!("data:image/png;base64,{}", "A".repeat(3 << 20));
+    let r = s
+        .chat(
+            json!({"model": "gpt-4o-mini", "messages": [{"role": "user", "content": [
+            {"type": "text", "text": "what is this?"},
+            {"type": "image_url", "image_url": {"url": image}}]}]}),
+        )
+        .await;
+    assert_eq!(r.status(), 200, "{}", r.text().await.unwrap());
+}

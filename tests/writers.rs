@@ -24,7 +24,13 @@ async fn poison_messages_are_dead_lettered_with_a_reason_and_not_redelivered() {
     let mut bad = usage("neg", "acme", "gpt-4o", 10, 10);
     bad["data"]["input_tokens"] = serde_json::json!(-3);
     let good_for_acme = parsed(vec![usage("misrouted", "acme", "gpt-4o", 1, 1)]).remove(0);
+    // U+0000 cannot go into Postgres text or jsonb: neither a tag holding it nor a
+    // rejection quoting it may fail the batch (it would on every redelivery)
+    let mut nul_tag = usage("nul-tag", "acme", "gpt-4o", 10, 10);
+    nul_tag["data"]["tags"] = serde_json::json!({"project": "a\u{0}b"});
     for (subject, payload, id) in [
+        (acme.clone(), br#"{"\u0000":1}"#.to_vec(), "p4"),
+        (acme.clone(), nul_tag.to_string().into_bytes(), "p5"),
         (acme.clone(), b"not json at all".to_vec(), "p1"),
         (acme.clone(), bad.to_string().into_bytes(), "p2"),
         (
@@ -39,13 +45,18 @@ async fn poison_messages_are_dead_lettered_with_a_reason_and_not_redelivered() {
             .await
             .unwrap();
     }
-    app.wait_count("select count(*) from dead_letters", 3).await;
+    app.wait_count("select count(*) from dead_letters", 5).await;
     app.drain().await;
-    let rows: Vec<(String, String)> =
+    let mut rows: Vec<(String, String)> =
         sqlx::query_as("select reason, detail from dead_letters order by id")
             .fetch_all(&app.owner)
             .await
             .unwrap();
+    assert_eq!(rows[0].0, "invalid_event");
+    assert!(rows[0].1.contains("\\u0000"), "{}", rows[0].1);
+    assert_eq!(rows[1].0, "invalid_event");
+    assert!(rows[1].1.contains("data.tags"), "{}", rows[1].1);
+    rows.drain(..2);
     assert_eq!(rows[0].0, "invalid_event");
     assert!(rows[0].1.contains("not valid JSON"), "{}", rows[0].1);
     assert_eq!(rows[1].0, "invalid_event");
@@ -59,7 +70,7 @@ async fn poison_messages_are_dead_lettered_with_a_reason_and_not_redelivered() {
     assert_eq!(rows[2].0, "subject_mismatch");
     // terminated, not redelivered: nothing more arrives after the ack wait
     tokio::time::sleep(app.settings.ack_wait + Duration::from_secs(1)).await;
-    assert_eq!(app.count("select count(*) from dead_letters").await, 3);
+    assert_eq!(app.count("select count(*) from dead_letters").await, 5);
     assert_eq!(app.count(EVENTS).await, 0);
 }
 

@@ -9,7 +9,7 @@ use std::collections::BTreeMap;
 use chrono::{DateTime, Utc};
 use serde::Deserialize;
 
-use super::validate::{check_time, limits, string_problem};
+use super::validate::{check_time, limits, printable, string_problem, RESERVED_ID_PREFIXES};
 use super::{
     valid_tenant_id, Event, EventData, Status, UsageData, MAX_LATENCY_MS, MAX_TOKENS, SPEC_VERSION,
     USAGE_V1,
@@ -85,6 +85,7 @@ pub fn parse_usage(bytes: &[u8], now: DateTime<Utc>) -> Option<Event> {
     let envelope_ok = e.specversion == SPEC_VERSION
         && e.type_ == USAGE_V1
         && ok(&e.id, limits::ID)
+        && !RESERVED_ID_PREFIXES.iter().any(|p| e.id.starts_with(p))
         && ok(&e.source, limits::SOURCE)
         && ok(&e.time, limits::TIME)
         && e.datacontenttype
@@ -133,10 +134,14 @@ fn usage(d: Usage) -> Option<UsageData> {
     let lists_ok = fallback_from.len() <= limits::FALLBACKS
         && fallback_from
             .iter()
-            .all(|f| !f.is_empty() && f.len() <= limits::FALLBACK_BYTES)
+            .all(|f| !f.is_empty() && f.len() <= limits::FALLBACK_BYTES && printable(f))
         && tags.len() <= limits::TAGS
         && tags.iter().all(|(k, v)| {
-            !k.is_empty() && k.len() <= limits::TAG_KEY_BYTES && v.len() <= limits::TAG_VALUE_BYTES
+            !k.is_empty()
+                && k.len() <= limits::TAG_KEY_BYTES
+                && v.len() <= limits::TAG_VALUE_BYTES
+                && printable(k)
+                && printable(v)
         });
     let estimated = d.estimated.unwrap_or(false);
     if !(strings_ok && counts_ok && lists_ok && estimated == d.estimate_method.is_some()) {

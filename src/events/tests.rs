@@ -192,6 +192,12 @@ fn fast_path_agrees_with_the_full_parser_on_every_rule() {
         ("data.batch", json!(null)),
         ("data.region", json!("")),
         ("data.model", json!(null)),
+        ("data.tags", json!({"k": "a\u{0}"})),
+        ("data.tags", json!({"a\u{0}": "v"})),
+        ("data.tags", json!({"k": "line\nbreak"})),
+        ("data.fallback_from", json!(["gpt\u{0}"])),
+        ("id", json!("period-close:2026-11")),
+        ("id", json!("evaluation-tick:2026-11-24T11")),
     ];
     for (path, value) in edits {
         let mut v = good();
@@ -209,4 +215,25 @@ fn fast_path_agrees_with_the_full_parser_on_every_rule() {
         parse_bytes(dup, now()),
         validate::parse_bytes_slow(dup, now())
     );
+}
+
+#[test]
+fn reserved_ids_and_control_characters_in_tags_and_fallbacks_are_rejected_on_both_paths() {
+    for (path, value, code) in [
+        ("data.tags", json!({"k": "a\u{0}"}), "invalid_tag"),
+        ("data.tags", json!({"a\u{0}": "v"}), "invalid_tag"),
+        ("data.tags", json!({"k": "\u{85}"}), "invalid_tag"),
+        ("data.fallback_from", json!(["gpt\u{0}"]), "invalid_item"),
+        ("id", json!("period-close:2026-11"), "reserved"),
+    ] {
+        let mut v = good();
+        match path.split_once('.') {
+            Some((a, b)) => v[a][b] = value,
+            None => v[path] = value,
+        }
+        assert!(codes(v.clone()).contains(&code), "{v}");
+        let bytes = serde_json::to_vec(&v).unwrap();
+        assert!(super::fast::parse_usage(&bytes, now()).is_none(), "{v}");
+        assert!(parse_bytes(&bytes, now()).is_err(), "{v}");
+    }
 }

@@ -62,7 +62,7 @@ pub(crate) fn string_problem(s: &str, max: usize) -> Option<(&'static str, Strin
         Some(("empty", "must not be empty".into()))
     } else if s.chars().count() > max {
         Some(("too_long", format!("must be at most {max} characters")))
-    } else if s.chars().any(|c| c.is_control()) {
+    } else if !printable(s) {
         Some((
             "not_printable",
             "must not contain control characters".into(),
@@ -70,6 +70,14 @@ pub(crate) fn string_problem(s: &str, max: usize) -> Option<(&'static str, Strin
     } else {
         None
     }
+}
+
+/// No control characters (U+0000–U+001F, U+007F–U+009F): the rule every string of the
+/// contract keeps, tags and fallback models included. Postgres cannot hold U+0000 in
+/// `text` or `jsonb`, so one such string reaching a conflict or dead-letter row would fail
+/// its whole batch again on every redelivery.
+pub(crate) fn printable(s: &str) -> bool {
+    !s.chars().any(char::is_control)
 }
 
 /// A `time` attribute: RFC 3339, at most `MAX_FUTURE_SECS` ahead of `now`.
@@ -218,11 +226,19 @@ impl Fields<'_> {
                 let mut out = Vec::with_capacity(items.len());
                 for item in items {
                     match item {
-                        Value::String(s) if !s.is_empty() && s.len() <= limits::FALLBACK_BYTES => {
+                        Value::String(s)
+                            if !s.is_empty()
+                                && s.len() <= limits::FALLBACK_BYTES
+                                && printable(&s) =>
+                        {
                             out.push(s)
                         }
                         _ => {
-                            self.fail(key, "invalid_item", "items must be non-empty strings");
+                            self.fail(
+                                key,
+                                "invalid_item",
+                                "items must be non-empty strings without control characters",
+                            );
                             return vec![];
                         }
                     }
@@ -251,7 +267,9 @@ impl Fields<'_> {
                         Value::String(s)
                             if !k.is_empty()
                                 && k.len() <= limits::TAG_KEY_BYTES
-                                && s.len() <= limits::TAG_VALUE_BYTES =>
+                                && s.len() <= limits::TAG_VALUE_BYTES
+                                && printable(&k)
+                                && printable(&s) =>
                         {
                             out.insert(k, s);
                         }
@@ -259,7 +277,8 @@ impl Fields<'_> {
                             self.fail(
                                 key,
                                 "invalid_tag",
-                                "tags map non-empty keys (<= 64 bytes) to strings (<= 256 bytes)",
+                                "tags map non-empty keys (<= 64 bytes) to strings (<= 256 bytes), \
+                                 neither with control characters",
                             );
                             return BTreeMap::new();
                         }

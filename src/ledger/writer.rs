@@ -688,12 +688,24 @@ fn dead(
     id: Option<String>,
 ) {
     d.reason.push(reason.into());
-    d.detail.push(detail);
-    d.subject.push(m.subject.clone());
+    // the detail may quote the message (a field's name) and a subject is the publisher's:
+    // Postgres `text` cannot hold U+0000, which would fail the batch on every redelivery
+    d.detail.push(without_nul(detail));
+    d.subject.push(without_nul(m.subject.to_string()));
     d.tenant.push(ev.map(|e| e.tenant_id().to_string()));
-    d.event_id.push(ev.map(|e| e.id.clone()).or(id));
+    d.event_id
+        .push(ev.map(|e| e.id.clone()).or(id).map(without_nul));
     d.stream_seq.push(m.stream_seq.map(|s| s as i64));
     d.payload.push(m.payload.to_vec());
+}
+
+/// `s` with each U+0000 written as the six characters `\u0000`.
+fn without_nul(s: String) -> String {
+    if s.contains('\0') {
+        s.replace('\0', "\\u0000")
+    } else {
+        s
+    }
 }
 
 fn conflict(c: &mut ConflictRows, ev: &Event, kind: &str, existing: &str) {

@@ -133,6 +133,8 @@ fn app(inner: Arc<Inner>) -> Router {
         .route("/fake/behavior", post(set_behavior))
         .route("/fake/stats", get(stats))
         .route("/fake/webhooks", post(webhook).get(webhooks))
+        // like a real provider, it takes inline images and audio (MBs of base64)
+        .layer(axum::extract::DefaultBodyLimit::max(64 << 20))
         .with_state(inner)
 }
 

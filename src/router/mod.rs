@@ -202,13 +202,55 @@ impl RouterState {
     }
 }
 
+/// The largest request body the router takes (images and audio travel inline as base64).
+pub const MAX_BODY_BYTES: usize = 32 << 20;
+
 pub fn routes(st: RouterState) -> Router {
     Router::new()
         .route("/v1/chat/completions", post(chat_completions))
         .route("/v1/embeddings", post(embeddings))
         .route("/v1/models", get(models))
         .route("/healthz", get(|| async { "ok" }))
+        // what the router does not serve is answered in OpenAI's error shape too
+        .fallback(
+            |method: axum::http::Method, uri: axum::http::Uri| async move {
+                oai_error(
+                    StatusCode::NOT_FOUND,
+                    "invalid_request_error",
+                    "unknown_url",
+                    format!("Invalid URL ({method} {})", uri.path()),
+                )
+            },
+        )
+        .method_not_allowed_fallback(
+            |method: axum::http::Method, uri: axum::http::Uri| async move {
+                oai_error(
+                    StatusCode::METHOD_NOT_ALLOWED,
+                    "invalid_request_error",
+                    "method_not_allowed",
+                    format!("{method} is not allowed on {}", uri.path()),
+                )
+            },
+        )
+        .layer(axum::extract::DefaultBodyLimit::max(MAX_BODY_BYTES))
         .with_state(st)
+}
+
+/// A body that could not be read (too large, or cut off), in OpenAI's error shape.
+fn body_error(e: axum::extract::rejection::BytesRejection) -> Response {
+    let status = e.status();
+    let (code, message) = if status == StatusCode::PAYLOAD_TOO_LARGE {
+        (
+            "request_too_large",
+            format!("the request body is larger than {MAX_BODY_BYTES} bytes"),
+        )
+    } else {
+        (
+            "invalid_body",
+            format!("the request body could not be read: {}", e.body_text()),
+        )
+    };
+    oai_error(status, "invalid_request_error", code, message)
 }
 
 /// Keep a local copy of every routing decision: the last value of each key, then every
@@ -590,16 +632,24 @@ impl Endpoint {
     }
 }
 
+type Body_ = Result<Bytes, axum::extract::rejection::BytesRejection>;
+
 async fn chat_completions(
     State(st): State<RouterState>,
     headers: HeaderMap,
-    body: Bytes,
+    body: Body_,
 ) -> Response {
-    handle(st, headers, body, Endpoint::Chat).await
+    match body {
+        Ok(body) => handle(st, headers, body, Endpoint::Chat).await,
+        Err(e) => body_error(e),
+    }
 }
 
-async fn embeddings(State(st): State<RouterState>, headers: HeaderMap, body: Bytes) -> Response {
-    handle(st, headers, body, Endpoint::Embeddings).await
+async fn embeddings(State(st): State<RouterState>, headers: HeaderMap, body: Body_) -> Response {
+    match body {
+        Ok(body) => handle(st, headers, body, Endpoint::Embeddings).await,
+        Err(e) => body_error(e),
+    }
 }
 
 async fn models(State(st): State<RouterState>, headers: HeaderMap) -> Response {
@@ -799,7 +849,15 @@ enum Failure {
     Final(Response, String),
 }
 
+/// The longest an upstream's Retry-After cools its provider down: a larger (or absurd)
+/// value is taken as this, so that `now + d` cannot overflow an `Instant`.
+const MAX_COOLDOWN: Duration = Duration::from_secs(3600);
+
 fn retry_after(h: &HeaderMap) -> Option<Duration> {
+    retry_after_uncapped(h).map(|d| d.min(MAX_COOLDOWN))
+}
+
+fn retry_after_uncapped(h: &HeaderMap) -> Option<Duration> {
     if let Some(ms) = h
         .get("retry-after-ms")
         .and_then(|v| v.to_str().ok())
@@ -1567,6 +1625,19 @@ mod tests {
         assert_eq!(event_end(b"data: x\r\n\r"), None);
         assert_eq!(event_end(b"data: x\n\r\n\r\n"), Some((8, 12)));
         assert_eq!(event_end(b""), None);
+    }
+
+    #[test]
+    fn an_absurd_retry_after_is_capped() {
+        let mut h = HeaderMap::new();
+        h.insert(
+            header::RETRY_AFTER,
+            HeaderValue::from_static("18446744073709551615"),
+        );
+        assert_eq!(retry_after(&h), Some(MAX_COOLDOWN));
+        let _ = Instant::now() + retry_after(&h).unwrap();
+        h.insert("retry-after-ms", HeaderValue::from_static("1e300"));
+        assert_eq!(retry_after(&h), Some(MAX_COOLDOWN));
     }
 
     #[test]
