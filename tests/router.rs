@@ -1147,3 +1147,52 @@ async fn unknown_routes_wrong_methods_and_oversized_bodies_get_openai_errors() {
         .await;
     assert_eq!(r.status(), 200, "{}", r.text().await.unwrap());
 }
+
+#[tokio::test]
+async fn a_round_nats_does_not_take_is_spooled_within_its_two_deadlines() {
+    use tokenledger::router::publish::{self, Outgoing};
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let dir = std::env::temp_dir().join(format!("tl-nats-{}", uuid::Uuid::new_v4()));
+    let mut nats = OwnNats::start(port, &dir);
+    nats.wait_up().await;
+    let mut st = fresh_settings().await;
+    st.nats_url = format!("nats://127.0.0.1:{port}");
+    st.roles = vec!["api".into()];
+    let mut app = TestApp::start(st.clone()).await;
+    let bus = tokenledger::bus::connect(&st).await.unwrap();
+    let cancel = tokio_util::sync::CancellationToken::new();
+    let publisher = publish::start(
+        bus.js.clone(),
+        app.pool.clone(),
+        tokenledger::telemetry::Metrics::default(),
+        Duration::from_millis(5),
+        cancel.clone(),
+    );
+    nats.stop();
+    const N: i64 = 64;
+    for i in 0..N {
+        let ev = tokenledger::events::parse(
+            usage(&format!("down-{i}"), "acme", "gpt-4o-mini", 10, 5),
+            chrono::Utc::now(),
+        )
+        .unwrap();
+        publisher.publish(Outgoing::of(&ev, &st));
+    }
+    // each ack waited out on its own would take N × 2 s (128 s) before the spool
+    tokio::time::timeout(Duration::from_secs(60), publisher.flush())
+        .await
+        .expect("the round was spooled after its deadlines, not one per event");
+    assert_eq!(app.count("select count(*) from router_spool").await, N);
+    // NATS back: the re-drive publishes the spool and empties it
+    let mut nats = OwnNats::start(port, &dir);
+    nats.wait_up().await;
+    app.wait_count("select count(*) from router_spool", 0).await;
+    assert_eq!(app.stream_messages().await, N as u64);
+    cancel.cancel();
+    app.stop().await;
+    nats.stop();
+}

@@ -99,18 +99,23 @@ pub fn start(
 }
 
 /// Publish messages pipelined (all sent, then every ack awaited); which were acknowledged.
+/// The round shares one deadline for its sends and one for its acks, so while NATS is
+/// down a whole round is given up (and spooled) after at most twice `ACK_TIMEOUT`, not
+/// after that long per event.
 async fn publish_all(js: &jetstream::Context, msgs: &[Outgoing]) -> Vec<bool> {
     let mut acks = Vec::with_capacity(msgs.len());
+    let sent_by = tokio::time::Instant::now() + ACK_TIMEOUT;
     for o in msgs {
         let msg = jetstream::message::PublishMessage::build()
             .payload(o.payload.clone())
             .message_id(&o.msg_id);
-        acks.push(tokio::time::timeout(ACK_TIMEOUT, js.send_publish(o.subject.clone(), msg)).await);
+        acks.push(tokio::time::timeout_at(sent_by, js.send_publish(o.subject.clone(), msg)).await);
     }
+    let acked_by = tokio::time::Instant::now() + ACK_TIMEOUT;
     let mut out = Vec::with_capacity(msgs.len());
     for sent in acks {
         out.push(match sent {
-            Ok(Ok(ack)) => matches!(tokio::time::timeout(ACK_TIMEOUT, ack).await, Ok(Ok(_))),
+            Ok(Ok(ack)) => matches!(tokio::time::timeout_at(acked_by, ack).await, Ok(Ok(_))),
             _ => false,
         });
     }
