@@ -461,6 +461,34 @@ async fn cancelled_and_cut_off_streams_are_billed_with_estimated_tokens_not_zero
     );
     assert_eq!(billed["output_tokens"], v["usage"]["completion_tokens"]);
     assert!(billed["output_tokens"].as_u64().unwrap() >= 12);
+
+    // a stream without usage whose client asked for it: the estimate comes as OpenAI's
+    // last chunk (empty choices, usage) before [DONE], and is what the ledger bills
+    let r = s
+        .chat(
+            json!({"model": "claude-haiku-4-5", "messages": msg, "stream": true,
+            "stream_options": {"include_usage": true}}),
+        )
+        .await;
+    let id = request_id(&r);
+    let data = sse(r).await;
+    assert_eq!(data.last().unwrap(), "[DONE]");
+    let last: Value = serde_json::from_str(&data[data.len() - 2]).unwrap();
+    assert_eq!(last["object"], "chat.completion.chunk", "{last}");
+    assert_eq!(last["choices"], json!([]), "{last}");
+    assert_eq!(last["usage"]["estimated"], true, "{last}");
+    let billed = s.billed(&id).await;
+    assert_eq!(billed["event"]["data"]["estimated"], true);
+    assert_eq!(billed["output_tokens"], last["usage"]["completion_tokens"]);
+    assert_eq!(billed["input_tokens"], last["usage"]["prompt_tokens"]);
+    assert_eq!(dec(&billed["price_amount"]), dec(&last["usage"]["cost"]));
+    assert!(billed["output_tokens"].as_u64().unwrap() >= 12);
+    // not asked for: no usage chunk is made up
+    let r = s
+        .chat(json!({"model": "claude-haiku-4-5", "messages": msg, "stream": true}))
+        .await;
+    let data = sse(r).await;
+    assert!(data.iter().all(|d| !d.contains("\"usage\"")), "{data:?}");
     s.app.rebuild_and_verify().await;
     s.app.stop().await;
 }

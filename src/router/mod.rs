@@ -1373,27 +1373,60 @@ impl Job {
         drop(tx);
         let m = match seen.reported {
             Some(n) => Measured::Reported(n),
-            None => {
-                // no usage came: count what the client was sent
-                let mut produced = Produced::default();
-                for d in &seen.data {
-                    if let Ok(v) = serde_json::from_slice::<Value>(d) {
-                        for ch in v
-                            .get("choices")
-                            .and_then(Value::as_array)
-                            .into_iter()
-                            .flatten()
-                        {
-                            if let Some(d) = ch.get("delta") {
-                                produced.add(d);
-                            }
-                        }
-                    }
-                }
-                self.estimate(c, &produced)
-            }
+            None => self.estimate_stream(c, &seen),
         };
         self.record(p, c, m, seen.provider_id, fallback_from, status);
+    }
+
+    /// No usage came in the stream: count what the client was sent.
+    fn estimate_stream(&self, c: &Candidate, seen: &StreamSeen) -> Measured {
+        let mut produced = Produced::default();
+        for d in &seen.data {
+            if let Ok(v) = serde_json::from_slice::<Value>(d) {
+                for ch in v
+                    .get("choices")
+                    .and_then(Value::as_array)
+                    .into_iter()
+                    .flatten()
+                {
+                    if let Some(d) = ch.get("delta") {
+                        produced.add(d);
+                    }
+                }
+            }
+        }
+        self.estimate(c, &produced)
+    }
+
+    /// The chunk OpenAI sends last when `include_usage` is asked for (empty `choices`,
+    /// the request's `usage`), here with the router's estimate, its `cost` and
+    /// `"estimated": true`: for a stream whose upstream sent no usage.
+    fn estimated_usage_chunk(
+        &self,
+        p: &Provider,
+        c: &Candidate,
+        seen: &StreamSeen,
+        fallback_from: &[String],
+    ) -> Vec<u8> {
+        let m = self.estimate_stream(c, seen);
+        let mut usage = match &m {
+            Measured::Estimated(n, _) | Measured::Reported(n) => usage_object(n, self.endpoint),
+        };
+        if let Some(u) = usage.as_object_mut() {
+            if let Some(cost) = self.cost(p, c, &m, fallback_from) {
+                u.insert("cost".into(), decimal_number(cost));
+            }
+            u.insert("estimated".into(), Value::Bool(true));
+        }
+        let chunk = json!({
+            "id": seen.provider_id,
+            "object": "chat.completion.chunk",
+            "created": Utc::now().timestamp(),
+            "model": c.model,
+            "choices": [],
+            "usage": usage,
+        });
+        format!("data: {chunk}\n\n").into_bytes()
     }
 
     /// Handle one SSE event from the upstream, appending what the client gets to `out`.
@@ -1433,6 +1466,10 @@ impl Job {
         }
         if data.trim_ascii() == b"[DONE]" {
             seen.done = true;
+            if self.client_wants_usage && seen.reported.is_none() {
+                // asked for, never sent: the estimate goes last before [DONE], as usage would
+                out.extend_from_slice(&self.estimated_usage_chunk(p, c, seen, fallback_from));
+            }
             return pass(out);
         }
         let mentions_usage = FIND_USAGE.find(&data).is_some();
