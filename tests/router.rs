@@ -323,6 +323,16 @@ async fn fallback_on_500_429_and_timeout_reaches_the_next_candidate_and_records_
         billed["event"]["data"]["fallback_from"],
         json!(["openai/gpt-4o"])
     );
+    // an upstream refusing the router's key is the gateway's fault, not the client's: 502,
+    // without the upstream's body (it quotes part of the operator's key)
+    s.b.fail_next(Mode::Fail401, 1);
+    let r = s
+        .chat(json!({"model": "anthropic/claude-haiku-4-5", "messages": msg}))
+        .await;
+    assert_eq!(r.status(), 502);
+    let v: Value = r.json().await.unwrap();
+    assert_eq!(v["error"]["code"], "upstream_unavailable");
+    assert!(!v.to_string().contains("sk-fake"), "{v}");
     // a short Retry-After on the last candidate is waited out and retried once
     s.b.set(Behavior {
         mode: Mode::Fail429,
@@ -344,6 +354,7 @@ async fn fallback_on_500_429_and_timeout_reaches_the_next_candidate_and_records_
         (Mode::Fail500, 0),
         (Mode::Stall, 0),
         (Mode::Redirect, 0),
+        (Mode::Fail401, 0),
         (Mode::Fail429, 30),
     ] {
         s.a.set(Behavior {

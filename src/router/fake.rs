@@ -44,6 +44,8 @@ pub enum Mode {
     CutStream,
     /// Answer 307 Temporary Redirect to this same endpoint (which would answer normally).
     Redirect,
+    /// Refuse the router's own API key, as OpenAI does (401 `invalid_api_key`).
+    Fail401,
 }
 
 #[derive(Clone, Debug, Deserialize, Serialize)]
@@ -228,6 +230,11 @@ async fn misbehave(b: &Behavior, path: &str) -> Option<Response> {
         Mode::Fail500 => Some(error(
             StatusCode::INTERNAL_SERVER_ERROR,
             "fake upstream: injected failure",
+            0,
+        )),
+        Mode::Fail401 => Some(error(
+            StatusCode::UNAUTHORIZED,
+            "Incorrect API key provided: sk-fake...abcd",
             0,
         )),
         Mode::Fail429 => Some(error(

@@ -1020,6 +1020,21 @@ impl Job {
         if status == StatusCode::TOO_MANY_REQUESTS || status.is_server_error() {
             return Err(Failure::Retryable(format!("HTTP {}", status.as_u16()), ra));
         }
+        if matches!(
+            status,
+            StatusCode::UNAUTHORIZED | StatusCode::FORBIDDEN | StatusCode::NOT_FOUND
+        ) {
+            // the router's own credentials or model mapping for this upstream, not the
+            // client's request: passed through, the client's SDK would take it for its own
+            // key being refused (and see part of ours); the next candidate may serve it
+            return Err(Failure::Retryable(
+                format!(
+                    "HTTP {} (the upstream refused the router's key or model)",
+                    status.as_u16()
+                ),
+                None,
+            ));
+        }
         if status.is_redirection() {
             // not followed (see `Upstreams::from_config`): this upstream cannot serve it
             return Err(Failure::Retryable(
