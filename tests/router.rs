@@ -634,11 +634,17 @@ async fn a_denied_budget_answers_402_records_the_denial_and_no_usage() {
         "{v}"
     );
     assert_eq!(s.a.requests(), calls);
+    // eight choices of 20 tokens each may produce 160: the hold covers all of them
+    let r = s
+        .chat(json!({"model": "gpt-4o-mini", "messages": msg, "max_tokens": 20, "n": 8}))
+        .await;
+    assert_eq!(r.status(), 402, "{}", r.text().await.unwrap());
+    assert_eq!(s.a.requests(), calls);
     assert_eq!(
         s.app
             .count("select count(*) from authorizations where decision = 'deny'")
             .await,
-        1
+        2
     );
     s.app.drain().await;
     assert_eq!(s.app.count("select count(*) from events").await, 1);

@@ -739,12 +739,15 @@ async fn handle(st: RouterState, headers: HeaderMap, body: Bytes, endpoint: Endp
         // count decides. Only for short prompts: a long one's bound would hold several
         // times its tokens' worth of headroom until its usage settles
         let bound = endpoint.input_bound(counter, &body);
+        // `n` choices may each produce up to max_tokens: the hold covers all of them
+        let choices = body.get("n").and_then(Value::as_u64).unwrap_or(1).max(1);
         let max_tokens = match endpoint {
             Endpoint::Embeddings => Some(0),
             Endpoint::Chat => body
                 .get("max_completion_tokens")
                 .or_else(|| body.get("max_tokens"))
-                .and_then(Value::as_u64),
+                .and_then(Value::as_u64)
+                .map(|m| m.saturating_mul(choices).min(crate::events::MAX_TOKENS)),
         };
         let mut req = AuthRequest {
             tenant_id: None,
