@@ -395,6 +395,36 @@ async fn bad_input_gets_a_clear_error_and_changes_nothing() {
     let r = app.get(&key, "/v1/nothing-here").await;
     assert_eq!(r.status(), 404);
     assert_eq!(r.headers()["content-type"], "application/problem+json");
+    // the framework's own rejections too: a path parameter of the wrong type, a body over
+    // its route's limit, a missing or wrong key (which names its scheme)
+    let problem = |r: reqwest::Response, status: u16| async move {
+        assert_eq!(r.status(), status);
+        assert_eq!(r.headers()["content-type"], "application/problem+json");
+        let v: Value = r.json().await.unwrap();
+        assert_eq!(v["status"], status, "{v}");
+        assert!(!v["detail"].as_str().unwrap().is_empty(), "{v}");
+        v
+    };
+    let admin = app.settings.admin_token.clone();
+    problem(
+        app.get(&admin, "/v1/admin/reconciliations/not-a-number")
+            .await,
+        400,
+    )
+    .await;
+    let r = app
+        .http
+        .post(app.url("/v1/admin/prices"))
+        .bearer_auth(&admin)
+        .header("content-type", "application/json")
+        .body(vec![b' '; 200 * 1024])
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(problem(r, 413).await["code"], "body_too_large");
+    let r = app.get("wrong", "/v1/balances").await;
+    assert_eq!(r.headers()["www-authenticate"], "Bearer");
+    problem(r, 401).await;
 }
 
 #[tokio::test]

@@ -66,13 +66,52 @@ impl IntoResponse for ApiError {
         if let Some(e) = self.errors {
             body["errors"] = e;
         }
-        (
+        let mut r = (
             self.status,
             [(header::CONTENT_TYPE, "application/problem+json")],
             body.to_string(),
         )
-            .into_response()
+            .into_response();
+        if self.status == StatusCode::UNAUTHORIZED {
+            // RFC 9110 §11.6.1: a 401 names the scheme it wants
+            r.headers_mut().insert(
+                header::WWW_AUTHENTICATE,
+                axum::http::HeaderValue::from_static("Bearer"),
+            );
+        }
+        r
     }
+}
+
+/// Every error the API answers is problem+json: the framework's own rejections (a path
+/// parameter of the wrong type, a body over its route's limit or cut off, a query string
+/// that does not parse) come as plain text and are rewritten here, their text the detail.
+pub async fn problem_json_errors(r: Response) -> Response {
+    let status = r.status();
+    let is_problem = r
+        .headers()
+        .get(header::CONTENT_TYPE)
+        .is_some_and(|c| c.as_bytes().starts_with(b"application/problem+json"));
+    if !(status.is_client_error() || status.is_server_error()) || is_problem {
+        return r;
+    }
+    let text = axum::body::to_bytes(r.into_body(), 16 * 1024)
+        .await
+        .map(|b| String::from_utf8_lossy(&b).trim().to_string())
+        .unwrap_or_default();
+    let code = match status {
+        StatusCode::PAYLOAD_TOO_LARGE => "body_too_large",
+        StatusCode::UNSUPPORTED_MEDIA_TYPE => "unsupported_media_type",
+        StatusCode::UNPROCESSABLE_ENTITY => "invalid_body",
+        s if s.is_server_error() => "internal",
+        _ => "bad_request",
+    };
+    let detail = if text.is_empty() {
+        status.canonical_reason().unwrap_or("error").to_string()
+    } else {
+        text
+    };
+    ApiError::new(status, code, detail).into_response()
 }
 
 impl From<sqlx::Error> for ApiError {
@@ -87,7 +126,8 @@ impl From<PublishError> for ApiError {
         ApiError::new(
             StatusCode::SERVICE_UNAVAILABLE,
             "bus_unavailable",
-            "the event bus did not acknowledge the events; nothing was accepted, retry later",
+            "the event bus did not acknowledge every event; those it stored are kept, and \
+             sending the same events again is safe (each is applied once, by its id)",
         )
     }
 }

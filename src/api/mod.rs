@@ -229,6 +229,7 @@ pub fn router(state: AppState) -> Router {
             )
         })
         .layer(DefaultBodyLimit::max(64 * 1024))
+        .layer(axum::middleware::map_response(error::problem_json_errors))
         .with_state(state)
 }
 

@@ -9,7 +9,9 @@ use std::collections::BTreeMap;
 use chrono::{DateTime, Utc};
 use serde::Deserialize;
 
-use super::validate::{check_time, limits, printable, string_problem, RESERVED_ID_PREFIXES};
+use super::validate::{
+    check_time, is_json_media_type, limits, printable, string_problem, RESERVED_ID_PREFIXES,
+};
 use super::{
     valid_tenant_id, Event, EventData, Status, UsageData, MAX_LATENCY_MS, MAX_TOKENS, SPEC_VERSION,
     USAGE_V1,
@@ -90,7 +92,7 @@ pub fn parse_usage(bytes: &[u8], now: DateTime<Utc>) -> Option<Event> {
         && ok(&e.time, limits::TIME)
         && e.datacontenttype
             .as_deref()
-            .is_none_or(|c| ok(c, limits::CONTENT_TYPE) && c == "application/json")
+            .is_none_or(|c| ok(c, limits::CONTENT_TYPE) && is_json_media_type(c))
         && e.subject.as_deref().is_none_or(|s| ok(s, limits::SUBJECT));
     if !envelope_ok {
         return None;

@@ -115,9 +115,17 @@ fn adjustments_parse_with_exact_amounts() {
     let mut neg = v.clone();
     neg["data"]["amount"] = json!("-1");
     assert!(codes(neg).contains(&"out_of_range"));
-    let mut bad = v;
+    let mut bad = v.clone();
     bad["data"]["currency"] = json!("usd");
     assert!(codes(bad).contains(&"invalid_currency"));
+    for s in ["1_000", "1e3", "12.", ".5", "+1", " 1", "1.2.3"] {
+        let mut bad = v.clone();
+        bad["data"]["amount"] = json!(s);
+        assert!(codes(bad).contains(&"not_a_decimal"), "{s}");
+    }
+    let mut ok = v;
+    ok["data"]["amount"] = json!("1000");
+    assert!(parse(ok, now()).is_ok());
 }
 
 #[test]
@@ -174,6 +182,8 @@ fn fast_path_agrees_with_the_full_parser_on_every_rule() {
         ("type", json!(ADJUSTMENT_V1)),
         ("datacontenttype", json!("text/plain")),
         ("datacontenttype", json!("application/json")),
+        ("datacontenttype", json!("Application/JSON; charset=utf-8")),
+        ("datacontenttype", json!("application/jsonx")),
         ("subject", json!("")),
         ("data.tenant_id", json!("-bad")),
         ("data.tenant_id", json!(null)),

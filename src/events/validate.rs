@@ -72,6 +72,14 @@ pub(crate) fn string_problem(s: &str, max: usize) -> Option<(&'static str, Strin
     }
 }
 
+/// `application/json` as a media type: its type and subtype compare without regard to
+/// case and may carry parameters (RFC 9110 §8.3.1), e.g. `application/json; charset=utf-8`.
+/// The canonical form always says `application/json`.
+pub(crate) fn is_json_media_type(c: &str) -> bool {
+    let essence = c.split(';').next().unwrap_or("").trim();
+    essence.eq_ignore_ascii_case("application/json")
+}
+
 /// No control characters (U+0000–U+001F, U+007F–U+009F): the rule every string of the
 /// contract keeps, tags and fallback models included. Postgres cannot hold U+0000 in
 /// `text` or `jsonb`, so one such string reaching a conflict or dead-letter row would fail
@@ -341,7 +349,7 @@ pub fn parse(value: Value, now: DateTime<Utc>) -> Result<Event, Rejection> {
         }
     }
     if let Some(c) = &ctype {
-        if c != "application/json" {
+        if !is_json_media_type(c) {
             errors.push(err(
                 "datacontenttype",
                 "unsupported",
@@ -583,6 +591,24 @@ fn adjustment(map: Map<String, Value>, errors: &mut Vec<FieldError>) -> Option<A
             None
         }
     };
+    // a plain decimal: digits with one optional point (the parser would also take `1_000`)
+    let plain = |s: &str| {
+        let s = s.strip_prefix('-').unwrap_or(s); // refused below as out of range
+        let (int, frac) = s.split_once('.').unwrap_or((s, "0"));
+        !int.is_empty()
+            && !frac.is_empty()
+            && int.bytes().chain(frac.bytes()).all(|b| b.is_ascii_digit())
+    };
+    let amount = amount.filter(|s| {
+        plain(s) || {
+            f.fail(
+                "amount",
+                "not_a_decimal",
+                "must be a decimal string such as \"12.50\"",
+            );
+            false
+        }
+    });
     let amount = amount.and_then(|s| match Decimal::from_str_exact(&s) {
         Ok(d) if d > Decimal::ZERO && d <= MAX_ADJUSTMENT => Some(d.normalize()),
         Ok(_) => {
