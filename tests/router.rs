@@ -931,6 +931,12 @@ async fn a_routing_class_follows_a_decision_change_in_kv_within_a_second() {
         assert!(t.elapsed() < Duration::from_secs(1));
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
+    // a blocked class is passed over for a fallback the request names after it
+    let r = s
+        .chat(json!({"model": "auto:test", "models": ["gpt-4o-mini"], "messages": msg}))
+        .await;
+    assert_eq!(r.status(), 200, "{}", r.text().await.unwrap());
+    assert_eq!(r.headers()["x-tokenledger-route"], "openai/gpt-4o-mini");
     s.app.stop().await;
 }
 

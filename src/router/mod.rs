@@ -518,8 +518,18 @@ fn candidates(
     }
     let mut out: Vec<Candidate> = Vec::new();
     let mut unserved = Vec::new();
+    // a routing class blocked by a budget is passed over for the names after it; only
+    // when nothing else is left does its 402 answer the request
+    let mut blocked = None;
     for name in &names {
-        for c in resolve_one(st, ups, &key.tenant_id, name)? {
+        let resolved = match resolve_one(st, ups, &key.tenant_id, name) {
+            Ok(r) => r,
+            Err(r) => {
+                blocked.get_or_insert(r);
+                continue;
+            }
+        };
+        for c in resolved {
             let Some(p) = ups.provider(&c.provider) else {
                 unserved.push(c.label());
                 continue;
@@ -549,6 +559,9 @@ fn candidates(
         }
     }
     if out.is_empty() {
+        if let Some(r) = blocked {
+            return Err(r);
+        }
         let detail = if unserved.is_empty() {
             String::new()
         } else {
