@@ -640,11 +640,27 @@ async fn a_denied_budget_answers_402_records_the_denial_and_no_usage() {
         .await;
     assert_eq!(r.status(), 402, "{}", r.text().await.unwrap());
     assert_eq!(s.a.requests(), calls);
+    // with a pricier fallback the hold is its worst case: the request could end there
+    let r = s
+        .chat(
+            json!({"model": "gpt-4o-mini", "models": ["gpt-4o"], "messages": msg,
+            "max_tokens": 20}),
+        )
+        .await;
+    assert_eq!(r.status(), 402, "{}", r.text().await.unwrap());
+    assert_eq!(s.a.requests(), calls);
+    let held: String = sqlx::query_scalar(
+        "select requested_model from authorizations where decision = 'deny' order by decided_at desc limit 1",
+    )
+    .fetch_one(&s.app.owner)
+    .await
+    .unwrap();
+    assert_eq!(held, "gpt-4o");
     assert_eq!(
         s.app
             .count("select count(*) from authorizations where decision = 'deny'")
             .await,
-        2
+        3
     );
     s.app.drain().await;
     assert_eq!(s.app.count("select count(*) from events").await, 1);

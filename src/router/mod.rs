@@ -745,7 +745,9 @@ async fn handle(st: RouterState, headers: HeaderMap, body: Bytes, endpoint: Endp
     // budgets: only a tenant with budgets pays for a pre-authorisation
     let mut authorization_id = None;
     if book.has_budgets(&key.tenant_id) {
-        let first = &cands[0];
+        // held on the candidate whose worst case costs most, so that a fallback to a
+        // pricier one cannot take a blocking budget past its limit
+        let first = &cands[costliest(&book, &ups, &key, &cands, &body, endpoint, at)];
         let counter = Counter::for_model(&first.provider, &first.model);
         // first with the prompt's byte bound, which costs nothing to compute: a lease that
         // covers it grants at once; only otherwise is the prompt tokenized, and the exact
@@ -855,6 +857,90 @@ async fn handle(st: RouterState, headers: HeaderMap, body: Bytes, endpoint: Endp
             "the request task ended without an answer",
         ),
     }
+}
+
+/// The index of the candidate whose worst case (the prompt's byte bound in, `max_tokens`
+/// × `n` — else the model's maximum output — out, priced as output or as reasoning,
+/// whichever costs more) is the highest customer price; the first one on a tie, or when
+/// none can be priced so.
+fn costliest(
+    book: &PriceBook,
+    ups: &Upstreams,
+    key: &KeyInfo,
+    cands: &[Candidate],
+    body: &Map<String, Value>,
+    endpoint: Endpoint,
+    at: DateTime<Utc>,
+) -> usize {
+    if cands.len() < 2 {
+        return 0;
+    }
+    let choices = body.get("n").and_then(Value::as_u64).unwrap_or(1).max(1);
+    let asked = match endpoint {
+        Endpoint::Embeddings => Some(0),
+        Endpoint::Chat => body
+            .get("max_completion_tokens")
+            .or_else(|| body.get("max_tokens"))
+            .and_then(Value::as_u64)
+            .map(|m| m.saturating_mul(choices)),
+    };
+    let mut best: Option<(Decimal, usize)> = None;
+    for (i, c) in cands.iter().enumerate() {
+        let region = ups.provider(&c.provider).and_then(|p| p.cfg.region.clone());
+        let max_out = asked.or_else(|| {
+            book.version_at(
+                &c.provider,
+                &c.model,
+                region.as_deref(),
+                Side::Cost,
+                &key.currency,
+                at,
+            )
+            .and_then(|v| v.max_output_tokens)
+        });
+        let Some(out) = max_out.map(|m| m.min(crate::events::MAX_TOKENS)) else {
+            continue;
+        };
+        let input = endpoint
+            .input_bound(Counter::for_model(&c.provider, &c.model), body)
+            .min(crate::events::MAX_TOKENS);
+        let mut worst = None;
+        for reasoning in [0, out] {
+            let u = UsageData {
+                tenant_id: key.tenant_id.clone(),
+                api_key_id: None,
+                request_id: String::new(),
+                provider_request_id: None,
+                authorization_id: None,
+                model: c.model.clone(),
+                provider: c.provider.clone(),
+                region: region.clone(),
+                input_tokens: input,
+                cached_input_tokens: 0,
+                cache_write_tokens: 0,
+                output_tokens: out,
+                reasoning_tokens: reasoning,
+                batch: false,
+                status: Status::Ok,
+                latency_ms: 0,
+                fallback_from: Vec::new(),
+                estimated: false,
+                estimate_method: None,
+                tags: BTreeMap::new(),
+            };
+            let price = crate::ledger::writer::terms_for(book, &u, &key.currency, at)
+                .ok()
+                .and_then(|t| rate(&u, t).ok())
+                .map(|r| r.price);
+            worst = worst.max(price);
+        }
+        if let Some(w) = worst {
+            if best.is_none_or(|(b, _)| w > b) {
+                best = Some((w, i));
+            }
+        }
+    }
+    best.map_or(0, |(_, i)| i)
 }
 
 /// Why an attempt did not produce a usable response.
