@@ -71,6 +71,24 @@ pub struct AuthRequest {
     /// The most output tokens the request may produce; absent: the model's maximum output
     /// from the price book.
     pub max_tokens: Option<u64>,
+    /// In process only (the router): which provider/model pairs the caller can serve; a
+    /// downgrade picks among them only. Absent: any.
+    #[serde(skip)]
+    #[schema(ignore)]
+    pub routable: Option<Routable>,
+}
+
+/// Whether a caller can route a request to (provider, model).
+pub type RoutableFn = dyn Fn(&str, &str) -> bool + Send + Sync;
+
+/// A predicate over (provider, model): whether the caller can route a request there.
+#[derive(Clone)]
+pub struct Routable(pub Arc<RoutableFn>);
+
+impl std::fmt::Debug for Routable {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Routable(..)")
+    }
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, utoipa::ToSchema)]
@@ -851,6 +869,9 @@ pub fn decide(
             let mut best: Option<(Decimal, String, String)> = None;
             if let Some(c) = book.class_at(tenant, class, now) {
                 for (p, m, _) in crate::pricing::routing::eligible(c) {
+                    if req.routable.as_ref().is_some_and(|r| !(r.0)(&p, &m)) {
+                        continue; // the caller could not send the request there
+                    }
                     let mut alt = req.clone();
                     alt.model = m.clone();
                     let Some(max_tokens) = max_out(&p, &m) else {
@@ -1464,6 +1485,7 @@ mod tests {
             region: None,
             estimated_input_tokens: 0,
             max_tokens: Some(tokens),
+            routable: None,
         }
     }
 

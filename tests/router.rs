@@ -1263,3 +1263,48 @@ async fn a_round_nats_does_not_take_is_spooled_within_its_two_deadlines() {
     app.stop().await;
     nats.stop();
 }
+
+#[tokio::test]
+async fn a_downgrade_goes_only_to_a_model_the_router_serves() {
+    // terms take effect at once (not after the clock-skew allowance)
+    let mut s = setup(|s| s.clock_skew = Duration::ZERO).await;
+    let past = (chrono::Utc::now() - chrono::Duration::hours(1)).to_rfc3339();
+    // the class's cheapest candidate, gpt-4.1-nano, is priced but no upstream here serves it
+    let r = s
+        .app
+        .admin_post(
+            "/v1/admin/routing-classes",
+            Some(
+                &json!({"name": "test:cheap", "quality_floor": "0.5", "candidates": [
+                {"provider": "openai", "model": "gpt-4.1-nano", "quality": "0.8"},
+                {"provider": "openai", "model": "gpt-4o-mini", "quality": "0.8"}]}),
+            ),
+        )
+        .await;
+    assert_eq!(r.status(), 201, "{}", r.text().await.unwrap());
+    let r = s
+        .app
+        .http
+        .post(s.app.url("/v1/budgets"))
+        .bearer_auth(&s.key)
+        .json(
+            &json!({"name": "dg", "scope": "tenant", "period": "day", "amount": "0.001",
+            "action": "downgrade", "downgrade_class": "test:cheap", "effective_from": past}),
+        )
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 201, "{}", r.text().await.unwrap());
+    s.app.wait_terms_seen().await;
+    // gpt-4o's worst case (100 output tokens at $12/M with the markup) does not fit
+    let msg = json!([{"role": "user", "content": "hello"}]);
+    let r = s
+        .chat(json!({"model": "gpt-4o", "messages": msg, "max_tokens": 100}))
+        .await;
+    assert_eq!(r.status(), 200, "{}", r.text().await.unwrap());
+    assert_eq!(r.headers()["x-tokenledger-route"], "openai/gpt-4o-mini");
+    let id = request_id(&r);
+    let billed = s.billed(&id).await;
+    assert_eq!(billed["model"], "gpt-4o-mini");
+    s.app.stop().await;
+}

@@ -775,6 +775,13 @@ async fn handle(st: RouterState, headers: HeaderMap, body: Bytes, endpoint: Endp
                 .and_then(|p| p.cfg.region.clone()),
             estimated_input_tokens: bound,
             max_tokens,
+            routable: Some(crate::authorize::Routable({
+                let ups = ups.clone();
+                Arc::new(move |p: &str, m: &str| {
+                    ups.provider(p)
+                        .is_some_and(|x| x.cfg.models.contains_key(m))
+                })
+            })),
         };
         let leased = if bound <= usage::BOUND_MAX_TOKENS {
             st.0.authorizer.try_leased(&key.tenant_id, &req)
