@@ -494,6 +494,24 @@ async fn cancelled_and_cut_off_streams_are_billed_with_estimated_tokens_not_zero
     assert_eq!(billed["input_tokens"], last["usage"]["prompt_tokens"]);
     assert_eq!(dec(&billed["price_amount"]), dec(&last["usage"]["cost"]));
     assert!(billed["output_tokens"].as_u64().unwrap() >= 12);
+    // a stream ending `data: [DONE]` with one newline is complete, not cut off
+    s.b.set(Behavior {
+        mode: Mode::ShortEnd,
+        ..Behavior::default()
+    });
+    let r = s
+        .chat(json!({"model": "claude-haiku-4-5", "messages": msg, "stream": true}))
+        .await;
+    let id = request_id(&r);
+    let text = r.text().await.expect("the stream ends cleanly");
+    assert!(text.trim_end().ends_with("data: [DONE]"), "{text}");
+    let billed = s.billed(&id).await;
+    assert_eq!(billed["status"], "ok", "{billed}");
+    assert_eq!(billed["event"]["data"]["estimated"], false, "{billed}");
+    s.b.set(Behavior {
+        mode: Mode::OmitUsage,
+        ..Behavior::default()
+    });
     // not asked for: no usage chunk is made up
     let r = s
         .chat(json!({"model": "claude-haiku-4-5", "messages": msg, "stream": true}))

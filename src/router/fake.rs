@@ -46,6 +46,8 @@ pub enum Mode {
     Redirect,
     /// Refuse the router's own API key, as OpenAI does (401 `invalid_api_key`).
     Fail401,
+    /// End a stream with `data: [DONE]` and one newline, not the blank line after it.
+    ShortEnd,
 }
 
 #[derive(Clone, Debug, Deserialize, Serialize)]
@@ -336,6 +338,7 @@ async fn chat(State(st): State<Arc<Inner>>, body: Bytes) -> Response {
         == Some(true)
         && b.mode != Mode::OmitUsage;
     let cut = b.mode == Mode::CutStream;
+    let short_end = b.mode == Mode::ShortEnd;
     let delay = Duration::from_millis(b.chunk_delay_ms);
     let (tx, rx) = tokio::sync::mpsc::channel::<Result<Bytes, std::io::Error>>(16);
     tokio::spawn(async move {
@@ -395,7 +398,12 @@ async fn chat(State(st): State<Arc<Inner>>, body: Bytes) -> Response {
                 "usage": usage_of(&model, prompt, words)});
             let _ = tx.send(Ok(Bytes::from(format!("data: {u}\n\n")))).await;
         }
-        let _ = tx.send(Ok(Bytes::from_static(b"data: [DONE]\n\n"))).await;
+        let done: &'static [u8] = if short_end {
+            b"data: [DONE]\n"
+        } else {
+            b"data: [DONE]\n\n"
+        };
+        let _ = tx.send(Ok(Bytes::from_static(done))).await;
     });
     let stream = futures::stream::unfold(rx, |mut rx| async move {
         rx.recv().await.map(|item| (item, rx))

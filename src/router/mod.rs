@@ -1483,6 +1483,16 @@ impl Job {
                 break;
             }
         }
+        if status == Status::Ok && !buf.trim_ascii().is_empty() {
+            // the stream ended inside an event without its blank line (`data: [DONE]\n`,
+            // say): what is there is the last event
+            let ev = buf.trim_ascii_end().to_vec();
+            let mut out = Vec::new();
+            self.on_event(&ev, p, c, &fallback_from, &mut seen, &mut out);
+            if !out.is_empty() && tx.send(Ok(Bytes::from(out))).await.is_err() {
+                status = Status::Cancelled;
+            }
+        }
         if status == Status::Ok && !seen.done {
             // the upstream ended without [DONE]: cut off
             status = Status::Error;
