@@ -453,6 +453,20 @@ async fn cancelled_and_cut_off_streams_are_billed_with_estimated_tokens_not_zero
     assert_eq!(billed["event"]["data"]["estimated"], true);
     assert!(billed["output_tokens"].as_u64().unwrap() >= 20, "{billed}");
 
+    // a JSON answer that breaks off after its reply's text: 502, billed for that text
+    s.b.fail_next(Mode::CutBody, 1);
+    let r = s
+        .chat(json!({"model": "claude-haiku-4-5", "messages": msg}))
+        .await;
+    assert_eq!(r.status(), 502);
+    let id = request_id(&r);
+    let v: Value = r.json().await.unwrap();
+    assert_eq!(v["error"]["code"], "upstream_cut_off", "{v}");
+    let billed = s.billed(&id).await;
+    assert_eq!(billed["status"], "error");
+    assert_eq!(billed["event"]["data"]["estimated"], true);
+    assert!(billed["output_tokens"].as_u64().unwrap() >= 12, "{billed}");
+
     // a non-streaming answer without usage: estimated from the reply, and said so
     s.b.set(Behavior {
         mode: Mode::OmitUsage,

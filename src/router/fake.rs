@@ -48,6 +48,9 @@ pub enum Mode {
     Fail401,
     /// End a stream with `data: [DONE]` and one newline, not the blank line after it.
     ShortEnd,
+    /// Send a JSON answer's first part (through the reply's text), then break the
+    /// connection.
+    CutBody,
 }
 
 #[derive(Clone, Debug, Deserialize, Serialize)]
@@ -329,6 +332,33 @@ async fn chat(State(st): State<Arc<Inner>>, body: Bytes) -> Response {
             "service_tier": "default"});
         if b.mode != Mode::OmitUsage {
             resp["usage"] = usage_of(&model, prompt, words);
+        }
+        if b.mode == Mode::CutBody {
+            let bytes = resp.to_string().into_bytes();
+            // through the reply's text: up to the member after `content`
+            let upto = bytes
+                .windows(9)
+                .position(|w| w == b"\"refusal\"")
+                .unwrap_or(bytes.len() / 2);
+            let first = Bytes::from(bytes[..upto].to_vec());
+            let (tx, rx) = tokio::sync::mpsc::channel::<Result<Bytes, std::io::Error>>(2);
+            tokio::spawn(async move {
+                let _ = tx.send(Ok(first)).await;
+                // after a pause, so the headers and the first part reach the client
+                tokio::time::sleep(Duration::from_millis(50)).await;
+                let _ = tx
+                    .send(Err(std::io::Error::other("fake upstream cut the body")))
+                    .await;
+            });
+            let parts = futures::stream::unfold(rx, |mut rx| async move {
+                rx.recv().await.map(|item| (item, rx))
+            });
+            let mut r = Response::new(Body::from_stream(parts));
+            r.headers_mut().insert(
+                header::CONTENT_TYPE,
+                axum::http::HeaderValue::from_static("application/json"),
+            );
+            return r;
         }
         return Json(resp).into_response();
     }

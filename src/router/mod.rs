@@ -950,6 +950,38 @@ fn costliest(
     best.map_or(0, |(_, i)| i)
 }
 
+/// The reply text in the first part of a JSON answer that broke off: each string
+/// `"content"` holds, up to its closing quote (or the end of what arrived), unescaped as far as
+/// it goes. Nothing when no content had begun.
+fn partial_reply(got: &[u8]) -> Produced {
+    let mut produced = Produced::default();
+    let finder = memmem::Finder::new(b"\"content\":");
+    let mut at = 0;
+    while let Some(i) = finder.find(&got[at..]) {
+        let mut start = at + i + finder.needle().len();
+        while got.get(start).is_some_and(u8::is_ascii_whitespace) {
+            start += 1;
+        }
+        if got.get(start) != Some(&b'"') {
+            at = start;
+            continue; // `null`, or a list of parts: not text
+        }
+        start += 1;
+        let mut end = start;
+        let mut escaped = false;
+        while end < got.len() && (escaped || got[end] != b'"') {
+            escaped = !escaped && got[end] == b'\\';
+            end += 1;
+        }
+        let quoted = format!("\"{}\"", String::from_utf8_lossy(&got[start..end]));
+        let text = serde_json::from_str::<String>(&quoted)
+            .unwrap_or_else(|_| String::from_utf8_lossy(&got[start..end]).into_owned());
+        produced.add(&json!({ "content": text }));
+        at = end;
+    }
+    produced
+}
+
 /// Why an attempt did not produce a usable response.
 enum Failure {
     /// Fall back to the next candidate.
@@ -1178,38 +1210,41 @@ impl Job {
             return self.finish_stream(p, c, resp, fallback_from, reply).await;
         }
         let idle = Duration::from_millis(p.cfg.idle_timeout_ms);
-        let body = match tokio::time::timeout(idle, resp.bytes()).await {
-            Ok(Ok(b)) => b,
-            Ok(Err(e)) => {
-                let _ = reply.send(with_request_id(
-                    oai_error(
+        let mut resp = resp;
+        let mut got: Vec<u8> = Vec::new();
+        // read as it comes, keeping what arrived: a body that breaks off is billed for
+        // the reply's text received so far, not for none of it
+        let failed = loop {
+            match tokio::time::timeout(idle, resp.chunk()).await {
+                Ok(Ok(Some(b))) => got.extend_from_slice(&b),
+                Ok(Ok(None)) => break None,
+                Ok(Err(e)) => {
+                    break Some((
                         StatusCode::BAD_GATEWAY,
-                        "server_error",
                         "upstream_cut_off",
                         format!("{}: the response body failed: {e}", c.label()),
-                    ),
-                    &self.request_id,
-                ));
-                // the upstream did the work: bill it, estimated
-                let counts = self.estimate(c, &Produced::default());
-                self.record(p, c, counts, None, fallback_from, Status::Error);
-                return;
-            }
-            Err(_) => {
-                let _ = reply.send(with_request_id(
-                    oai_error(
+                    ))
+                }
+                Err(_) => {
+                    break Some((
                         StatusCode::GATEWAY_TIMEOUT,
-                        "server_error",
                         "upstream_timeout",
                         format!("{}: the response body stalled", c.label()),
-                    ),
-                    &self.request_id,
-                ));
-                let counts = self.estimate(c, &Produced::default());
-                self.record(p, c, counts, None, fallback_from, Status::Error);
-                return;
+                    ))
+                }
             }
         };
+        if let Some((status, code, message)) = failed {
+            let _ = reply.send(with_request_id(
+                oai_error(status, "server_error", code, message),
+                &self.request_id,
+            ));
+            // the upstream did the work: bill it, estimated from what arrived
+            let counts = self.estimate(c, &partial_reply(&got));
+            self.record(p, c, counts, None, fallback_from, Status::Error);
+            return;
+        }
+        let body = Bytes::from(got);
         let Some(value) = raw::RawObject::parse(&body) else {
             // not a JSON object: pass it through, bill an estimate
             let mut r = Response::new(Body::from(body));
@@ -1796,6 +1831,26 @@ mod tests {
         assert_eq!(event_end(b"data: x\r\n\r"), None);
         assert_eq!(event_end(b"data: x\n\r\n\r\n"), Some((8, 12)));
         assert_eq!(event_end(b""), None);
+    }
+
+    #[test]
+    fn a_broken_off_answer_counts_the_reply_text_that_arrived() {
+        let text = |b: &[u8]| partial_reply(b).text;
+        assert_eq!(
+            text(br#"{"id":"x","choices":[{"message":{"content":"Hello \"you\"\nthere","#),
+            "Hello \"you\"\nthere"
+        );
+        // cut inside the string, or inside an escape
+        assert_eq!(text(br#"{"choices":[{"message":{"content": "Hel"#), "Hel");
+        assert_eq!(text(br#"{"choices":[{"message":{"content":"ab\"#), "ab\\");
+        // no text begun, or no text at all
+        assert_eq!(text(br#"{"id":"x","choices":[{"message":{"role":"#), "");
+        assert_eq!(text(br#"{"choices":[{"message":{"content":null,"tool"#), "");
+        // every choice's
+        assert_eq!(
+            text(br#"[{"message":{"content":"a"}},{"message":{"content":"b"#),
+            "ab"
+        );
     }
 
     #[test]
