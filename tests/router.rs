@@ -447,7 +447,12 @@ async fn cancelled_and_cut_off_streams_are_billed_with_estimated_tokens_not_zero
         )
         .await;
     let id = request_id(&r);
-    let _ = r.bytes().await; // ends in an error: the body was cut
+    // the client is told as OpenAI tells it: a last event carrying `error`, no [DONE]
+    let got = r.text().await.unwrap();
+    let last = got.trim_end().rsplit("\n\n").next().unwrap();
+    let err: Value = serde_json::from_str(last.strip_prefix("data: ").unwrap()).unwrap();
+    assert_eq!(err["error"]["code"], "upstream_cut_off", "{last}");
+    assert!(!got.contains("[DONE]"));
     let billed = s.billed(&id).await;
     assert_eq!(billed["status"], "error");
     assert_eq!(billed["event"]["data"]["estimated"], true);

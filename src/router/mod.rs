@@ -1533,11 +1533,13 @@ impl Job {
             status = Status::Error;
         }
         if status == Status::Error {
-            let _ = tx
-                .send(Err(std::io::Error::other(
-                    "the upstream stream was cut off",
-                )))
-                .await;
+            // OpenAI's way to fail a stream that has begun: a last event carrying `error`
+            // (its SDKs raise it as an APIError) and no [DONE]. The body then ends
+            // normally: aborting it could drop that event before it is written
+            let event = json!({"error": {
+                "message": format!("{}: the upstream stream was cut off", c.label()),
+                "type": "server_error", "param": null, "code": "upstream_cut_off"}});
+            let _ = tx.send(Ok(Bytes::from(format!("data: {event}\n\n")))).await;
         }
         drop(tx);
         let m = match seen.reported {
