@@ -88,6 +88,19 @@ impl UsageData {
     pub fn plain_output_tokens(&self) -> u64 {
         self.output_tokens - self.reasoning_tokens
     }
+
+    /// The counts as the usage rollup adds them: input, cached input, cache write,
+    /// output, reasoning.
+    pub fn rollup_tokens(&self) -> [i64; 5] {
+        [
+            self.input_tokens,
+            self.cached_input_tokens,
+            self.cache_write_tokens,
+            self.output_tokens,
+            self.reasoning_tokens,
+        ]
+        .map(|n| n as i64)
+    }
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, serde::Deserialize)]

@@ -754,16 +754,7 @@ async fn handle(st: RouterState, headers: HeaderMap, body: Bytes, endpoint: Endp
         // count decides. Only for short prompts: a long one's bound would hold several
         // times its tokens' worth of headroom until its usage settles
         let bound = endpoint.input_bound(counter, &body);
-        // `n` choices may each produce up to max_tokens: the hold covers all of them
-        let choices = body.get("n").and_then(Value::as_u64).unwrap_or(1).max(1);
-        let max_tokens = match endpoint {
-            Endpoint::Embeddings => Some(0),
-            Endpoint::Chat => body
-                .get("max_completion_tokens")
-                .or_else(|| body.get("max_tokens"))
-                .and_then(Value::as_u64)
-                .map(|m| m.saturating_mul(choices).min(crate::events::MAX_TOKENS)),
-        };
+        let max_tokens = max_output(endpoint, &body);
         let mut req = AuthRequest {
             tenant_id: None,
             api_key_id: Some(key.key_id.to_string()),
@@ -866,6 +857,21 @@ async fn handle(st: RouterState, headers: HeaderMap, body: Bytes, endpoint: Endp
     }
 }
 
+/// The most output a request asks for: `max_completion_tokens` (or `max_tokens`) for each
+/// of its `n` choices (capped at the usage events' token cap); none for an embedding.
+/// `None`: not said, so the model's maximum output applies.
+fn max_output(endpoint: Endpoint, body: &Map<String, Value>) -> Option<u64> {
+    let choices = body.get("n").and_then(Value::as_u64).unwrap_or(1).max(1);
+    match endpoint {
+        Endpoint::Embeddings => Some(0),
+        Endpoint::Chat => body
+            .get("max_completion_tokens")
+            .or_else(|| body.get("max_tokens"))
+            .and_then(Value::as_u64)
+            .map(|m| m.saturating_mul(choices).min(crate::events::MAX_TOKENS)),
+    }
+}
+
 /// The index of the candidate whose worst case (the prompt's byte bound in, `max_tokens`
 /// × `n` — else the model's maximum output — out, priced as output or as reasoning,
 /// whichever costs more) is the highest customer price; the first one on a tie, or when
@@ -882,15 +888,7 @@ fn costliest(
     if cands.len() < 2 {
         return 0;
     }
-    let choices = body.get("n").and_then(Value::as_u64).unwrap_or(1).max(1);
-    let asked = match endpoint {
-        Endpoint::Embeddings => Some(0),
-        Endpoint::Chat => body
-            .get("max_completion_tokens")
-            .or_else(|| body.get("max_tokens"))
-            .and_then(Value::as_u64)
-            .map(|m| m.saturating_mul(choices)),
-    };
+    let asked = max_output(endpoint, body);
     let mut best: Option<(Decimal, usize)> = None;
     for (i, c) in cands.iter().enumerate() {
         let region = ups.provider(&c.provider).and_then(|p| p.cfg.region.clone());
