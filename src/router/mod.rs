@@ -645,12 +645,13 @@ impl Endpoint {
     }
 }
 
-type Body_ = Result<Bytes, axum::extract::rejection::BytesRejection>;
+/// A request body, or why it could not be read.
+type RawBody = Result<Bytes, axum::extract::rejection::BytesRejection>;
 
 async fn chat_completions(
     State(st): State<RouterState>,
     headers: HeaderMap,
-    body: Body_,
+    body: RawBody,
 ) -> Response {
     match body {
         Ok(body) => handle(st, headers, body, Endpoint::Chat).await,
@@ -658,7 +659,7 @@ async fn chat_completions(
     }
 }
 
-async fn embeddings(State(st): State<RouterState>, headers: HeaderMap, body: Body_) -> Response {
+async fn embeddings(State(st): State<RouterState>, headers: HeaderMap, body: RawBody) -> Response {
     match body {
         Ok(body) => handle(st, headers, body, Endpoint::Embeddings).await,
         Err(e) => body_error(e),
@@ -1200,7 +1201,7 @@ impl Job {
         self,
         p: &Provider,
         c: &Candidate,
-        resp: reqwest::Response,
+        mut resp: reqwest::Response,
         fallback_from: Vec<String>,
         reply: oneshot::Sender<Response>,
     ) {
@@ -1208,7 +1209,6 @@ impl Job {
             return self.finish_stream(p, c, resp, fallback_from, reply).await;
         }
         let idle = Duration::from_millis(p.cfg.idle_timeout_ms);
-        let mut resp = resp;
         let mut got: Vec<u8> = Vec::new();
         // read as it comes, keeping what arrived: a body that breaks off is billed for
         // the reply's text received so far, not for none of it
