@@ -249,9 +249,34 @@ async fn bad_input_gets_a_clear_error_and_changes_nothing() {
             "unknown_field",
         ),
         (
-            "unknown envelope field",
-            with(&["extra"], json!(1)),
+            "unknown envelope field (not an extension name)",
+            with(&["Extra_Field"], json!(1)),
             "unknown_field",
+        ),
+        (
+            "source not a URI-reference",
+            with(&["source"], json!("my router")),
+            "invalid_uri_reference",
+        ),
+        (
+            "relative dataschema",
+            with(&["dataschema"], json!("/schemas/usage")),
+            "invalid_uri",
+        ),
+        (
+            "extension of no CloudEvents type",
+            with(&["myext"], json!({"a": 1})),
+            "invalid_extension",
+        ),
+        (
+            "extension integer beyond 32 bits",
+            with(&["myext"], json!(1u64 << 31)),
+            "invalid_extension",
+        ),
+        (
+            "binary data",
+            with(&["data_base64"], json!("AAAA")),
+            "unsupported",
         ),
         (
             "negative",
@@ -425,6 +450,113 @@ async fn bad_input_gets_a_clear_error_and_changes_nothing() {
     let r = app.get("wrong", "/v1/balances").await;
     assert_eq!(r.headers()["www-authenticate"], "Bearer");
     problem(r, 401).await;
+}
+
+/// CloudEvents as its SDKs send them: optional and extension attributes are kept in the
+/// stored envelope, the HTTP binary content mode (`ce-` headers) is the same event as the
+/// structured one, and an empty batch is valid.
+#[tokio::test]
+async fn cloudevents_binary_mode_extensions_and_empty_batches_are_accepted() {
+    let app = TestApp::spawn().await;
+    let key = app.tenant("acme").await;
+    let traceparent = "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01";
+    let mut ev = usage("ce-1", "acme", "gpt-4o", 10, 10);
+    ev["source"] = json!("https://gw.example.com/router");
+    ev["subject"] = json!("req-ce-1");
+    ev["dataschema"] = json!("https://tokenledger.dev/schemas/usage.v1.json");
+    ev["traceparent"] = json!(traceparent);
+    ev["retries"] = json!(2);
+    ev["sampled"] = json!(true);
+    ev["unsetext"] = Value::Null;
+    let r = app.post_events(&key, &ev).await;
+    assert_eq!(r.status(), 202);
+    app.wait_count(EVENTS, 1).await;
+    let envelope: Vec<u8> = sqlx::query_scalar("select envelope from events")
+        .fetch_one(&app.owner)
+        .await
+        .unwrap();
+    let stored: Value = serde_json::from_slice(&envelope).unwrap();
+    assert_eq!(stored["traceparent"], traceparent);
+    assert_eq!(stored["subject"], "req-ce-1");
+    assert_eq!(stored["dataschema"], ev["dataschema"]);
+    // Integer and Boolean extensions are kept as their canonical strings; null is unset
+    assert_eq!(stored["retries"], "2");
+    assert_eq!(stored["sampled"], "true");
+    assert!(stored.get("unsetext").is_none(), "{stored}");
+    // the same event in binary mode: a duplicate, not a conflict
+    let binary = |headers: Vec<(&str, String)>, body: Value| {
+        let mut req = app
+            .http
+            .post(app.url("/v1/events"))
+            .bearer_auth(&key)
+            .header("content-type", "application/json; charset=utf-8");
+        for (h, v) in headers {
+            req = req.header(h, v);
+        }
+        req.body(body.to_string()).send()
+    };
+    let attr = |k: &str| ev[k].as_str().unwrap().to_string();
+    let headers = vec![
+        ("ce-specversion", "1.0".to_string()),
+        ("ce-id", attr("id")),
+        ("ce-source", attr("source")),
+        ("ce-type", attr("type")),
+        ("ce-time", attr("time").replace('+', "%2B")),
+        ("ce-subject", "%72eq-ce-1".to_string()),
+        ("ce-dataschema", attr("dataschema")),
+        ("ce-traceparent", traceparent.to_string()),
+        ("ce-retries", "2".to_string()),
+        ("ce-sampled", "\"true\"".to_string()),
+    ];
+    let r = binary(headers.clone(), ev["data"].clone()).await.unwrap();
+    assert_eq!(r.status(), 202);
+    let body: Value = r.json().await.unwrap();
+    assert_eq!(body["ids"], json!(["ce-1"]));
+    app.drain().await;
+    assert_eq!(app.count(EVENTS).await, 1);
+    assert_eq!(app.count("select count(*) from event_conflicts").await, 0);
+    // a new binary-mode event is recorded with its own attributes
+    let mut second = headers.clone();
+    second[1].1 = "ce-2".into();
+    let mut data = ev["data"].clone();
+    data["request_id"] = json!("req-ce-2");
+    assert_eq!(binary(second, data).await.unwrap().status(), 202);
+    app.wait_count(EVENTS, 2).await;
+    // binary-mode mistakes are named: a ce-datacontenttype header, a header that is
+    // not percent-encoded UTF-8, an attribute that breaks the contract
+    let mut with_ct = headers.clone();
+    with_ct.push(("ce-datacontenttype", "application/json".into()));
+    let r = binary(with_ct, ev["data"].clone()).await.unwrap();
+    assert_eq!(r.status(), 400);
+    assert_eq!(r.headers()["content-type"], "application/problem+json");
+    let mut overlong = headers.clone();
+    overlong[6].1 = "%C0%A0".into();
+    assert_eq!(
+        binary(overlong, ev["data"].clone()).await.unwrap().status(),
+        400
+    );
+    let mut bad_source = headers.clone();
+    bad_source[2].1 = "my%20router".into();
+    let r = binary(bad_source, ev["data"].clone()).await.unwrap();
+    assert_eq!(r.status(), 422);
+    let body: Value = r.json().await.unwrap();
+    assert_eq!(body["errors"][0]["errors"][0]["field"], "source", "{body}");
+    // an empty batch is a valid batch: accepted, nothing published
+    let r = app
+        .http
+        .post(app.url("/v1/events"))
+        .bearer_auth(&key)
+        .header("content-type", "application/cloudevents-batch+json")
+        .body("[]")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 202);
+    let body: Value = r.json().await.unwrap();
+    assert_eq!(body, json!({"accepted": 0, "ids": []}));
+    app.drain().await;
+    assert_eq!(app.count(EVENTS).await, 2);
+    assert_eq!(app.stream_messages().await, 2);
 }
 
 #[tokio::test]

@@ -68,6 +68,15 @@ pub async fn ingest(
     let value: Value = serde_json::from_slice(&body).map_err(|e| {
         ApiError::bad_request("malformed_json", format!("the body is not valid JSON: {e}"))
     })?;
+    // CloudEvents HTTP binding: without a CloudEvents media type, `ce-` headers carry the
+    // attributes and the body is the event's data (binary content mode)
+    let binary =
+        !ctype.starts_with("application/cloudevents") && headers.contains_key("ce-specversion");
+    let value = if binary {
+        binary_event(&headers, value)?
+    } else {
+        value
+    };
     let items = match value {
         Value::Array(items) => items,
         _ if batch_only => {
@@ -78,12 +87,13 @@ pub async fn ingest(
         }
         single => vec![single],
     };
-    if items.is_empty() || items.len() > MAX_BATCH_EVENTS {
+    // an empty batch is valid (CloudEvents JSON batch format): nothing to publish
+    if items.len() > MAX_BATCH_EVENTS {
         return Err(ApiError::new(
             StatusCode::UNPROCESSABLE_ENTITY,
             "batch_size",
             format!(
-                "a batch holds 1 to {MAX_BATCH_EVENTS} events; this one has {}",
+                "a batch holds at most {MAX_BATCH_EVENTS} events; this one has {}",
                 items.len()
             ),
         ));
@@ -152,4 +162,109 @@ fn validate_all(caller: &Caller, items: Vec<Value>) -> Result<Vec<Event>, ApiErr
         .with_errors(Value::Array(forbidden)));
     }
     Ok(ok)
+}
+
+/// A binary-mode event as the JSON envelope `events::parse` reads: each `ce-<name>` header
+/// is the attribute `<name>` (its value unquoted, then percent-decoded as the HTTP binding
+/// says), `Content-Type` is `datacontenttype`, and the body is `data`.
+fn binary_event(headers: &HeaderMap, data: Value) -> Result<Value, ApiError> {
+    let mut envelope = serde_json::Map::new();
+    for name in headers.keys() {
+        let Some(attr) = name.as_str().strip_prefix("ce-") else {
+            continue;
+        };
+        if attr == "datacontenttype" {
+            return Err(ApiError::bad_request(
+                "invalid_binary_event",
+                "a binary-mode event carries its datacontenttype in Content-Type, not ce-datacontenttype",
+            ));
+        }
+        let mut values = headers.get_all(name).iter();
+        let (Some(v), None) = (values.next(), values.next()) else {
+            return Err(ApiError::bad_request(
+                "invalid_binary_event",
+                format!("the header {name} appears more than once"),
+            ));
+        };
+        let text = v
+            .to_str()
+            .ok()
+            .and_then(|t| header_value(t.trim()))
+            .ok_or_else(|| {
+                ApiError::bad_request(
+                    "invalid_binary_event",
+                    format!("the header {name} is not percent-encoded UTF-8"),
+                )
+            })?;
+        envelope.insert(attr.to_string(), Value::String(text));
+    }
+    if let Some(c) = headers
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+    {
+        envelope.insert("datacontenttype".into(), Value::String(c.to_string()));
+    }
+    envelope.insert("data".into(), data);
+    Ok(Value::Object(envelope))
+}
+
+/// An attribute's value from its header: a double-quoted string is unescaped first, then
+/// one round of percent-decoding; the bytes must be UTF-8 (so overlong forms fail).
+fn header_value(raw: &str) -> Option<String> {
+    let unquoted = match raw.strip_prefix('"') {
+        Some(inner) => {
+            let inner = inner.strip_suffix('"')?;
+            let mut out = String::with_capacity(inner.len());
+            let mut chars = inner.chars();
+            while let Some(c) = chars.next() {
+                out.push(if c == '\\' { chars.next()? } else { c });
+            }
+            out
+        }
+        None => raw.to_string(),
+    };
+    let b = unquoted.as_bytes();
+    let mut bytes = Vec::with_capacity(b.len());
+    let mut i = 0;
+    while i < b.len() {
+        if b[i] == b'%' {
+            let hex = unquoted.get(i + 1..i + 3)?;
+            if !hex.bytes().all(|c| c.is_ascii_hexdigit()) {
+                return None;
+            }
+            bytes.push(u8::from_str_radix(hex, 16).ok()?);
+            i += 3;
+        } else {
+            bytes.push(b[i]);
+            i += 1;
+        }
+    }
+    String::from_utf8(bytes).ok()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::header_value;
+
+    #[test]
+    fn binary_mode_header_values_are_unquoted_and_percent_decoded() {
+        assert_eq!(
+            header_value("Euro%20%E2%82%AC%20%F0%9F%98%80").as_deref(),
+            Some("Euro € 😀")
+        );
+        assert_eq!(header_value("%41%62c").as_deref(), Some("Abc"));
+        assert_eq!(header_value("%c3%a9").as_deref(), Some("é"));
+        assert_eq!(
+            header_value(r#""a \"b\" c%21""#).as_deref(),
+            Some("a \"b\" c!")
+        );
+        assert_eq!(
+            header_value("/plain/source").as_deref(),
+            Some("/plain/source")
+        );
+        // an overlong encoding of U+0020, a broken escape, an unclosed quote
+        for bad in ["%C0%A0", "%4", "%zz", "%+1", "\"open"] {
+            assert_eq!(header_value(bad), None, "{bad}");
+        }
+    }
 }

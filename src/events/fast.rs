@@ -13,8 +13,8 @@ use super::validate::{
     check_time, is_json_media_type, limits, printable, string_problem, RESERVED_ID_PREFIXES,
 };
 use super::{
-    valid_tenant_id, Event, EventData, Status, UsageData, MAX_LATENCY_MS, MAX_TOKENS, SPEC_VERSION,
-    USAGE_V1,
+    valid_tenant_id, Context, Event, EventData, Status, UsageData, MAX_LATENCY_MS, MAX_TOKENS,
+    SPEC_VERSION, USAGE_V1,
 };
 
 #[derive(Deserialize)]
@@ -89,6 +89,7 @@ pub fn parse_usage(bytes: &[u8], now: DateTime<Utc>) -> Option<Event> {
         && ok(&e.id, limits::ID)
         && !RESERVED_ID_PREFIXES.iter().any(|p| e.id.starts_with(p))
         && ok(&e.source, limits::SOURCE)
+        && super::uri::reference_problem(&e.source).is_none()
         && ok(&e.time, limits::TIME)
         && e.datacontenttype
             .as_deref()
@@ -99,7 +100,17 @@ pub fn parse_usage(bytes: &[u8], now: DateTime<Utc>) -> Option<Event> {
     }
     let time = check_time(&e.time, now).ok()?;
     let u = usage(e.data)?;
-    Some(Event::new(e.id, e.source, time, EventData::Usage(u)))
+    let context = Context {
+        subject: e.subject.map(Cow::into_owned),
+        ..Context::default()
+    };
+    Some(Event::with_context(
+        e.id,
+        e.source,
+        time,
+        EventData::Usage(u),
+        context,
+    ))
 }
 
 fn usage(d: Usage) -> Option<UsageData> {

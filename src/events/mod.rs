@@ -5,6 +5,7 @@
 //! and stored, so the same fact always has the same bytes.
 
 mod fast;
+mod uri;
 mod validate;
 
 use std::collections::BTreeMap;
@@ -145,6 +146,19 @@ pub enum EventData {
     System(SystemData),
 }
 
+/// The optional CloudEvents context an event may carry besides the attributes the ledger
+/// reads: kept in the canonical envelope (so stored and hashed), never interpreted.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct Context {
+    pub subject: Option<String>,
+    /// An absolute URI.
+    pub dataschema: Option<String>,
+    /// Extension attributes by name, each value in its canonical string form (a Boolean
+    /// as `true`/`false`, an Integer in decimal), so a structured-mode and a binary-mode
+    /// submission of the same event have the same bytes.
+    pub extensions: BTreeMap<String, String>,
+}
+
 /// A validated event in canonical form.
 #[derive(Clone, Debug, PartialEq)]
 pub struct Event {
@@ -152,6 +166,7 @@ pub struct Event {
     pub source: String,
     pub time: DateTime<Utc>,
     pub data: EventData,
+    pub context: Context,
     /// The canonical JSON envelope: what is published and hashed.
     pub canonical: Vec<u8>,
     /// sha256 of `canonical`.
@@ -167,11 +182,27 @@ struct CanonicalEnvelope<'a> {
     type_: &'static str,
     time: String,
     datacontenttype: &'static str,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    dataschema: Option<&'a str>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    subject: Option<&'a str>,
+    #[serde(flatten)]
+    extensions: &'a BTreeMap<String, String>,
     data: &'a EventData,
 }
 
 impl Event {
     pub fn new(id: String, source: String, time: DateTime<Utc>, data: EventData) -> Event {
+        Event::with_context(id, source, time, data, Context::default())
+    }
+
+    pub fn with_context(
+        id: String,
+        source: String,
+        time: DateTime<Utc>,
+        data: EventData,
+        context: Context,
+    ) -> Event {
         // sized for a usage event's envelope (≈ 600–700 bytes): growing from serde_json's
         // default 128 bytes reallocated and copied it three times (2% of the
         // ledger writer's CPU)
@@ -185,6 +216,9 @@ impl Event {
                 type_: type_of(&data),
                 time: time.to_rfc3339_opts(SecondsFormat::AutoSi, true),
                 datacontenttype: "application/json",
+                dataschema: context.dataschema.as_deref(),
+                subject: context.subject.as_deref(),
+                extensions: &context.extensions,
                 data: &data,
             },
         )
@@ -195,6 +229,7 @@ impl Event {
             source,
             time,
             data,
+            context,
             canonical,
             payload_hash,
         }

@@ -208,6 +208,22 @@ fn fast_path_agrees_with_the_full_parser_on_every_rule() {
         ("data.fallback_from", json!(["gpt\u{0}"])),
         ("id", json!("period-close:2026-11")),
         ("id", json!("evaluation-tick:2026-11-24T11")),
+        ("source", json!("my router")),
+        ("source", json!("https://gw.example.com/r?x=1")),
+        ("source", json!("1bad:scheme")),
+        ("subject", json!("req-1")),
+        ("dataschema", json!("https://example.com/usage.json")),
+        ("dataschema", json!("usage.json")),
+        (
+            "traceparent",
+            json!("00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01"),
+        ),
+        ("myext", json!(true)),
+        ("myext", json!(7)),
+        ("myext", json!(null)),
+        ("myext", json!([1])),
+        ("myExt", json!("x")),
+        ("data_base64", json!("AAAA")),
     ];
     for (path, value) in edits {
         let mut v = good();
@@ -246,4 +262,38 @@ fn reserved_ids_and_control_characters_in_tags_and_fallbacks_are_rejected_on_bot
         assert!(super::fast::parse_usage(&bytes, now()).is_none(), "{v}");
         assert!(parse_bytes(&bytes, now()).is_err(), "{v}");
     }
+}
+
+#[test]
+fn context_attributes_are_kept_in_the_canonical_envelope() {
+    let mut v = good();
+    v["subject"] = json!("req-1");
+    v["traceparent"] = json!("00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01");
+    v["retries"] = json!(3);
+    v["sampled"] = json!(false);
+    let ev = parse(v.clone(), now()).unwrap();
+    let canon: Value = serde_json::from_slice(&ev.canonical).unwrap();
+    assert_eq!(canon["subject"], "req-1");
+    assert_eq!(canon["traceparent"], v["traceparent"]);
+    assert_eq!(canon["retries"], "3");
+    assert_eq!(canon["sampled"], "false");
+    // the canonical form parses to itself, and string-typed values are the same event
+    assert_eq!(parse(canon.clone(), now()).unwrap().canonical, ev.canonical);
+    v["retries"] = json!("3");
+    v["sampled"] = json!("false");
+    assert_eq!(parse(v, now()).unwrap().payload_hash, ev.payload_hash);
+    // a changed extension is another payload (a conflict if the id is reused)
+    canon_with(&canon, "retries", json!("4"), &ev);
+    // too many extensions
+    let mut many = good();
+    for i in 0..=limits::EXTENSIONS {
+        many[format!("ext{i}")] = json!("v");
+    }
+    assert!(codes(many).contains(&"too_many_extensions"));
+}
+
+fn canon_with(canon: &Value, k: &str, v: Value, ev: &Event) {
+    let mut c = canon.clone();
+    c[k] = v;
+    assert_ne!(parse(c, now()).unwrap().payload_hash, ev.payload_hash);
 }

@@ -112,6 +112,11 @@ pub(crate) mod limits {
     pub const TIME: usize = 64;
     pub const CONTENT_TYPE: usize = 64;
     pub const SUBJECT: usize = 256;
+    pub const DATASCHEMA: usize = 512;
+    /// Extension attributes per event, characters per name and per (string) value.
+    pub const EXTENSIONS: usize = 16;
+    pub const EXTENSION_NAME: usize = 64;
+    pub const EXTENSION_VALUE: usize = 1024;
     pub const TENANT: usize = 64;
     pub const API_KEY: usize = 128;
     pub const REQUEST: usize = 128;
@@ -305,6 +310,63 @@ impl Fields<'_> {
         }
     }
 
+    /// What is left of an envelope besides the core attributes: CloudEvents extension
+    /// attributes. A name is 1–`EXTENSION_NAME` lower-case ASCII letters or digits (the
+    /// spec's MUST; it advises at most 20); a value is a String, Boolean or Integer (32
+    /// bits), kept as its canonical string; `null` is unset. Anything else stays behind
+    /// and `finish` reports it as unknown.
+    fn extensions(&mut self) -> BTreeMap<String, String> {
+        let names: Vec<String> = self
+            .map
+            .keys()
+            .filter(|k| extension_name(k))
+            .cloned()
+            .collect();
+        let mut out = BTreeMap::new();
+        for name in names {
+            let value = self.map.remove(&name).expect("listed");
+            let text = match value {
+                Value::Null => continue,
+                Value::Bool(b) => b.to_string(),
+                Value::Number(n) => match n.as_i64() {
+                    Some(i) if i32::try_from(i).is_ok() => i.to_string(),
+                    _ => {
+                        self.fail(
+                            &name,
+                            "invalid_extension",
+                            "an Integer attribute must be a whole number of 32 bits",
+                        );
+                        continue;
+                    }
+                },
+                Value::String(s) => match string_problem(&s, limits::EXTENSION_VALUE) {
+                    Some((code, message)) => {
+                        self.fail(&name, code, message);
+                        continue;
+                    }
+                    None => s,
+                },
+                Value::Array(_) | Value::Object(_) => {
+                    self.fail(
+                        &name,
+                        "invalid_extension",
+                        "an extension attribute is a string, boolean or integer",
+                    );
+                    continue;
+                }
+            };
+            out.insert(name, text);
+        }
+        if out.len() > limits::EXTENSIONS {
+            self.errors.push(err(
+                "",
+                "too_many_extensions",
+                format!("at most {} extension attributes", limits::EXTENSIONS),
+            ));
+        }
+        out
+    }
+
     fn finish(self) {
         for key in self.map.keys() {
             self.errors.push(err(
@@ -314,6 +376,16 @@ impl Fields<'_> {
             ));
         }
     }
+}
+
+/// A CloudEvents extension attribute name (lower-case ASCII letters and digits) that is
+/// not one of the core attributes or `data`, which `parse` reads first.
+fn extension_name(k: &str) -> bool {
+    !k.is_empty()
+        && k.len() <= limits::EXTENSION_NAME
+        && k.bytes()
+            .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit())
+        && k != "data"
 }
 
 /// Id prefixes of system events.
@@ -339,9 +411,37 @@ pub fn parse(value: Value, now: DateTime<Utc>) -> Result<Event, Rejection> {
     let type_ = env.string("type", true, limits::TYPE);
     let time = env.string("time", true, limits::TIME);
     let ctype = env.string("datacontenttype", false, limits::CONTENT_TYPE);
-    let _subject = env.string("subject", false, limits::SUBJECT);
+    let subject = env.string("subject", false, limits::SUBJECT);
+    let dataschema = env.string("dataschema", false, limits::DATASCHEMA);
     let data = env.map.remove("data");
+    if env.map.remove("data_base64").is_some() {
+        env.fail(
+            "data_base64",
+            "unsupported",
+            "binary data is not accepted: `data` must be a JSON object",
+        );
+    }
+    let extensions = env.extensions();
     env.finish();
+
+    if let Some(s) = &source {
+        if let Some(problem) = super::uri::reference_problem(s) {
+            errors.push(err(
+                "source",
+                "invalid_uri_reference",
+                format!("must be a URI-reference (RFC 3986): it {problem}"),
+            ));
+        }
+    }
+    if let Some(s) = &dataschema {
+        if let Some(problem) = super::uri::absolute_problem(s) {
+            errors.push(err(
+                "dataschema",
+                "invalid_uri",
+                format!("must be an absolute URI (RFC 3986): it {problem}"),
+            ));
+        }
+    }
 
     if let Some(s) = &spec {
         if s != SPEC_VERSION {
@@ -401,7 +501,12 @@ pub fn parse(value: Value, now: DateTime<Utc>) -> Result<Event, Rejection> {
     }
     match (id.clone(), source, time, data) {
         (Some(id), Some(source), Some(time), Some(data)) if errors.is_empty() => {
-            Ok(Event::new(id, source, time, data))
+            let context = Context {
+                subject,
+                dataschema,
+                extensions,
+            };
+            Ok(Event::with_context(id, source, time, data, context))
         }
         _ => Err(Rejection { id, errors }),
     }
