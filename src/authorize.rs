@@ -68,9 +68,13 @@ pub struct AuthRequest {
     pub provider: Option<String>,
     pub region: Option<String>,
     pub estimated_input_tokens: u64,
-    /// The most output tokens the request may produce; absent: the model's maximum output
-    /// from the price book.
+    /// The most output tokens the request may produce per choice; absent: the model's
+    /// maximum output from the price book.
     pub max_tokens: Option<u64>,
+    /// Choices the request asks for (OpenAI's `n`, 1–128; absent: 1): the worst case is
+    /// `n` × the output bound.
+    #[serde(default)]
+    pub n: Option<u64>,
     /// In process only (the router): which provider/model pairs the caller can serve; a
     /// downgrade picks among them only. Absent: any.
     #[serde(skip)]
@@ -356,10 +360,18 @@ impl Authorizer {
     }
 }
 
+/// Most choices one request may ask for (OpenAI's limit on `n`).
+pub const MAX_CHOICES: u64 = 128;
+
 fn check_request(req: &AuthRequest) -> Result<(), AuthError> {
     if req.estimated_input_tokens > MAX_TOKENS || req.max_tokens.is_some_and(|m| m > MAX_TOKENS) {
         return Err(AuthError::Invalid(format!(
             "token counts are capped at {MAX_TOKENS}"
+        )));
+    }
+    if req.n.is_some_and(|n| n == 0 || n > MAX_CHOICES) {
+        return Err(AuthError::Invalid(format!(
+            "n must be between 1 and {MAX_CHOICES}"
         )));
     }
     check_strings(req).map_err(AuthError::Invalid)
@@ -795,19 +807,22 @@ pub fn decide(
             .map(|p| (p, req.model.clone()))
             .collect(),
     };
-    // the most output a request may produce: max_tokens, else the model's maximum
+    // the most output a request may produce: n × (max_tokens, else the model's maximum)
+    let choices = req.n.unwrap_or(1).max(1);
     let max_out = |p: &str, m: &str| {
-        req.max_tokens.or_else(|| {
-            book.version_at(
-                p,
-                m,
-                req.region.as_deref(),
-                crate::pricing::Side::Cost,
-                currency,
-                now,
-            )
-            .and_then(|v| v.max_output_tokens)
-        })
+        req.max_tokens
+            .or_else(|| {
+                book.version_at(
+                    p,
+                    m,
+                    req.region.as_deref(),
+                    crate::pricing::Side::Cost,
+                    currency,
+                    now,
+                )
+                .and_then(|v| v.max_output_tokens)
+            })
+            .map(|per_choice| per_choice.saturating_mul(choices).min(MAX_TOKENS))
     };
     let mut best: Option<(Decimal, String, String)> = None;
     let mut why = format!("no price for model {:?} in {currency}", req.model);
@@ -1265,8 +1280,12 @@ impl Rows {
         self.provider.push(d.provider.clone());
         self.model.push(d.model.clone());
         self.input.push(req.estimated_input_tokens as i64);
-        self.max_tokens
-            .push(req.max_tokens.unwrap_or_default() as i64);
+        // the output bound asked for, over all choices (0: the model's maximum applied)
+        let choices = req.n.unwrap_or(1).max(1);
+        self.max_tokens.push(
+            req.max_tokens
+                .map_or(0, |m| m.saturating_mul(choices).min(MAX_TOKENS)) as i64,
+        );
         self.cost.push(d.estimated_cost);
         self.currency.push(d.currency.clone());
         self.denied_by.push(d.denied_by.clone());
@@ -1431,6 +1450,29 @@ mod tests {
     /// A book with one model at 1 per million tokens (cost; 0% markup: price 1) and the
     /// given budget versions (amount, effective from).
     fn book(budgets: &[(i64, i64, &str)]) -> PriceBook {
+        let (v, markup) = model_terms();
+        let list = budgets
+            .iter()
+            .map(|(id, amount, from)| Budget {
+                id: *id,
+                tenant_id: "acme".into(),
+                name: "cap".into(),
+                effective_from: t(from),
+                active: true,
+                scope: BudgetScope::Tenant,
+                scope_value: String::new(),
+                period: BudgetPeriod::Month,
+                amount: Decimal::from(*amount),
+                thresholds: Vec::new(),
+                action: BudgetAction::Block,
+                downgrade_class: None,
+            })
+            .collect();
+        PriceBook::new(vec![v], vec![markup]).with_budgets(list)
+    }
+
+    /// The one model's price version and the 0% markup.
+    fn model_terms() -> (PriceVersion, MarkupRule) {
         let v = PriceVersion {
             id: 1,
             provider: "openai".into(),
@@ -1455,24 +1497,7 @@ mod tests {
             percent: Decimal::ZERO,
             effective_from: t("2020-01-01T00:00:00Z"),
         };
-        let list = budgets
-            .iter()
-            .map(|(id, amount, from)| Budget {
-                id: *id,
-                tenant_id: "acme".into(),
-                name: "cap".into(),
-                effective_from: t(from),
-                active: true,
-                scope: BudgetScope::Tenant,
-                scope_value: String::new(),
-                period: BudgetPeriod::Month,
-                amount: Decimal::from(*amount),
-                thresholds: Vec::new(),
-                action: BudgetAction::Block,
-                downgrade_class: None,
-            })
-            .collect();
-        PriceBook::new(vec![v], vec![markup]).with_budgets(list)
+        (v, markup)
     }
 
     fn req(tokens: u64) -> AuthRequest {
@@ -1485,6 +1510,7 @@ mod tests {
             region: None,
             estimated_input_tokens: 0,
             max_tokens: Some(tokens),
+            n: None,
             routable: None,
         }
     }
@@ -1509,6 +1535,34 @@ mod tests {
             },
         );
         sh
+    }
+
+    #[test]
+    fn the_worst_case_covers_every_choice_with_or_without_max_tokens() {
+        let now = t("2026-11-25T12:00:00Z");
+        let ttl = chrono::Duration::hours(1);
+        // the model's maximum output is 1,000 tokens, at 1 per million
+        let (mut v, markup) = model_terms();
+        v.max_output_tokens = Some(1000);
+        let b = PriceBook::new(vec![v], vec![markup]);
+        let cost = |max_tokens: Option<u64>, n: Option<u64>| {
+            let mut r = req(0);
+            r.max_tokens = max_tokens;
+            r.n = n;
+            let (d, _) = decide(&b, "acme", "USD", &r, &mut HashMap::new(), now, ttl).unwrap();
+            d.estimated_cost.unwrap()
+        };
+        let dec = |s: &str| s.parse::<Decimal>().unwrap();
+        assert_eq!(cost(None, None), dec("0.001"));
+        assert_eq!(cost(None, Some(3)), dec("0.003"));
+        assert_eq!(cost(Some(500), Some(4)), dec("0.002"));
+        assert_eq!(cost(Some(500), Some(1)), dec("0.0005"));
+        // n is OpenAI's 1..=128
+        for bad in [0, MAX_CHOICES + 1] {
+            let mut r = req(1);
+            r.n = Some(bad);
+            assert!(matches!(check_request(&r), Err(AuthError::Invalid(_))));
+        }
     }
 
     #[test]

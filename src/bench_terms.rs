@@ -365,6 +365,7 @@ pub async fn authorizations(s0: &Settings, _a: &BenchArgs) -> anyhow::Result<()>
         region: None,
         estimated_input_tokens: 1000,
         max_tokens: Some(500),
+        n: None,
         routable: None,
     };
     let (a, d, elapsed) = hammer_auth(&auth, &tenant, &req, clients, secs, false).await?;

@@ -1312,6 +1312,95 @@ async fn a_round_nats_does_not_take_is_spooled_within_its_two_deadlines() {
     nats.stop();
 }
 
+/// A routing class the published decision blocks is refused through the authoriser: the
+/// 402 names the budget and the class, carries a request id, and the denial is recorded
+/// like any other; nothing goes upstream and no usage is recorded.
+#[tokio::test]
+async fn a_blocked_routing_class_is_refused_by_the_authoriser_and_recorded() {
+    let mut s = setup(|s| {
+        s.clock_skew = Duration::ZERO;
+        s.roles.push("pricing".into());
+    })
+    .await;
+    let past = (chrono::Utc::now() - chrono::Duration::hours(1)).to_rfc3339();
+    let r = s
+        .app
+        .admin_post(
+            "/v1/admin/routing-classes",
+            Some(
+                &json!({"name": "test:blk", "quality_floor": "0.5", "candidates": [
+                {"provider": "openai", "model": "gpt-4o-mini", "quality": "0.8"}]}),
+            ),
+        )
+        .await;
+    assert_eq!(r.status(), 201, "{}", r.text().await.unwrap());
+    post_budget(
+        &s,
+        json!({"name": "cap", "scope": "tenant", "period": "day", "amount": "0.0001",
+            "action": "block", "effective_from": past}),
+    )
+    .await;
+    // usage published past the router takes the tenant over its budget
+    s.app
+        .ingest(
+            &s.app.settings.admin_token.clone(),
+            &json!([usage("big", "acme", "gpt-4o-mini", 1_000_000, 0)]),
+        )
+        .await;
+    s.app.wait_count("select count(*) from events", 1).await;
+    let kv = routing_kv(&s.app.settings).await;
+    let key = tokenledger::engine::kv_key("acme", "test:blk");
+    kv_until(&kv, &key, |v| v["status"] == "blocked").await;
+    let calls = s.a.requests();
+    let msg = json!([{"role": "user", "content": "hello"}]);
+    let t = Instant::now();
+    let (r, v) = loop {
+        let r = s
+            .chat(json!({"model": "test:blk", "messages": msg, "max_tokens": 20}))
+            .await;
+        assert_eq!(r.status(), 402);
+        let id = r
+            .headers()
+            .get("x-tokenledger-request-id")
+            .map(|h| h.to_str().unwrap().to_string());
+        let v: Value = r.json().await.unwrap();
+        if v["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("which blocks routing class \"test:blk\"")
+        {
+            break (id, v);
+        }
+        // the router's watch has not seen the blocked decision yet
+        assert!(t.elapsed() < Duration::from_secs(5), "{v}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    assert!(r.is_some_and(|id| id.starts_with("req_")));
+    assert_eq!(v["error"]["code"], "budget_exceeded");
+    let message = v["error"]["message"].as_str().unwrap();
+    assert!(message.contains("\"cap\""), "{v}");
+    let auth = message
+        .rsplit("(authorization ")
+        .next()
+        .unwrap()
+        .trim_end_matches(')');
+    let row: (String, Option<String>, String) = sqlx::query_as(
+        "select decision, denied_by, requested_model from authorizations where id = $1::uuid",
+    )
+    .bind(auth)
+    .fetch_one(&s.app.owner)
+    .await
+    .unwrap();
+    assert_eq!(
+        row,
+        ("deny".into(), Some("cap".into()), "gpt-4o-mini".into())
+    );
+    assert_eq!(s.a.requests(), calls);
+    s.app.drain().await;
+    assert_eq!(s.app.count("select count(*) from events").await, 1);
+    s.app.stop().await;
+}
+
 #[tokio::test]
 async fn a_downgrade_goes_only_to_a_model_the_router_serves() {
     // terms take effect at once (not after the clock-skew allowance)

@@ -413,14 +413,39 @@ impl Candidate {
     }
 }
 
+/// A routing class whose published decision says a budget blocks it.
+struct BlockedClass {
+    class: String,
+    budget: String,
+    /// The class's own candidates from the price book (empty if it has none in force),
+    /// for the authoriser to decide on.
+    candidates: Vec<Candidate>,
+}
+
+impl BlockedClass {
+    fn refusal(&self) -> Response {
+        oai_error(
+            StatusCode::PAYMENT_REQUIRED,
+            "insufficient_quota",
+            "budget_exceeded",
+            format!(
+                "budget {:?} is at its limit: routing class {:?} is blocked",
+                self.budget, self.class
+            ),
+        )
+    }
+}
+
 /// Candidates for one `model` value: a routing class (through its published decision), a
 /// `provider/model`, or a model every configured provider serving it can take.
 fn resolve_one(
     st: &RouterState,
     ups: &Upstreams,
+    book: &PriceBook,
     tenant: &str,
     name: &str,
-) -> Result<Vec<Candidate>, Response> {
+    now: DateTime<Utc>,
+) -> Result<Vec<Candidate>, BlockedClass> {
     let decision = {
         let d = st.0.decisions.read().expect("decisions lock");
         d.get(&kv_key(tenant, name)).cloned().or_else(|| {
@@ -431,16 +456,18 @@ fn resolve_one(
     };
     if let Some(d) = decision {
         if d.status == "blocked" {
-            return Err(oai_error(
-                StatusCode::PAYMENT_REQUIRED,
-                "insufficient_quota",
-                "budget_exceeded",
-                format!(
-                    "budget {:?} is at its limit: routing class {:?} is blocked",
-                    d.blocked_by.as_deref().unwrap_or("?"),
-                    d.class
-                ),
-            ));
+            let candidates = book
+                .class_at(tenant, &d.class, now)
+                .map(crate::pricing::routing::eligible)
+                .unwrap_or_default()
+                .into_iter()
+                .map(|(provider, model, _)| Candidate { provider, model })
+                .collect();
+            return Err(BlockedClass {
+                class: d.class.clone(),
+                budget: d.blocked_by.clone().unwrap_or_else(|| "?".into()),
+                candidates,
+            });
         }
         return Ok(d
             .candidates
@@ -470,7 +497,10 @@ fn resolve_one(
 }
 
 /// Every candidate for a request, in order: `model`, then each of `models`; only those a
-/// configured provider serves and the price book prices for the tenant.
+/// configured provider serves and the price book prices for the tenant. When nothing is
+/// left but a routing class a budget blocks, its own candidates are returned with it: the
+/// authoriser decides (and records) the refusal, or admits the request if the published
+/// decision is behind the budget.
 fn candidates(
     st: &RouterState,
     ups: &Upstreams,
@@ -478,7 +508,7 @@ fn candidates(
     key: &KeyInfo,
     body: &Map<String, Value>,
     now: DateTime<Utc>,
-) -> Result<Vec<Candidate>, Response> {
+) -> Result<(Vec<Candidate>, Option<BlockedClass>), Response> {
     let mut names: Vec<String> = Vec::new();
     match body.get("model") {
         Some(Value::String(m)) if !m.is_empty() => names.push(m.clone()),
@@ -516,19 +546,9 @@ fn candidates(
     if names.len() > 16 {
         return Err(bad_request("too_many_models", "at most 16 models"));
     }
-    let mut out: Vec<Candidate> = Vec::new();
     let mut unserved = Vec::new();
-    // a routing class blocked by a budget is passed over for the names after it; only
-    // when nothing else is left does its 402 answer the request
-    let mut blocked = None;
-    for name in &names {
-        let resolved = match resolve_one(st, ups, &key.tenant_id, name) {
-            Ok(r) => r,
-            Err(r) => {
-                blocked.get_or_insert(r);
-                continue;
-            }
-        };
+    let routable = |resolved: Vec<Candidate>, unserved: &mut Vec<String>| {
+        let mut out: Vec<Candidate> = Vec::new();
         for c in resolved {
             let Some(p) = ups.provider(&c.provider) else {
                 unserved.push(c.label());
@@ -557,10 +577,33 @@ fn candidates(
                 out.push(c);
             }
         }
+        out
+    };
+    let mut out: Vec<Candidate> = Vec::new();
+    // a routing class blocked by a budget is passed over for the names after it; only
+    // when nothing else is left is the authoriser asked about it
+    let mut blocked: Option<BlockedClass> = None;
+    for name in &names {
+        match resolve_one(st, ups, book, &key.tenant_id, name, now) {
+            Ok(r) => {
+                for c in routable(r, &mut unserved) {
+                    if !out.contains(&c) {
+                        out.push(c);
+                    }
+                }
+            }
+            Err(b) => {
+                blocked.get_or_insert(b);
+            }
+        }
     }
     if out.is_empty() {
-        if let Some(r) = blocked {
-            return Err(r);
+        if let Some(mut b) = blocked {
+            b.candidates = routable(std::mem::take(&mut b.candidates), &mut Vec::new());
+            if b.candidates.is_empty() {
+                return Err(b.refusal());
+            }
+            return Ok((b.candidates.clone(), Some(b)));
         }
         let detail = if unserved.is_empty() {
             String::new()
@@ -574,7 +617,7 @@ fn candidates(
             format!("no configured upstream serves {}{detail}", names.join(", ")),
         ));
     }
-    Ok(out)
+    Ok((out, None))
 }
 
 fn tags_of(headers: &HeaderMap) -> Result<BTreeMap<String, String>, Response> {
@@ -738,14 +781,17 @@ async fn handle(st: RouterState, headers: HeaderMap, body: Bytes, endpoint: Endp
     let at = Utc::now();
     let ups = st.0.upstreams.get();
     let book = st.book();
-    let mut cands = match candidates(&st, &ups, &book, &key, &body, at) {
+    let (mut cands, blocked) = match candidates(&st, &ups, &book, &key, &body, at) {
         Ok(c) => c,
         Err(r) => return r,
     };
     let request_id = format!("req_{}", uuid::Uuid::now_v7().simple());
-    // budgets: only a tenant with budgets pays for a pre-authorisation
+    // budgets: only a tenant with budgets pays for a pre-authorisation. A routing class
+    // its published decision says is blocked goes to the exact path, never a lease: the
+    // refusal is then recorded like any other, or the request admitted if the decision is
+    // behind the budget (raised, or a new period begun)
     let mut authorization_id = None;
-    if book.has_budgets(&key.tenant_id) {
+    if blocked.is_some() || book.has_budgets(&key.tenant_id) {
         // held on the candidate whose worst case costs most, so that a fallback to a
         // pricier one cannot take a blocking budget past its limit
         let first = &cands[costliest(&book, &ups, &key, &cands, &body, endpoint, at)];
@@ -767,6 +813,7 @@ async fn handle(st: RouterState, headers: HeaderMap, body: Bytes, endpoint: Endp
                 .and_then(|p| p.cfg.region.clone()),
             estimated_input_tokens: bound,
             max_tokens,
+            n: Some(choices(endpoint, &body)),
             routable: Some(crate::authorize::Routable({
                 let ups = ups.clone();
                 Arc::new(move |p: &str, m: &str| {
@@ -775,13 +822,17 @@ async fn handle(st: RouterState, headers: HeaderMap, body: Bytes, endpoint: Endp
                 })
             })),
         };
-        let leased = if bound <= usage::BOUND_MAX_TOKENS {
+        let leased = if blocked.is_none() && bound <= usage::BOUND_MAX_TOKENS {
             st.0.authorizer.try_leased(&key.tenant_id, &req)
         } else {
             None
         };
         let decided = match leased {
             Some(d) => Ok(d),
+            None if blocked.is_some() => {
+                req.estimated_input_tokens = endpoint.input(counter, &body);
+                st.0.authorizer.authorize(key.tenant_id.clone(), req).await
+            }
             None => {
                 req.estimated_input_tokens = endpoint.input(counter, &body);
                 st.0.authorizer
@@ -798,8 +849,12 @@ async fn handle(st: RouterState, headers: HeaderMap, body: Bytes, endpoint: Endp
                         "insufficient_quota",
                         "budget_exceeded",
                         format!(
-                            "denied by budget {:?}: {} (authorization {})",
+                            "denied by budget {:?}{}: {} (authorization {})",
                             d.denied_by.as_deref().unwrap_or("?"),
+                            blocked
+                                .as_ref()
+                                .map(|b| format!(", which blocks routing class {:?}", b.class))
+                                .unwrap_or_default(),
                             d.reason,
                             d.authorization_id
                         ),
@@ -858,23 +913,31 @@ async fn handle(st: RouterState, headers: HeaderMap, body: Bytes, endpoint: Endp
     }
 }
 
-/// The most output a request asks for: `max_completion_tokens` (or `max_tokens`) for each
-/// of its `n` choices (capped at the usage events' token cap); none for an embedding.
-/// `None`: not said, so the model's maximum output applies.
+/// The most output a request asks for per choice: `max_completion_tokens` (or
+/// `max_tokens`, capped at the usage events' token cap); none for an embedding. `None`: not
+/// said, so the model's maximum output applies.
 fn max_output(endpoint: Endpoint, body: &Map<String, Value>) -> Option<u64> {
-    let choices = body.get("n").and_then(Value::as_u64).unwrap_or(1).max(1);
     match endpoint {
         Endpoint::Embeddings => Some(0),
         Endpoint::Chat => body
             .get("max_completion_tokens")
             .or_else(|| body.get("max_tokens"))
             .and_then(Value::as_u64)
-            .map(|m| m.saturating_mul(choices).min(crate::events::MAX_TOKENS)),
+            .map(|m| m.min(crate::events::MAX_TOKENS)),
     }
 }
 
-/// The index of the candidate whose worst case (the prompt's byte bound in, `max_tokens`
-/// × `n` — else the model's maximum output — out, priced as output or as reasoning,
+/// How many choices a chat request asks for (`n`; 1 when absent or not a whole number,
+/// which the upstream refuses anyway).
+fn choices(endpoint: Endpoint, body: &Map<String, Value>) -> u64 {
+    match endpoint {
+        Endpoint::Embeddings => 1,
+        Endpoint::Chat => body.get("n").and_then(Value::as_u64).unwrap_or(1).max(1),
+    }
+}
+
+/// The index of the candidate whose worst case (the prompt's byte bound in, `n` ×
+/// `max_tokens` — else the model's maximum output — out, priced as output or as reasoning,
 /// whichever costs more) is the highest customer price; the first one on a tie, or when
 /// none can be priced so.
 fn costliest(
@@ -890,6 +953,7 @@ fn costliest(
         return 0;
     }
     let asked = max_output(endpoint, body);
+    let n = choices(endpoint, body);
     let mut best: Option<(Decimal, usize)> = None;
     for (i, c) in cands.iter().enumerate() {
         let region = ups.provider(&c.provider).and_then(|p| p.cfg.region.clone());
@@ -904,7 +968,7 @@ fn costliest(
             )
             .and_then(|v| v.max_output_tokens)
         });
-        let Some(out) = max_out.map(|m| m.min(crate::events::MAX_TOKENS)) else {
+        let Some(out) = max_out.map(|m| m.saturating_mul(n).min(crate::events::MAX_TOKENS)) else {
             continue;
         };
         let input = endpoint
