@@ -559,6 +559,89 @@ async fn cloudevents_binary_mode_extensions_and_empty_batches_are_accepted() {
     assert_eq!(app.stream_messages().await, 2);
 }
 
+/// The CloudEvents Python SDK (scripts/test.sh installs it from PyPI into target/sdk-venv
+/// and names that interpreter in TOKENLEDGER_TEST_PYTHON) builds and sends usage events in
+/// structured mode, binary mode with and without a datacontenttype, and as a batch.
+#[tokio::test]
+async fn the_cloudevents_python_sdk_is_understood_in_every_content_mode() {
+    let app = TestApp::spawn().await;
+    let key = app.tenant("acme").await;
+    let python = std::env::var("TOKENLEDGER_TEST_PYTHON").unwrap_or_else(|_| "python3".to_string());
+    let out = tokio::process::Command::new(&python)
+        .arg("tests/sdk/cloudevents_sdk.py")
+        .env("API_URL", &app.base)
+        .env("API_KEY", &key)
+        .env("TENANT", "acme")
+        .output()
+        .await
+        .unwrap_or_else(|e| panic!("{python}: {e} (run scripts/test.sh, which installs the SDK)"));
+    assert!(
+        out.status.success(),
+        "the SDK script failed (run scripts/test.sh, which installs the SDK):\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let seen: Value = serde_json::from_slice(&out.stdout).unwrap();
+    for case in ["structured", "binary", "bare"] {
+        let answer = &seen[case]["answer"];
+        assert_eq!(answer[0], 202, "{case}: {answer}");
+        assert_eq!(answer[1]["ids"], json!([seen[case]["id"]]), "{case}");
+    }
+    // the SDK sent no Content-Type for the event without a datacontenttype
+    let bare = seen["bare"]["headers"].as_object().unwrap();
+    assert!(
+        !bare.keys().any(|k| k.eq_ignore_ascii_case("content-type")),
+        "{bare:?}"
+    );
+    assert_eq!(seen["again"]["answer"][0], 202);
+    assert_eq!(
+        seen["again"]["answer"][1]["ids"],
+        json!([seen["structured"]["id"]])
+    );
+    assert_eq!(seen["batch"]["answer"][0], 202);
+    assert_eq!(seen["batch"]["answer"][1]["ids"], seen["batch"]["ids"]);
+    assert_eq!(
+        seen["empty"]["answer"][1],
+        json!({"accepted": 0, "ids": []})
+    );
+    app.wait_count(EVENTS, 6).await;
+    app.drain().await;
+    assert_eq!(app.count(EVENTS).await, 6);
+    assert_eq!(app.count("select count(*) from event_conflicts").await, 0);
+    let envelope = |request: &'static str| {
+        let pool = app.owner.clone();
+        async move {
+            let b: Vec<u8> =
+                sqlx::query_scalar("select envelope from events where request_id = $1")
+                    .bind(request)
+                    .fetch_one(&pool)
+                    .await
+                    .unwrap();
+            serde_json::from_slice::<Value>(&b).unwrap()
+        }
+    };
+    let e = envelope("sdk-structured").await;
+    assert_eq!(e["source"], "https://gw.example.com/router/eu-1");
+    assert_eq!(e["subject"], "sdk-structured");
+    assert_eq!(
+        e["traceparent"],
+        "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01"
+    );
+    // binary-mode extensions are kept as the headers said them (this SDK writes a Python
+    // bool as `True`, not CloudEvents' `true`: the ledger does not interpret them)
+    let e = envelope("sdk-binary").await;
+    let sent = &seen["binary"]["headers"];
+    assert_eq!(e["sampled"], sent["ce-sampled"]);
+    assert_eq!(e["retries"], "2");
+    let r: Value = app
+        .get(&key, "/v1/requests/sdk-bare")
+        .await
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(r["input_tokens"], 1200, "{r}");
+    assert_eq!(r["cached_input_tokens"], 200, "{r}");
+}
+
 #[tokio::test]
 async fn unpriced_model_is_dead_lettered_then_charged_once_after_a_price_and_redrive() {
     let app = TestApp::spawn().await;

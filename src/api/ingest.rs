@@ -54,9 +54,15 @@ pub async fn ingest(
         .unwrap_or("")
         .trim()
         .to_ascii_lowercase();
+    // CloudEvents HTTP binding: without a CloudEvents media type, `ce-` headers carry the
+    // attributes and the body is the event's data (binary content mode); its
+    // Content-Type is the datacontenttype, which may be absent (then JSON is assumed)
+    let binary =
+        !ctype.starts_with("application/cloudevents") && headers.contains_key("ce-specversion");
     let batch_only = match ctype.as_str() {
         "application/cloudevents-batch+json" => true,
         "application/cloudevents+json" | "application/json" => false,
+        "" if binary => false,
         _ => {
             return Err(ApiError::new(
                 StatusCode::UNSUPPORTED_MEDIA_TYPE,
@@ -68,10 +74,6 @@ pub async fn ingest(
     let value: Value = serde_json::from_slice(&body).map_err(|e| {
         ApiError::bad_request("malformed_json", format!("the body is not valid JSON: {e}"))
     })?;
-    // CloudEvents HTTP binding: without a CloudEvents media type, `ce-` headers carry the
-    // attributes and the body is the event's data (binary content mode)
-    let binary =
-        !ctype.starts_with("application/cloudevents") && headers.contains_key("ce-specversion");
     let value = if binary {
         binary_event(&headers, value)?
     } else {
