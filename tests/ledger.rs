@@ -865,6 +865,48 @@ async fn openapi_health_and_metrics_are_served() {
             _ => {}
         }
     }
+    // parameters are where they are read: a path parameter is in its template and
+    // required; query parameters are `in: query`
+    let mut operations = 0;
+    for (template, item) in doc["paths"].as_object().unwrap() {
+        for (method, op) in item.as_object().unwrap() {
+            operations += 1;
+            for p in op["parameters"].as_array().into_iter().flatten() {
+                let name = p["name"].as_str().unwrap();
+                match p["in"].as_str().unwrap() {
+                    "path" => {
+                        assert!(
+                            template.contains(&format!("{{{name}}}")),
+                            "{method} {template}: {name} is not in the path"
+                        );
+                        assert_eq!(p["required"], true, "{method} {template}: {name}");
+                    }
+                    "query" | "header" => {}
+                    other => panic!("{method} {template}: {name} in {other}"),
+                }
+            }
+            // every error answer is problem+json, and documented so
+            let responses = op["responses"].as_object().unwrap();
+            assert!(responses.contains_key("default"), "{method} {template}");
+            for (status, r) in responses {
+                if status == "default" || status.starts_with('4') || status.starts_with('5') {
+                    assert_eq!(
+                        r["content"]["application/problem+json"]["schema"]["$ref"],
+                        "#/components/schemas/Problem",
+                        "{method} {template} {status}"
+                    );
+                }
+            }
+        }
+    }
+    assert!(operations > 50, "{operations}");
+    let usage_from = doc["paths"]["/v1/usage"]["get"]["parameters"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|p| p["name"] == "from")
+        .unwrap();
+    assert_eq!(usage_from["in"], "query");
     let mut all = Vec::new();
     refs(&doc, &mut all);
     assert!(all.iter().any(|r| r.ends_with("/EndpointWithSecret")));
@@ -1008,4 +1050,26 @@ async fn requests_page_by_cursor_usage_groups_and_breakdowns_expand() {
     assert_eq!(lines[0]["cost"], "0.0025");
     assert_eq!(r["breakdown"]["price"], r["price_amount"]);
     assert_eq!(r["transfers"].as_array().unwrap().len(), 2);
+    // an answer of more groups than fit is refused, not cut short (rollup rows written
+    // straight into the projection: 10,001 API keys on one day)
+    sqlx::query(
+        "insert into usage_rollups select 'acme', current_date, 'm', 'p', 'k' || i, 1, 1, 0, 0, 1, 0,
+           0.01, 0.005, 'USD' from generate_series(1, 10001) as i",
+    )
+    .execute(&app.owner)
+    .await
+    .unwrap();
+    let q = |g: &str| {
+        format!(
+            "/v1/usage?from={}&to={}&group_by={g}",
+            chrono::Utc::now().date_naive(),
+            chrono::Utc::now().date_naive() + chrono::Duration::days(1)
+        )
+    };
+    let r = app.get(&key, &q("api_key_id")).await;
+    assert_eq!(r.status(), 400);
+    let v: Value = r.json().await.unwrap();
+    assert_eq!(v["code"], "too_many_groups", "{v}");
+    let r: Value = app.get(&key, &q("day")).await.json().await.unwrap();
+    assert!(r["data"][0]["requests"].as_i64().unwrap() > 10_001, "{r}");
 }

@@ -142,6 +142,7 @@ pub async fn add_price(
 }
 
 #[derive(Deserialize, utoipa::IntoParams)]
+#[into_params(parameter_in = Query)]
 #[serde(deny_unknown_fields)]
 pub struct PriceQuery {
     pub provider: Option<String>,
@@ -194,6 +195,7 @@ pub async fn add_markup(
 }
 
 #[derive(Deserialize, utoipa::IntoParams)]
+#[into_params(parameter_in = Query)]
 #[serde(deny_unknown_fields)]
 pub struct DeadLetterQuery {
     pub reason: Option<String>,

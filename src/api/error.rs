@@ -8,6 +8,25 @@ use serde_json::{json, Value};
 use crate::bus::PublishError;
 use crate::catalog::CatalogError;
 
+/// The body of every error answer (RFC 9457 `application/problem+json`), as the OpenAPI
+/// document describes it.
+#[derive(serde::Serialize, utoipa::ToSchema)]
+pub struct Problem {
+    /// `urn:tokenledger:problem:<code>`
+    #[serde(rename = "type")]
+    pub type_: String,
+    /// The HTTP status's reason phrase.
+    pub title: String,
+    pub status: u16,
+    /// What went wrong, for a person.
+    pub detail: String,
+    /// A stable snake_case code, for a program.
+    pub code: String,
+    /// Per-item reasons where there are several (e.g. each bad event of a batch).
+    #[schema(value_type = Option<Object>)]
+    pub errors: Option<Value>,
+}
+
 #[derive(Debug)]
 pub struct ApiError {
     pub status: StatusCode,

@@ -30,6 +30,7 @@ fn check_period(p: &str) -> Result<(), ApiError> {
 }
 
 #[derive(Deserialize, utoipa::IntoParams)]
+#[into_params(parameter_in = Query)]
 #[serde(deny_unknown_fields)]
 pub struct ListQuery {
     /// Operator calls only: the tenant (all tenants if omitted).
@@ -65,6 +66,7 @@ pub async fn list(
 }
 
 #[derive(Deserialize, utoipa::IntoParams)]
+#[into_params(parameter_in = Query)]
 #[serde(deny_unknown_fields)]
 pub struct DocQuery {
     /// Operator calls only: the tenant.
@@ -313,6 +315,7 @@ pub async fn list_notes(
 }
 
 #[derive(Deserialize, utoipa::IntoParams)]
+#[into_params(parameter_in = Query)]
 #[serde(deny_unknown_fields)]
 pub struct ImportQuery {
     pub provider: String,
@@ -548,6 +551,7 @@ pub async fn get_reconciliation(
 }
 
 #[derive(Deserialize, utoipa::IntoParams)]
+#[into_params(parameter_in = Query)]
 #[serde(deny_unknown_fields)]
 pub struct PeriodQuery {
     /// `YYYY-MM`

@@ -71,8 +71,8 @@ pub fn query_error(e: axum::extract::rejection::QueryRejection) -> ApiError {
         invoices::list_notes, invoices::import, invoices::run, invoices::list_runs,
         invoices::get_reconciliation, invoices::margin,
     ),
-    components(schemas(crate::catalog::prices::NewPrice)),
-    modifiers(&Security),
+    components(schemas(crate::catalog::prices::NewPrice, error::Problem)),
+    modifiers(&Security, &Problems),
     tags((name = "ingest"), (name = "reads"), (name = "prices"), (name = "terms"), (name = "webhooks"), (name = "invoices"), (name = "admin"))
 )]
 pub struct ApiDoc;
@@ -87,6 +87,52 @@ impl utoipa::Modify for Security {
             "bearer",
             SecurityScheme::Http(HttpBuilder::new().scheme(HttpAuthScheme::Bearer).build()),
         );
+    }
+}
+
+/// Every error answer is problem+json: each operation's 4xx and 5xx responses get the
+/// `Problem` body, and every operation a `default` response for the errors it does not
+/// list (an unreadable body, a missing key, an internal error).
+struct Problems;
+
+impl utoipa::Modify for Problems {
+    fn modify(&self, openapi: &mut utoipa::openapi::OpenApi) {
+        use utoipa::openapi::{ContentBuilder, Ref, RefOr, ResponseBuilder};
+        let problem = || {
+            ContentBuilder::new()
+                .schema(Some(Ref::from_schema_name("Problem")))
+                .build()
+        };
+        for item in openapi.paths.paths.values_mut() {
+            for op in [
+                &mut item.get,
+                &mut item.put,
+                &mut item.post,
+                &mut item.delete,
+                &mut item.patch,
+            ]
+            .into_iter()
+            .flatten()
+            {
+                for (status, response) in op.responses.responses.iter_mut() {
+                    let is_error = status.starts_with('4') || status.starts_with('5');
+                    if let (true, RefOr::T(r)) = (is_error, response) {
+                        r.content.clear();
+                        r.content
+                            .insert("application/problem+json".to_string(), problem());
+                    }
+                }
+                op.responses.responses.insert(
+                    "default".to_string(),
+                    RefOr::T(
+                        ResponseBuilder::new()
+                            .description("an error (RFC 9457 problem+json)")
+                            .content("application/problem+json", problem())
+                            .build(),
+                    ),
+                );
+            }
+        }
     }
 }
 

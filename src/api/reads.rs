@@ -12,6 +12,7 @@ use crate::projections::queries::{
 };
 
 #[derive(Deserialize, utoipa::IntoParams)]
+#[into_params(parameter_in = Query)]
 #[serde(deny_unknown_fields)]
 pub struct TenantParam {
     /// Operator calls only: the tenant to read.
@@ -75,6 +76,7 @@ pub async fn list_requests(
 }
 
 #[derive(Deserialize, utoipa::IntoParams)]
+#[into_params(parameter_in = Query)]
 #[serde(deny_unknown_fields)]
 pub struct UsageQuery {
     pub tenant_id: Option<String>,
@@ -127,6 +129,16 @@ pub async fn usage(
         }
     }
     let data = queries::usage(&st.pool, &tenant, q.from, q.to, &groups).await?;
+    if data.len() > queries::MAX_USAGE_GROUPS {
+        // a sum over a cut-off answer would be short: refuse it whole
+        return Err(ApiError::bad_request(
+            "too_many_groups",
+            format!(
+                "the answer would hold more than {} groups; narrow from/to or group by fewer keys",
+                queries::MAX_USAGE_GROUPS
+            ),
+        ));
+    }
     Ok(Json(UsagePage { data }))
 }
 

@@ -61,6 +61,7 @@ pub async fn list_tier_schedules(
 }
 
 #[derive(Deserialize, utoipa::IntoParams)]
+#[into_params(parameter_in = Query)]
 #[serde(deny_unknown_fields)]
 pub struct PositionQuery {
     /// Operator calls only: the tenant to read.
@@ -90,6 +91,7 @@ pub async fn positions(
 }
 
 #[derive(Deserialize, utoipa::IntoParams)]
+#[into_params(parameter_in = Query)]
 #[serde(deny_unknown_fields)]
 pub struct TenantQuery {
     /// Operator calls only: the tenant.
@@ -179,6 +181,7 @@ pub async fn retire_budget(
 }
 
 #[derive(Deserialize, utoipa::IntoParams)]
+#[into_params(parameter_in = Query)]
 #[serde(deny_unknown_fields)]
 pub struct AlertQuery {
     /// Operator calls only: the tenant.
@@ -393,6 +396,7 @@ pub async fn list_routing_classes(
 }
 
 #[derive(Deserialize, utoipa::IntoParams)]
+#[into_params(parameter_in = Query)]
 #[serde(deny_unknown_fields)]
 pub struct DiffQuery {
     /// Two price version ids ...
@@ -575,6 +579,7 @@ pub async fn list_reservations(
 }
 
 #[derive(Deserialize, utoipa::IntoParams)]
+#[into_params(parameter_in = Query)]
 #[serde(deny_unknown_fields)]
 pub struct UtilisationQuery {
     /// Operator calls only: the tenant.
@@ -775,6 +780,7 @@ pub async fn settle_providers(
 }
 
 #[derive(Deserialize, utoipa::IntoParams)]
+#[into_params(parameter_in = Query)]
 #[serde(deny_unknown_fields)]
 pub struct SettlementQuery {
     /// `YYYY-MM`

@@ -35,6 +35,7 @@ impl From<WebhookError> for ApiError {
 }
 
 #[derive(Deserialize, utoipa::IntoParams)]
+#[into_params(parameter_in = Query)]
 #[serde(deny_unknown_fields)]
 pub struct TenantQuery {
     /// Operator calls only: the tenant.
@@ -248,6 +249,7 @@ pub async fn replay_range(
 }
 
 #[derive(Deserialize, utoipa::IntoParams)]
+#[into_params(parameter_in = Query)]
 #[serde(deny_unknown_fields)]
 pub struct MessageQuery {
     /// Operator calls only: the tenant.

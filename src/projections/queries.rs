@@ -121,6 +121,7 @@ pub async fn request(
 }
 
 #[derive(Debug, Default, serde::Deserialize, utoipa::IntoParams)]
+#[into_params(parameter_in = Query)]
 #[serde(deny_unknown_fields)]
 pub struct RequestFilter {
     pub tenant_id: Option<String>,
@@ -192,8 +193,12 @@ pub struct UsageRow {
 
 pub const GROUPS: [&str; 4] = ["day", "model", "provider", "api_key_id"];
 
+/// Most groups one usage answer holds; a query with more is refused, never cut short.
+pub const MAX_USAGE_GROUPS: usize = 10_000;
+
 /// Usage between two UTC days (inclusive from, exclusive to), grouped by a subset of
-/// `GROUPS` (validated by the caller: only those names reach the SQL).
+/// `GROUPS` (validated by the caller: only those names reach the SQL). Up to
+/// `MAX_USAGE_GROUPS` + 1 rows, so the caller can tell an answer that would not fit.
 pub async fn usage(
     pool: &PgPool,
     tenant: &str,
@@ -224,9 +229,10 @@ pub async fn usage(
            sum(reasoning_tokens)::int8 as reasoning_tokens, sum(price_amount) as price_amount,
            sum(cost_amount) as cost_amount, currency::text as currency
          from usage_rollups where tenant_id = $1 and day >= $2 and day < $3
-         group by {} order by {} limit 10000",
+         group by {} order by {} limit {}",
         groups.join(", "),
-        groups.join(", ")
+        groups.join(", "),
+        MAX_USAGE_GROUPS + 1
     ))
     .bind(tenant)
     .bind(from)
