@@ -537,6 +537,54 @@ async fn cancelled_and_cut_off_streams_are_billed_with_estimated_tokens_not_zero
         .await;
     let data = sse(r).await;
     assert!(data.iter().all(|d| !d.contains("\"usage\"")), "{data:?}");
+    // Azure's first chunk has an empty id: the response id is the next chunk's
+    s.b.set(Behavior {
+        mode: Mode::AzureFilter,
+        ..Behavior::default()
+    });
+    let r = s
+        .chat(json!({"model": "claude-haiku-4-5", "messages": msg, "stream": true}))
+        .await;
+    let id = request_id(&r);
+    let data = sse(r).await;
+    assert!(data[0].contains("prompt_filter_results"), "{data:?}");
+    let billed = s.billed(&id).await;
+    let upstream_id = billed["event"]["data"]["provider_request_id"].as_str();
+    assert!(
+        upstream_id.is_some_and(|i| i.starts_with("chatcmpl-")),
+        "{billed}"
+    );
+    // an upstream that is itself a gateway: its own cost and wholesale details do not
+    // reach the client, whose usage.cost is the ledger's price
+    s.b.set(Behavior {
+        mode: Mode::GatewayCost,
+        ..Behavior::default()
+    });
+    for stream in [false, true] {
+        let r = s
+            .chat(
+                json!({"model": "claude-haiku-4-5", "messages": msg, "stream": stream,
+                "stream_options": stream.then(|| json!({"include_usage": true}))}),
+            )
+            .await;
+        let id = request_id(&r);
+        let usage = if stream {
+            let data = sse(r).await;
+            let with: Vec<&String> = data.iter().filter(|d| d.contains("\"usage\":{")).collect();
+            assert_eq!(with.len(), 1, "{data:?}");
+            serde_json::from_str::<Value>(with[0]).unwrap()["usage"].clone()
+        } else {
+            r.json::<Value>().await.unwrap()["usage"].clone()
+        };
+        assert!(usage.get("cost_details").is_none(), "{usage}");
+        assert!(usage.get("is_byok").is_none(), "{usage}");
+        let billed = s.billed(&id).await;
+        assert_eq!(
+            usage["cost"].to_string().parse::<Decimal>().unwrap(),
+            dec(&billed["price_amount"]),
+            "{usage}"
+        );
+    }
     s.app.rebuild_and_verify().await;
     s.app.stop().await;
 }

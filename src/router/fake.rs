@@ -51,6 +51,12 @@ pub enum Mode {
     /// Send a JSON answer's first part (through the reply's text), then break the
     /// connection.
     CutBody,
+    /// Begin a stream as Azure OpenAI does: a first chunk with an empty `id` and only
+    /// `prompt_filter_results`.
+    AzureFilter,
+    /// Be a gateway: put its own `cost`, `cost_details` and `is_byok` in `usage`, as
+    /// OpenRouter does.
+    GatewayCost,
 }
 
 #[derive(Clone, Debug, Deserialize, Serialize)]
@@ -278,6 +284,17 @@ const WORDS: [&str; 8] = [
     "tokens", "are", "counted", "once", "and", "billed", "exactly", "right",
 ];
 
+/// `usage` as the upstream reports it: OpenAI's, plus a gateway's own cost in that mode.
+fn reported_usage(b: &Behavior, model: &str, prompt: u64, completion: u64) -> Value {
+    let mut u = usage_of(model, prompt, completion);
+    if b.mode == Mode::GatewayCost {
+        u["cost"] = json!(0.000123);
+        u["is_byok"] = json!(false);
+        u["cost_details"] = json!({"upstream_inference_cost": 0.0001});
+    }
+    u
+}
+
 fn usage_of(model: &str, prompt: u64, completion: u64) -> Value {
     let cached = if prompt >= 32 { prompt / 2 } else { 0 };
     let reasoning =
@@ -331,7 +348,7 @@ async fn chat(State(st): State<Arc<Inner>>, body: Bytes) -> Response {
                 "refusal": null}, "logprobs": null, "finish_reason": finish}],
             "service_tier": "default"});
         if b.mode != Mode::OmitUsage {
-            resp["usage"] = usage_of(&model, prompt, words);
+            resp["usage"] = reported_usage(&b, &model, prompt, words);
         }
         if b.mode == Mode::CutBody {
             let bytes = resp.to_string().into_bytes();
@@ -369,6 +386,8 @@ async fn chat(State(st): State<Arc<Inner>>, body: Bytes) -> Response {
         && b.mode != Mode::OmitUsage;
     let cut = b.mode == Mode::CutStream;
     let short_end = b.mode == Mode::ShortEnd;
+    let azure = b.mode == Mode::AzureFilter;
+    let usage = reported_usage(&b, &model, prompt, words);
     let delay = Duration::from_millis(b.chunk_delay_ms);
     let (tx, rx) = tokio::sync::mpsc::channel::<Result<Bytes, std::io::Error>>(16);
     tokio::spawn(async move {
@@ -391,7 +410,15 @@ async fn chat(State(st): State<Arc<Inner>>, body: Bytes) -> Response {
                 "{head}{delta},\"logprobs\":null,\"finish_reason\":{finish}{tail}\n\n"
             ))
         };
-        let mut out = vec![chunk(r#"{"role":"assistant","content":""}"#, "null")];
+        let mut out = Vec::new();
+        if azure {
+            out.push(Bytes::from_static(
+                br#"data: {"choices":[],"created":0,"id":"","model":"","object":"","prompt_filter_results":[{"prompt_index":0,"content_filter_results":{"hate":{"filtered":false,"severity":"safe"}}}]}
+
+"#,
+            ));
+        }
+        out.push(chunk(r#"{"role":"assistant","content":""}"#, "null"));
         let send_until = if cut { words / 2 } else { words };
         for i in 0..words {
             let w = WORDS[i as usize % WORDS.len()];
@@ -425,7 +452,7 @@ async fn chat(State(st): State<Arc<Inner>>, body: Bytes) -> Response {
         if include_usage {
             let u = json!({"id": id, "object": "chat.completion.chunk", "created": created,
                 "model": model, "system_fingerprint": "fp_fake", "choices": [],
-                "usage": usage_of(&model, prompt, words)});
+                "usage": usage});
             let _ = tx.send(Ok(Bytes::from(format!("data: {u}\n\n")))).await;
         }
         let done: &'static [u8] = if short_end {

@@ -1018,7 +1018,29 @@ fn costliest(
 /// it goes. Nothing when no content had begun.
 fn partial_reply(got: &[u8]) -> Produced {
     let mut produced = Produced::default();
-    let finder = memmem::Finder::new(b"\"content\":");
+    for key in PARTIAL_REPLY_KEYS {
+        partial_strings(got, key, &mut produced);
+    }
+    produced
+}
+
+/// The members whose string values are produced text in a chat completion (message text,
+/// reasoning, refusals, tool and function call names and arguments, content parts, audio
+/// transcripts); each string is under exactly one of them.
+const PARTIAL_REPLY_KEYS: [&str; 8] = [
+    "\"content\":",
+    "\"reasoning_content\":",
+    "\"reasoning\":",
+    "\"refusal\":",
+    "\"name\":",
+    "\"arguments\":",
+    "\"text\":",
+    "\"transcript\":",
+];
+
+/// Every complete or broken-off string value of `key` in `got`, added as text.
+fn partial_strings(got: &[u8], key: &str, produced: &mut Produced) {
+    let finder = memmem::Finder::new(key.as_bytes());
     let mut at = 0;
     while let Some(i) = finder.find(&got[at..]) {
         let mut start = at + i + finder.needle().len();
@@ -1042,7 +1064,6 @@ fn partial_reply(got: &[u8]) -> Produced {
         produced.add(&json!({ "content": text }));
         at = end;
     }
-    produced
 }
 
 /// Why an attempt did not produce a usable response.
@@ -1319,7 +1340,7 @@ impl Job {
             self.record(p, c, counts, None, fallback_from, Status::Ok);
             return;
         };
-        let provider_id = value.string("id");
+        let provider_id = value.string("id").filter(|s| !s.is_empty());
         let mut usage_out = value.value("usage");
         let counts = match usage_out.as_ref().map(usage::normalise) {
             Some(Ok(c)) => Measured::Reported(c),
@@ -1349,7 +1370,7 @@ impl Job {
         let cost = self.cost(p, c, &counts, &fallback_from);
         let mut changed = matches!(counts, Measured::Estimated(..));
         if let (Some(cost), Some(u)) = (cost, usage_out.as_mut().and_then(Value::as_object_mut)) {
-            u.insert("cost".into(), decimal_number(cost));
+            set_cost(u, cost);
             if matches!(counts, Measured::Estimated(..)) {
                 u.insert("estimated".into(), Value::Bool(true));
             }
@@ -1647,7 +1668,7 @@ impl Job {
         };
         if let Some(u) = usage.as_object_mut() {
             if let Some(cost) = self.cost(p, c, &m, fallback_from) {
-                u.insert("cost".into(), decimal_number(cost));
+                set_cost(u, cost);
             }
             u.insert("estimated".into(), Value::Bool(true));
         }
@@ -1713,7 +1734,9 @@ impl Job {
         let mut id_read = false;
         if seen.provider_id.is_none() && !real_usage {
             if let Ok(c) = serde_json::from_slice::<ChunkId>(&data) {
-                seen.provider_id = c.id.as_ref().and_then(Value::as_str).map(str::to_string);
+                // an empty id (Azure's first, content-filter chunk) is no id: a later
+                // chunk carries the real one
+                seen.provider_id = c.id.as_ref().and_then(non_empty_str);
                 id_read = true;
             }
         }
@@ -1722,7 +1745,7 @@ impl Job {
                 return pass(out);
             };
             if seen.provider_id.is_none() {
-                seen.provider_id = v.get("id").and_then(Value::as_str).map(str::to_string);
+                seen.provider_id = v.get("id").and_then(non_empty_str);
             }
             let usage = v.get("usage").filter(|u| !u.is_null());
             let Some(u) = usage else {
@@ -1749,7 +1772,9 @@ impl Job {
             if !no_choices {
                 seen.data.push(data);
             }
-            if !self.client_wants_usage {
+            // a usage the router cannot use is not the client's either: the estimate's
+            // usage chunk ends the stream instead (one usage chunk, one cost)
+            if !self.client_wants_usage || seen.reported.is_none() {
                 if no_choices {
                     return;
                 }
@@ -1759,7 +1784,7 @@ impl Job {
             } else if let Some(n) = seen.reported {
                 if let Some(cost) = self.cost(p, c, &Measured::Reported(n), fallback_from) {
                     if let Some(u) = v.get_mut("usage").and_then(Value::as_object_mut) {
-                        u.insert("cost".into(), decimal_number(cost));
+                        set_cost(u, cost);
                     }
                 }
             }
@@ -1812,6 +1837,19 @@ static FIND_NULL_USAGE_FORMS: LazyLock<[memmem::Finder<'static>; 2]> = LazyLock:
         memmem::Finder::new(b"\"usage\":null,"),
     ]
 });
+
+fn non_empty_str(v: &Value) -> Option<String> {
+    v.as_str().filter(|s| !s.is_empty()).map(str::to_string)
+}
+
+/// Our price replaces the upstream's: an upstream that is itself a gateway (OpenRouter)
+/// puts its own `cost` and wholesale `cost_details` / `is_byok` in `usage`, which must not
+/// reach our client beside the customer price.
+fn set_cost(usage: &mut Map<String, Value>, cost: Decimal) {
+    usage.remove("cost_details");
+    usage.remove("is_byok");
+    usage.insert("cost".into(), decimal_number(cost));
+}
 
 /// A chunk's response id, the rest of it skipped.
 #[derive(Deserialize)]
@@ -1914,6 +1952,19 @@ mod tests {
         assert_eq!(
             text(br#"[{"message":{"content":"a"}},{"message":{"content":"b"#),
             "ab"
+        );
+        // tool call arguments, reasoning and refusals are produced text too
+        let t = text(
+            br#"{"choices":[{"message":{"content":null,"tool_calls":[{"id":"c1","type":"function","function":{"name":"search","arguments":"{\"query\":\"ledg"#,
+        );
+        assert_eq!(t, "search{\"query\":\"ledg");
+        assert_eq!(
+            text(br#"{"choices":[{"message":{"reasoning_content":"First, the","#),
+            "First, the"
+        );
+        assert_eq!(
+            text(br#"{"choices":[{"message":{"refusal":"I can"#),
+            "I can"
         );
     }
 

@@ -56,17 +56,20 @@ pub fn normalise(u: &Value) -> Result<Counts, String> {
             .or_else(|| num(u, &["cache_creation_input_tokens"]))
             .unwrap_or(0);
         // a gateway that reports cache tokens beside the prompt rather than inside it
-        if c.cached + c.cache_write > c.input {
-            c.input += c.cached + c.cache_write;
+        let side = c.cached.saturating_add(c.cache_write);
+        if side > c.input {
+            c.input = c.input.saturating_add(side);
         }
         c.output = num(u, &["completion_tokens"]).unwrap_or(0);
         c.reasoning = num(u, &["completion_tokens_details", "reasoning_tokens"]).unwrap_or(0);
         let total = num(u, &["total_tokens"]);
+        let sum = |xs: &[u64]| xs.iter().fold(0u64, |a, x| a.saturating_add(*x));
         if c.reasoning > 0
             && (c.reasoning > c.output
-                || total == Some(p + c.output + c.reasoning) && total != Some(p + c.output))
+                || total == Some(sum(&[p, c.output, c.reasoning]))
+                    && total != Some(sum(&[p, c.output])))
         {
-            c.output += c.reasoning;
+            c.output = c.output.saturating_add(c.reasoning);
         }
     } else if let Some(i) = num(u, &["input_tokens"]) {
         if u.get("input_tokens_details").is_some() {
@@ -75,20 +78,23 @@ pub fn normalise(u: &Value) -> Result<Counts, String> {
         } else {
             c.cached = num(u, &["cache_read_input_tokens"]).unwrap_or(0);
             c.cache_write = num(u, &["cache_creation_input_tokens"]).unwrap_or(0);
-            c.input = i + c.cached + c.cache_write;
+            c.input = i.saturating_add(c.cached).saturating_add(c.cache_write);
         }
         c.output = num(u, &["output_tokens"]).unwrap_or(0);
         c.reasoning = num(u, &["output_tokens_details", "reasoning_tokens"]).unwrap_or(0);
         if c.reasoning > c.output {
-            c.output += c.reasoning;
+            c.output = c.output.saturating_add(c.reasoning);
         }
     } else {
         return Err("usage has neither prompt_tokens nor input_tokens".into());
     }
-    if c.cached + c.cache_write > c.input {
+    if c.cached.saturating_add(c.cache_write) > c.input {
         return Err("cached and cache-write tokens exceed the prompt".into());
     }
-    if [c.input, c.output].iter().any(|&n| n > MAX_TOKENS) {
+    if [c.input, c.cached, c.cache_write, c.output, c.reasoning]
+        .iter()
+        .any(|&n| n > MAX_TOKENS)
+    {
         return Err(format!("a token count exceeds {MAX_TOKENS}"));
     }
     Ok(c)
@@ -278,30 +284,54 @@ pub struct Produced {
 }
 
 impl Produced {
-    /// Collect the text of one choice's `message` or `delta`.
+    /// Collect the text of one choice's `message` or `delta`: its text (a string, or a
+    /// list of parts such as Mistral's `text` and `thinking`), reasoning, refusal, tool
+    /// calls and the legacy `function_call`, and an audio answer's transcript.
     pub fn add(&mut self, msg: &Value) {
         let before = self.text.len();
         for k in ["content", "reasoning_content", "reasoning", "refusal"] {
-            if let Some(s) = msg.get(k).and_then(Value::as_str) {
-                self.text.push_str(s);
+            match msg.get(k) {
+                Some(Value::String(s)) => self.text.push_str(s),
+                Some(parts @ Value::Array(_)) => self.add_parts(parts),
+                _ => {}
             }
         }
-        for call in msg
+        let calls = msg
             .get("tool_calls")
             .and_then(Value::as_array)
             .into_iter()
             .flatten()
-        {
-            if let Some(f) = call.get("function") {
-                for k in ["name", "arguments"] {
-                    if let Some(s) = f.get(k).and_then(Value::as_str) {
-                        self.text.push_str(s);
-                    }
+            .filter_map(|call| call.get("function"))
+            .chain(msg.get("function_call"));
+        for f in calls {
+            for k in ["name", "arguments"] {
+                if let Some(s) = f.get(k).and_then(Value::as_str) {
+                    self.text.push_str(s);
                 }
             }
         }
+        if let Some(s) = msg.pointer("/audio/transcript").and_then(Value::as_str) {
+            self.text.push_str(s);
+        }
         if self.text.len() > before {
             self.chunks += 1;
+        }
+    }
+
+    /// The strings of content parts, at any depth, but for the part's kind, ids and
+    /// signatures (`{"type": "thinking", "thinking": [{"type": "text", "text": "…"}]}`).
+    fn add_parts(&mut self, v: &Value) {
+        match v {
+            Value::String(s) => self.text.push_str(s),
+            Value::Array(a) => a.iter().for_each(|x| self.add_parts(x)),
+            Value::Object(m) => {
+                for (k, x) in m {
+                    if !matches!(k.as_str(), "type" | "id" | "index" | "signature") {
+                        self.add_parts(x);
+                    }
+                }
+            }
+            _ => {}
         }
     }
 
@@ -314,6 +344,42 @@ impl Produced {
 mod tests {
     use super::*;
     use serde_json::json;
+
+    #[test]
+    fn every_kind_of_produced_text_is_collected() {
+        let mut p = Produced::default();
+        // the legacy function call, an audio answer's transcript, content parts (Mistral's
+        // thinking and text), and a tool call
+        p.add(&json!({"function_call": {"name": "lookup", "arguments": "{\"id\":1}"}}));
+        p.add(
+            &json!({"audio": {"id": "audio_1", "data": "UklGRg==", "transcript": "hello there"}}),
+        );
+        p.add(&json!({"content": [
+            {"type": "thinking", "thinking": [{"type": "text", "text": "consider"}], "signature": "c2ln"},
+            {"type": "text", "text": "answer"}]}));
+        p.add(&json!({"tool_calls": [{"index": 0, "function": {"arguments": "{}"}}]}));
+        assert_eq!(p.text, "lookup{\"id\":1}hello thereconsideranswer{}");
+        assert_eq!(p.chunks, 4);
+        // nothing produced: no chunk counted
+        p.add(&json!({"role": "assistant", "content": ""}));
+        assert_eq!(p.chunks, 4);
+    }
+
+    #[test]
+    fn absurd_counts_are_refused_not_wrapped() {
+        let max = u64::MAX;
+        for u in [
+            json!({"prompt_tokens": 10, "completion_tokens": 1,
+                "prompt_tokens_details": {"cached_tokens": max, "cache_write_tokens": 1}}),
+            json!({"prompt_tokens": max, "completion_tokens": max, "total_tokens": 5,
+                "completion_tokens_details": {"reasoning_tokens": 2}}),
+            json!({"input_tokens": max, "cache_read_input_tokens": 2, "output_tokens": 1}),
+            json!({"prompt_tokens": 10, "completion_tokens": 1,
+                "prompt_tokens_details": {"cached_tokens": MAX_TOKENS + 1}}),
+        ] {
+            assert!(normalise(&u).is_err(), "{u}");
+        }
+    }
 
     #[test]
     fn openai_cached_and_reasoning_are_subsets() {
