@@ -796,6 +796,19 @@ async fn verify_passes_after_a_mixed_workload_and_fails_after_tampering() {
     tokenledger::projections::rebuild::rebuild(&app.owner)
         .await
         .unwrap();
+    // the swapped-in tables keep their storage parameters (room for in-place updates)
+    for (table, option) in [
+        ("account_balances", "fillfactor=50"),
+        ("usage_rollups", "fillfactor=70"),
+    ] {
+        let o: Option<Vec<String>> =
+            sqlx::query_scalar("select reloptions from pg_class where relname = $1")
+                .bind(table)
+                .fetch_one(&app.owner)
+                .await
+                .unwrap();
+        assert_eq!(o, Some(vec![option.to_string()]), "{table}");
+    }
     app.post_events(&key, &usage("after-1", "acme", "gpt-4o", 10, 10))
         .await;
     app.wait_count(EVENTS, 202).await;

@@ -299,13 +299,23 @@ async fn readyz(State(st): State<AppState>) -> Result<&'static str, ApiError> {
 }
 
 async fn metrics(State(st): State<AppState>) -> impl IntoResponse {
-    if let Ok((pending, ack_pending)) = st.bus.consumer_lag().await {
-        st.metrics
-            .set("tokenledger_consumer_pending_messages", pending as f64);
-        st.metrics.set(
-            "tokenledger_consumer_ack_pending_messages",
-            ack_pending as f64,
-        );
+    match st.bus.consumer_lag().await {
+        Ok((pending, ack_pending)) => {
+            st.metrics
+                .set("tokenledger_consumer_pending_messages", pending as f64);
+            st.metrics.set(
+                "tokenledger_consumer_ack_pending_messages",
+                ack_pending as f64,
+            );
+            st.metrics.set("tokenledger_bus_up", 1.0);
+        }
+        Err(_) => {
+            // a lag that cannot be read is not shown at its last value
+            st.metrics.unset("tokenledger_consumer_pending_messages");
+            st.metrics
+                .unset("tokenledger_consumer_ack_pending_messages");
+            st.metrics.set("tokenledger_bus_up", 0.0);
+        }
     }
     st.metrics.set(
         "tokenledger_authorizer_terms_stamp",

@@ -41,7 +41,7 @@ pub async fn get_request(
 #[derive(Serialize, utoipa::ToSchema)]
 pub struct RequestPage {
     pub data: Vec<RequestView>,
-    /// Pass as `cursor` for the next page; absent on the last page.
+    /// Pass as `cursor` for the next page; `null` on the last page.
     pub next_cursor: Option<String>,
 }
 

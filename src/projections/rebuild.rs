@@ -179,6 +179,21 @@ const TABLES: [&str; 8] = [
     "provider_period_costs",
 ];
 
+/// The SQL that makes `rebuild_<t>`, empty, shaped like `t`: columns, defaults,
+/// constraints and indexes (`including all`), and its storage parameters, which `like`
+/// does not copy (the hot upsert tables keep a low fillfactor for in-place updates).
+fn shadow_of(t: &str) -> String {
+    format!(
+        "drop table if exists rebuild_{t}; create table rebuild_{t} (like {t} including all);
+         do $$ declare o text[]; begin
+           select reloptions into o from pg_class where oid = '{t}'::regclass;
+           if o is not null then
+             execute format('alter table rebuild_{t} set (%s)', array_to_string(o, ', '));
+           end if;
+         end $$"
+    )
+}
+
 /// Rebuild every projection into shadow tables and swap them in. Safe while `serve`
 /// runs: the bulk of the work reads a snapshot; the swap locks `tenant_heads` (so
 /// writers pause), adds what was appended since the snapshot, and renames.
@@ -187,8 +202,7 @@ pub async fn rebuild(owner: &PgPool) -> anyhow::Result<()> {
     let mut c = owner.acquire().await?;
     c.execute("begin isolation level repeatable read").await?;
     for t in TABLES {
-        c.execute(format!("drop table if exists rebuild_{t}; create table rebuild_{t} (like {t} including all)").as_str())
-            .await?;
+        c.execute(shadow_of(t).as_str()).await?;
     }
     // the operator's settlement transfers are numbered by their settlement's id
     c.execute(
@@ -199,8 +213,7 @@ pub async fn rebuild(owner: &PgPool) -> anyhow::Result<()> {
     .await?;
     populate(&mut c, "rebuild_", false).await?;
     // invoice lines: the record replayed in ledger order (late lines need the closes)
-    c.execute("drop table if exists rebuild_invoice_accruals; create table rebuild_invoice_accruals (like invoice_accruals including all)")
-        .await?;
+    c.execute(shadow_of("invoice_accruals").as_str()).await?;
     let r = crate::invoices::replay(&mut c, None).await?;
     crate::invoices::write_accruals(&mut c, "rebuild_invoice_accruals", &r.accruals).await?;
     c.execute("commit").await?;
