@@ -4,7 +4,7 @@ mod common;
 
 use std::time::Duration;
 
-use common::{fresh_settings, usage, TestApp, ADMIN};
+use common::{fresh_settings, sdk_script, usage, TestApp, ADMIN};
 use serde_json::{json, Value};
 
 const EVENTS: &str = "select count(*) from events";
@@ -566,21 +566,15 @@ async fn cloudevents_binary_mode_extensions_and_empty_batches_are_accepted() {
 async fn the_cloudevents_python_sdk_is_understood_in_every_content_mode() {
     let app = TestApp::spawn().await;
     let key = app.tenant("acme").await;
-    let python = std::env::var("TOKENLEDGER_TEST_PYTHON").unwrap_or_else(|_| "python3".to_string());
-    let out = tokio::process::Command::new(&python)
-        .arg("tests/sdk/cloudevents_sdk.py")
-        .env("API_URL", &app.base)
-        .env("API_KEY", &key)
-        .env("TENANT", "acme")
-        .output()
-        .await
-        .unwrap_or_else(|e| panic!("{python}: {e} (run scripts/test.sh, which installs the SDK)"));
-    assert!(
-        out.status.success(),
-        "the SDK script failed (run scripts/test.sh, which installs the SDK):\n{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let seen: Value = serde_json::from_slice(&out.stdout).unwrap();
+    let seen = sdk_script(
+        "cloudevents_sdk.py",
+        &[
+            ("API_URL", &app.base),
+            ("API_KEY", &key),
+            ("TENANT", "acme"),
+        ],
+    )
+    .await;
     for case in ["structured", "binary", "bare"] {
         let answer = &seen[case]["answer"];
         assert_eq!(answer[0], 202, "{case}: {answer}");

@@ -473,10 +473,7 @@ async fn cancelled_and_cut_off_streams_are_billed_with_estimated_tokens_not_zero
     assert!(billed["output_tokens"].as_u64().unwrap() >= 12, "{billed}");
 
     // a non-streaming answer without usage: estimated from the reply, and said so
-    s.b.set(Behavior {
-        mode: Mode::OmitUsage,
-        ..Behavior::default()
-    });
+    s.b.set_mode(Mode::OmitUsage);
     let r = s
         .chat(json!({"model": "claude-haiku-4-5", "messages": msg}))
         .await;
@@ -514,10 +511,7 @@ async fn cancelled_and_cut_off_streams_are_billed_with_estimated_tokens_not_zero
     assert_eq!(dec(&billed["price_amount"]), dec(&last["usage"]["cost"]));
     assert!(billed["output_tokens"].as_u64().unwrap() >= 12);
     // a stream ending `data: [DONE]` with one newline is complete, not cut off
-    s.b.set(Behavior {
-        mode: Mode::ShortEnd,
-        ..Behavior::default()
-    });
+    s.b.set_mode(Mode::ShortEnd);
     let r = s
         .chat(json!({"model": "claude-haiku-4-5", "messages": msg, "stream": true}))
         .await;
@@ -527,10 +521,7 @@ async fn cancelled_and_cut_off_streams_are_billed_with_estimated_tokens_not_zero
     let billed = s.billed(&id).await;
     assert_eq!(billed["status"], "ok", "{billed}");
     assert_eq!(billed["event"]["data"]["estimated"], false, "{billed}");
-    s.b.set(Behavior {
-        mode: Mode::OmitUsage,
-        ..Behavior::default()
-    });
+    s.b.set_mode(Mode::OmitUsage);
     // not asked for: no usage chunk is made up
     let r = s
         .chat(json!({"model": "claude-haiku-4-5", "messages": msg, "stream": true}))
@@ -538,10 +529,7 @@ async fn cancelled_and_cut_off_streams_are_billed_with_estimated_tokens_not_zero
     let data = sse(r).await;
     assert!(data.iter().all(|d| !d.contains("\"usage\"")), "{data:?}");
     // Azure's first chunk has an empty id: the response id is the next chunk's
-    s.b.set(Behavior {
-        mode: Mode::AzureFilter,
-        ..Behavior::default()
-    });
+    s.b.set_mode(Mode::AzureFilter);
     let r = s
         .chat(json!({"model": "claude-haiku-4-5", "messages": msg, "stream": true}))
         .await;
@@ -556,10 +544,7 @@ async fn cancelled_and_cut_off_streams_are_billed_with_estimated_tokens_not_zero
     );
     // an upstream that is itself a gateway: its own cost and wholesale details do not
     // reach the client, whose usage.cost is the ledger's price
-    s.b.set(Behavior {
-        mode: Mode::GatewayCost,
-        ..Behavior::default()
-    });
+    s.b.set_mode(Mode::GatewayCost);
     for stream in [false, true] {
         let r = s
             .chat(
@@ -798,6 +783,18 @@ async fn add_budget(s: &Setup, name: &str, amount: &str) {
 }
 
 /// Create the tenant's budget and wait until the router and the authorizer have it.
+/// A routing class (quality floor 0.5) of these candidates, for the tenant.
+async fn add_class(s: &Setup, name: &str, candidates: Value) {
+    let r = s
+        .app
+        .admin_post(
+            "/v1/admin/routing-classes",
+            Some(&json!({"name": name, "quality_floor": "0.5", "candidates": candidates})),
+        )
+        .await;
+    assert_eq!(r.status(), 201, "{}", r.text().await.unwrap());
+}
+
 async fn post_budget(s: &Setup, budget: Value) {
     let r = s
         .app
@@ -1181,20 +1178,14 @@ async fn nats_stopped_and_restarted_during_traffic_loses_and_doubles_nothing() {
 #[tokio::test]
 async fn the_official_openai_python_sdk_sees_exactly_what_the_billing_api_records() {
     let mut s = setup(|_| {}).await;
-    let python = std::env::var("TOKENLEDGER_TEST_PYTHON").unwrap_or_else(|_| "python3".to_string());
-    let out = tokio::process::Command::new(&python)
-        .arg("tests/sdk/openai_sdk.py")
-        .env("ROUTER_URL", s.app.router.as_ref().unwrap())
-        .env("API_KEY", &s.key)
-        .output()
-        .await
-        .unwrap_or_else(|e| panic!("{python}: {e} (run scripts/test.sh, which installs the SDK)"));
-    assert!(
-        out.status.success(),
-        "the SDK script failed (run scripts/test.sh, which installs the SDK):\n{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let seen: Value = serde_json::from_slice(&out.stdout).unwrap();
+    let seen = sdk_script(
+        "openai_sdk.py",
+        &[
+            ("ROUTER_URL", s.app.router.as_deref().unwrap()),
+            ("API_KEY", &s.key),
+        ],
+    )
+    .await;
     for case in ["plain", "stream"] {
         let v = &seen[case];
         let billed = s.billed(v["request_id"].as_str().unwrap()).await;
@@ -1371,17 +1362,12 @@ async fn a_blocked_routing_class_is_refused_by_the_authoriser_and_recorded() {
     })
     .await;
     let past = (chrono::Utc::now() - chrono::Duration::hours(1)).to_rfc3339();
-    let r = s
-        .app
-        .admin_post(
-            "/v1/admin/routing-classes",
-            Some(
-                &json!({"name": "test:blk", "quality_floor": "0.5", "candidates": [
-                {"provider": "openai", "model": "gpt-4o-mini", "quality": "0.8"}]}),
-            ),
-        )
-        .await;
-    assert_eq!(r.status(), 201, "{}", r.text().await.unwrap());
+    add_class(
+        &s,
+        "test:blk",
+        json!([{"provider": "openai", "model": "gpt-4o-mini", "quality": "0.8"}]),
+    )
+    .await;
     post_budget(
         &s,
         json!({"name": "cap", "scope": "tenant", "period": "day", "amount": "0.0001",
@@ -1455,18 +1441,13 @@ async fn a_downgrade_goes_only_to_a_model_the_router_serves() {
     let mut s = setup(|s| s.clock_skew = Duration::ZERO).await;
     let past = (chrono::Utc::now() - chrono::Duration::hours(1)).to_rfc3339();
     // the class's cheapest candidate, gpt-4.1-nano, is priced but no upstream here serves it
-    let r = s
-        .app
-        .admin_post(
-            "/v1/admin/routing-classes",
-            Some(
-                &json!({"name": "test:cheap", "quality_floor": "0.5", "candidates": [
-                {"provider": "openai", "model": "gpt-4.1-nano", "quality": "0.8"},
-                {"provider": "openai", "model": "gpt-4o-mini", "quality": "0.8"}]}),
-            ),
-        )
-        .await;
-    assert_eq!(r.status(), 201, "{}", r.text().await.unwrap());
+    add_class(
+        &s,
+        "test:cheap",
+        json!([{"provider": "openai", "model": "gpt-4.1-nano", "quality": "0.8"},
+            {"provider": "openai", "model": "gpt-4o-mini", "quality": "0.8"}]),
+    )
+    .await;
     post_budget(
         &s,
         json!({"name": "dg", "scope": "tenant", "period": "day", "amount": "0.001",

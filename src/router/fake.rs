@@ -124,6 +124,14 @@ impl Fake {
         *self.inner.behavior.lock().expect("fake lock") = b;
     }
 
+    /// Behave as `mode` says from now on, otherwise as by default.
+    pub fn set_mode(&self, mode: Mode) {
+        self.set(Behavior {
+            mode,
+            ..Behavior::default()
+        });
+    }
+
     /// Fail (or stall, ...) the next `times` requests, then answer normally.
     pub fn fail_next(&self, mode: Mode, times: u64) {
         self.set(Behavior {

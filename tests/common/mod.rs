@@ -408,3 +408,21 @@ pub async fn kv_until(
     }
     panic!("KV {key} never satisfied the condition; last value {last}");
 }
+
+/// Run one of the SDK scripts in tests/sdk with the interpreter scripts/test.sh prepared
+/// (TOKENLEDGER_TEST_PYTHON: a venv with the SDKs from PyPI); what it printed, as JSON.
+pub async fn sdk_script(script: &str, env: &[(&str, &str)]) -> Value {
+    let python = std::env::var("TOKENLEDGER_TEST_PYTHON").unwrap_or_else(|_| "python3".to_string());
+    let out = tokio::process::Command::new(&python)
+        .arg(format!("tests/sdk/{script}"))
+        .envs(env.iter().copied())
+        .output()
+        .await
+        .unwrap_or_else(|e| panic!("{python}: {e} (run scripts/test.sh, which installs the SDKs)"));
+    assert!(
+        out.status.success(),
+        "{script} failed (run scripts/test.sh, which installs the SDKs):\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    serde_json::from_slice(&out.stdout).unwrap()
+}
