@@ -14,6 +14,8 @@
 //!   subset), `output_tokens` with `output_tokens_details.reasoning_tokens`.
 //! - Anthropic: `input_tokens` EXCLUDES `cache_read_input_tokens` and
 //!   `cache_creation_input_tokens`; they are added to `input`.
+//! - Cache tokens reported beside `prompt_tokens` rather than inside it (they exceed it,
+//!   or `total_tokens` counts them on top of it): added to `input`.
 //! - Reasoning reported beside the completion rather than inside it (the completion is
 //!   smaller than the reasoning, or `total_tokens` equals prompt + completion + reasoning):
 //!   added to `output`.
@@ -55,21 +57,28 @@ pub fn normalise(u: &Value) -> Result<Counts, String> {
         c.cache_write = num(u, &["prompt_tokens_details", "cache_write_tokens"])
             .or_else(|| num(u, &["cache_creation_input_tokens"]))
             .unwrap_or(0);
-        // a gateway that reports cache tokens beside the prompt rather than inside it
-        let side = c.cached.saturating_add(c.cache_write);
-        if side > c.input {
-            c.input = c.input.saturating_add(side);
-        }
         c.output = num(u, &["completion_tokens"]).unwrap_or(0);
         c.reasoning = num(u, &["completion_tokens_details", "reasoning_tokens"]).unwrap_or(0);
+        let (comp, r) = (c.output, c.reasoning);
         let total = num(u, &["total_tokens"]);
         let sum = |xs: &[u64]| xs.iter().fold(0u64, |a, x| a.saturating_add(*x));
-        if c.reasoning > 0
-            && (c.reasoning > c.output
-                || total == Some(sum(&[p, c.output, c.reasoning]))
-                    && total != Some(sum(&[p, c.output])))
-        {
-            c.output = c.output.saturating_add(c.reasoning);
+        let total_is = |xs: &[u64]| total == Some(sum(xs));
+        // a gateway that reports cache tokens beside the prompt rather than inside it:
+        // they exceed it, or `total_tokens` counts them on top of it (unless reasoning
+        // of the same size could be what it counts on top: then the cache is taken as
+        // inside, as OpenAI reports it)
+        let side = c.cached.saturating_add(c.cache_write);
+        let cache_beside = side > p
+            || (side > 0
+                && !total_is(&[p, comp])
+                && (total_is(&[p, comp, side, r]) && r > 0
+                    || total_is(&[p, comp, side]) && !(r > 0 && r == side)));
+        if cache_beside {
+            c.input = p.saturating_add(side);
+        }
+        // reasoning beside the completion, likewise
+        if r > 0 && (r > comp || total_is(&[c.input, comp, r]) && !total_is(&[c.input, comp])) {
+            c.output = comp.saturating_add(r);
         }
     } else if let Some(i) = num(u, &["input_tokens"]) {
         if u.get("input_tokens_details").is_some() {
@@ -363,6 +372,64 @@ mod tests {
         // nothing produced: no chunk counted
         p.add(&json!({"role": "assistant", "content": ""}));
         assert_eq!(p.chunks, 4);
+    }
+
+    #[test]
+    fn total_tokens_tells_whether_cache_tokens_are_beside_the_prompt() {
+        let n = |u: Value| {
+            let c = normalise(&u).unwrap();
+            (c.input, c.cached, c.output, c.reasoning)
+        };
+        // OpenAI: everything inside
+        assert_eq!(
+            n(
+                json!({"prompt_tokens": 100, "completion_tokens": 50, "total_tokens": 150,
+                "prompt_tokens_details": {"cached_tokens": 40}})
+            ),
+            (100, 40, 50, 0)
+        );
+        // a shim passing Anthropic's input_tokens as prompt_tokens, its total counting
+        // the cache reads on top
+        assert_eq!(
+            n(
+                json!({"prompt_tokens": 100, "completion_tokens": 20, "total_tokens": 160,
+                "cache_read_input_tokens": 40})
+            ),
+            (140, 40, 20, 0)
+        );
+        // cache and reasoning both beside
+        assert_eq!(
+            n(
+                json!({"prompt_tokens": 100, "completion_tokens": 20, "total_tokens": 170,
+                "prompt_tokens_details": {"cached_tokens": 40},
+                "completion_tokens_details": {"reasoning_tokens": 10}})
+            ),
+            (140, 40, 30, 10)
+        );
+        // only reasoning beside
+        assert_eq!(
+            n(
+                json!({"prompt_tokens": 100, "completion_tokens": 20, "total_tokens": 130,
+                "prompt_tokens_details": {"cached_tokens": 40},
+                "completion_tokens_details": {"reasoning_tokens": 10}})
+            ),
+            (100, 40, 30, 10)
+        );
+        // ambiguous (cache and reasoning of one size, one of them on top): reasoning
+        assert_eq!(
+            n(
+                json!({"prompt_tokens": 100, "completion_tokens": 20, "total_tokens": 130,
+                "prompt_tokens_details": {"cached_tokens": 10},
+                "completion_tokens_details": {"reasoning_tokens": 10}})
+            ),
+            (100, 10, 30, 10)
+        );
+        // no total: inside, unless the cache exceeds the prompt
+        assert_eq!(
+            n(json!({"prompt_tokens": 100, "completion_tokens": 20,
+                "cache_read_input_tokens": 40})),
+            (100, 40, 20, 0)
+        );
     }
 
     #[test]
