@@ -1401,7 +1401,7 @@ async fn a_blocked_routing_class_is_refused_by_the_authoriser_and_recorded() {
         if v["error"]["message"]
             .as_str()
             .unwrap()
-            .contains("which blocks routing class \"test:blk\"")
+            .contains("routing class \"test:blk\" is blocked by budget \"cap\"")
         {
             break (id, v);
         }
@@ -1414,10 +1414,10 @@ async fn a_blocked_routing_class_is_refused_by_the_authoriser_and_recorded() {
     let message = v["error"]["message"].as_str().unwrap();
     assert!(message.contains("\"cap\""), "{v}");
     let auth = message
-        .rsplit("(authorization ")
-        .next()
-        .unwrap()
-        .trim_end_matches(')');
+        .split("(authorization ")
+        .nth(1)
+        .and_then(|rest| rest.split(')').next())
+        .unwrap();
     let row: (String, Option<String>, String) = sqlx::query_as(
         "select decision, denied_by, requested_model from authorizations where id = $1::uuid",
     )

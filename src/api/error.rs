@@ -23,7 +23,7 @@ pub struct Problem {
     /// A stable snake_case code, for a program.
     pub code: String,
     /// Per-item reasons where there are several (e.g. each bad event of a batch).
-    #[schema(value_type = Option<Object>)]
+    #[schema(value_type = Option<Vec<Object>>)]
     pub errors: Option<Value>,
 }
 

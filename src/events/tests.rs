@@ -271,12 +271,14 @@ fn context_attributes_are_kept_in_the_canonical_envelope() {
     v["traceparent"] = json!("00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01");
     v["retries"] = json!(3);
     v["sampled"] = json!(false);
+    v["tracestate"] = json!("");
     let ev = parse(v.clone(), now()).unwrap();
     let canon: Value = serde_json::from_slice(&ev.canonical).unwrap();
     assert_eq!(canon["subject"], "req-1");
     assert_eq!(canon["traceparent"], v["traceparent"]);
     assert_eq!(canon["retries"], "3");
     assert_eq!(canon["sampled"], "false");
+    assert_eq!(canon["tracestate"], "");
     // the canonical form parses to itself, and string-typed values are the same event
     assert_eq!(parse(canon.clone(), now()).unwrap().canonical, ev.canonical);
     v["retries"] = json!("3");

@@ -69,31 +69,58 @@ fn valid_scheme(s: &str) -> bool {
 }
 
 fn authority_problem(a: &str) -> Option<&'static str> {
-    // [ userinfo "@" ] host [ ":" port ]; an IP literal host is bracketed
-    let (user, host_port) = match a.rsplit_once('@') {
+    // [ userinfo "@" ] host [ ":" port ]; an IP literal host is bracketed; userinfo holds
+    // no "@", so there is at most one
+    let (user, host_port) = match a.split_once('@') {
         Some((u, hp)) => (u, hp),
         None => ("", a),
     };
+    if host_port.contains('@') {
+        return Some("has more than one @ in its authority");
+    }
     if let Some(p) = chars_problem(user) {
         return Some(p);
     }
-    if let Some(inner) = host_port.strip_prefix('[') {
-        let Some((literal, port)) = inner.split_once(']') else {
-            return Some("has an unclosed IP literal");
-        };
-        if literal.is_empty()
-            || !literal
-                .bytes()
-                .all(|c| c.is_ascii_hexdigit() || matches!(c, b':' | b'.' | b'v' | b'V'))
-        {
-            return Some("has an invalid IP literal");
+    let (host, port) = match host_port.strip_prefix('[') {
+        Some(inner) => {
+            let Some((literal, rest)) = inner.split_once(']') else {
+                return Some("has an unclosed IP literal");
+            };
+            if !ip_literal(literal) {
+                return Some("has an invalid IP literal");
+            }
+            match rest {
+                "" => ("", None),
+                _ => match rest.strip_prefix(':') {
+                    Some(port) => ("", Some(port)),
+                    None => return Some("has characters after its IP literal"),
+                },
+            }
         }
-        if !(port.is_empty() || port.strip_prefix(':').is_some_and(all_digits)) {
-            return Some("has an invalid port");
-        }
-        return None;
+        None => match host_port.split_once(':') {
+            Some((h, port)) => (h, Some(port)),
+            None => (host_port, None),
+        },
+    };
+    if port.is_some_and(|p| !all_digits(p)) {
+        return Some("has an invalid port");
     }
-    chars_problem(host_port)
+    chars_problem(host)
+}
+
+/// IP-literal = IPv6address / IPvFuture ("v" 1*HEXDIG "." 1*( unreserved / sub-delims / ":" ))
+fn ip_literal(s: &str) -> bool {
+    if let Some(rest) = s.strip_prefix(['v', 'V']) {
+        let Some((version, tail)) = rest.split_once('.') else {
+            return false;
+        };
+        return !version.is_empty()
+            && version.bytes().all(|c| c.is_ascii_hexdigit())
+            && !tail.is_empty()
+            && chars_problem(tail).is_none()
+            && !tail.contains(['/', '?', '@', '%']);
+    }
+    s.parse::<std::net::Ipv6Addr>().is_ok()
 }
 
 fn all_digits(s: &str) -> bool {
@@ -167,6 +194,9 @@ mod tests {
             "?q",
             "#f",
             "cid:abc",
+            "http://[v1.fe80::a+en1]/",
+            "http://user:pw@host:8080/p",
+            "http://host:/p",
         ] {
             assert_eq!(reference_problem(ok), None, "{ok}");
         }
@@ -186,6 +216,12 @@ mod tests {
             "a<b>",
             "a\\b",
             "a{b}",
+            "http://host:abc/",
+            "http://a:b:c/",
+            "http://a@b@c/",
+            "http://[vvvv]/",
+            "http://[:::::::::]/",
+            "http://[::1]x/",
         ] {
             assert!(reference_problem(bad).is_some(), "{bad}");
         }

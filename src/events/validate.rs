@@ -339,6 +339,8 @@ impl Fields<'_> {
                         continue;
                     }
                 },
+                // the CloudEvents String type allows the empty string
+                Value::String(s) if s.is_empty() => s,
                 Value::String(s) => match string_problem(&s, limits::EXTENSION_VALUE) {
                     Some((code, message)) => {
                         self.fail(&name, code, message);

@@ -849,14 +849,17 @@ async fn handle(st: RouterState, headers: HeaderMap, body: Bytes, endpoint: Endp
                         "insufficient_quota",
                         "budget_exceeded",
                         format!(
-                            "denied by budget {:?}{}: {} (authorization {})",
+                            "denied by budget {:?}: {} (authorization {}){}",
                             d.denied_by.as_deref().unwrap_or("?"),
+                            d.reason,
+                            d.authorization_id,
                             blocked
                                 .as_ref()
-                                .map(|b| format!(", which blocks routing class {:?}", b.class))
+                                .map(|b| format!(
+                                    "; routing class {:?} is blocked by budget {:?}",
+                                    b.class, b.budget
+                                ))
                                 .unwrap_or_default(),
-                            d.reason,
-                            d.authorization_id
                         ),
                     );
                     return with_request_id(r, &request_id);
@@ -1369,7 +1372,7 @@ impl Job {
         };
         let cost = self.cost(p, c, &counts, &fallback_from);
         let mut changed = matches!(counts, Measured::Estimated(..));
-        if let (Some(cost), Some(u)) = (cost, usage_out.as_mut().and_then(Value::as_object_mut)) {
+        if let Some(u) = usage_out.as_mut().and_then(Value::as_object_mut) {
             set_cost(u, cost);
             if matches!(counts, Measured::Estimated(..)) {
                 u.insert("estimated".into(), Value::Bool(true));
@@ -1667,9 +1670,7 @@ impl Job {
             Measured::Estimated(n, _) | Measured::Reported(n) => usage_object(n, self.endpoint),
         };
         if let Some(u) = usage.as_object_mut() {
-            if let Some(cost) = self.cost(p, c, &m, fallback_from) {
-                set_cost(u, cost);
-            }
+            set_cost(u, self.cost(p, c, &m, fallback_from));
             u.insert("estimated".into(), Value::Bool(true));
         }
         let chunk = json!({
@@ -1782,10 +1783,9 @@ impl Job {
                     o.remove("usage");
                 }
             } else if let Some(n) = seen.reported {
-                if let Some(cost) = self.cost(p, c, &Measured::Reported(n), fallback_from) {
-                    if let Some(u) = v.get_mut("usage").and_then(Value::as_object_mut) {
-                        set_cost(u, cost);
-                    }
+                let cost = self.cost(p, c, &Measured::Reported(n), fallback_from);
+                if let Some(u) = v.get_mut("usage").and_then(Value::as_object_mut) {
+                    set_cost(u, cost);
                 }
             }
             out.extend_from_slice(format!("data: {v}\n\n").as_bytes());
@@ -1845,10 +1845,14 @@ fn non_empty_str(v: &Value) -> Option<String> {
 /// Our price replaces the upstream's: an upstream that is itself a gateway (OpenRouter)
 /// puts its own `cost` and wholesale `cost_details` / `is_byok` in `usage`, which must not
 /// reach our client beside the customer price.
-fn set_cost(usage: &mut Map<String, Value>, cost: Decimal) {
+fn set_cost(usage: &mut Map<String, Value>, cost: Option<Decimal>) {
     usage.remove("cost_details");
     usage.remove("is_byok");
-    usage.insert("cost".into(), decimal_number(cost));
+    match cost {
+        Some(cost) => usage.insert("cost".into(), decimal_number(cost)),
+        // no price of ours (the book changed under the request): none of theirs either
+        None => usage.remove("cost"),
+    };
 }
 
 /// A chunk's response id, the rest of it skipped.
