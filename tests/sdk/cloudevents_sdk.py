@@ -22,8 +22,8 @@ TRACEPARENT = "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01"
 
 
 def post(headers, body):
-    # httpx (which the OpenAI SDK also uses) adds no Content-Type of its own to a bytes
-    # body, so the request carries exactly the SDK's headers
+    # httpx adds no Content-Type of its own to a bytes body, so the request carries
+    # exactly the SDK's headers
     r = httpx.post(URL, content=body, headers={**headers, "Authorization": "Bearer " + KEY})
     return r.status_code, r.json()
 
