@@ -622,23 +622,39 @@ async fn streamed_events_are_forwarded_as_they_come() {
     s.app.stop().await;
 }
 
+/// The API role alone (no writer) and the router's usage publisher on its own, with this
+/// linger: what the publisher sends stays in the stream.
+async fn publisher_alone(
+    st: &Settings,
+    linger: Duration,
+) -> (
+    TestApp,
+    tokio_util::sync::CancellationToken,
+    tokenledger::router::publish::Publisher,
+) {
+    let mut st = st.clone();
+    st.roles = vec!["api".into()];
+    let app = TestApp::start(st.clone()).await;
+    let bus = tokenledger::bus::connect(&st).await.unwrap();
+    let cancel = tokio_util::sync::CancellationToken::new();
+    let publisher = tokenledger::router::publish::start(
+        bus.js.clone(),
+        app.pool.clone(),
+        tokenledger::telemetry::Metrics::default(),
+        linger,
+        cancel.clone(),
+    );
+    (app, cancel, publisher)
+}
+
 /// The router's publisher holds a round open for its linger after the first event (one
 /// write to NATS for the events of a few milliseconds), and a flush ends the round at once.
 #[tokio::test]
 async fn the_usage_publisher_gathers_a_round_for_its_linger_and_a_flush_ends_it() {
-    use tokenledger::router::publish::{self, Outgoing};
-    let mut st = fresh_settings().await;
-    st.roles = vec!["api".into()]; // no writer: the stream keeps what arrives
-    let mut app = TestApp::start(st.clone()).await;
-    let bus = tokenledger::bus::connect(&st).await.unwrap();
-    let cancel = tokio_util::sync::CancellationToken::new();
-    let publisher = publish::start(
-        bus.js.clone(),
-        app.pool.clone(),
-        tokenledger::telemetry::Metrics::default(),
-        Duration::from_secs(60),
-        cancel.clone(),
-    );
+    use tokenledger::router::publish::Outgoing;
+    // no writer: the stream keeps what arrives
+    let st = fresh_settings().await;
+    let (mut app, cancel, publisher) = publisher_alone(&st, Duration::from_secs(60)).await;
     for i in 0..3 {
         let ev = tokenledger::events::parse(
             usage(&format!("linger-{i}"), "acme", "gpt-4o-mini", 10, 5),
@@ -1295,7 +1311,7 @@ async fn unknown_routes_wrong_methods_and_oversized_bodies_get_openai_errors() {
 
 #[tokio::test]
 async fn a_round_nats_does_not_take_is_spooled_within_its_two_deadlines() {
-    use tokenledger::router::publish::{self, Outgoing};
+    use tokenledger::router::publish::Outgoing;
     let port = std::net::TcpListener::bind("127.0.0.1:0")
         .unwrap()
         .local_addr()
@@ -1306,17 +1322,7 @@ async fn a_round_nats_does_not_take_is_spooled_within_its_two_deadlines() {
     nats.wait_up().await;
     let mut st = fresh_settings().await;
     st.nats_url = format!("nats://127.0.0.1:{port}");
-    st.roles = vec!["api".into()];
-    let mut app = TestApp::start(st.clone()).await;
-    let bus = tokenledger::bus::connect(&st).await.unwrap();
-    let cancel = tokio_util::sync::CancellationToken::new();
-    let publisher = publish::start(
-        bus.js.clone(),
-        app.pool.clone(),
-        tokenledger::telemetry::Metrics::default(),
-        Duration::from_millis(5),
-        cancel.clone(),
-    );
+    let (mut app, cancel, publisher) = publisher_alone(&st, Duration::from_millis(5)).await;
     nats.stop();
     const N: i64 = 64;
     for i in 0..N {

@@ -599,11 +599,11 @@ fn candidates(
     }
     if out.is_empty() {
         if let Some(mut b) = blocked {
-            b.candidates = routable(std::mem::take(&mut b.candidates), &mut Vec::new());
-            if b.candidates.is_empty() {
+            let cands = routable(std::mem::take(&mut b.candidates), &mut Vec::new());
+            if cands.is_empty() {
                 return Err(b.refusal());
             }
-            return Ok((b.candidates.clone(), Some(b)));
+            return Ok((cands, Some(b)));
         }
         let detail = if unserved.is_empty() {
             String::new()

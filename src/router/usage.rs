@@ -376,60 +376,53 @@ mod tests {
 
     #[test]
     fn total_tokens_tells_whether_cache_tokens_are_beside_the_prompt() {
-        let n = |u: Value| {
-            let c = normalise(&u).unwrap();
-            (c.input, c.cached, c.output, c.reasoning)
-        };
-        // OpenAI: everything inside
-        assert_eq!(
-            n(
+        // (usage, (input, cached, output, reasoning))
+        let cases = [
+            // OpenAI: everything inside
+            (
                 json!({"prompt_tokens": 100, "completion_tokens": 50, "total_tokens": 150,
-                "prompt_tokens_details": {"cached_tokens": 40}})
+                    "prompt_tokens_details": {"cached_tokens": 40}}),
+                (100, 40, 50, 0),
             ),
-            (100, 40, 50, 0)
-        );
-        // a shim passing Anthropic's input_tokens as prompt_tokens, its total counting
-        // the cache reads on top
-        assert_eq!(
-            n(
+            // a shim passing Anthropic's input_tokens as prompt_tokens, its total counting
+            // the cache reads on top
+            (
                 json!({"prompt_tokens": 100, "completion_tokens": 20, "total_tokens": 160,
-                "cache_read_input_tokens": 40})
+                    "cache_read_input_tokens": 40}),
+                (140, 40, 20, 0),
             ),
-            (140, 40, 20, 0)
-        );
-        // cache and reasoning both beside
-        assert_eq!(
-            n(
+            // cache and reasoning both beside
+            (
                 json!({"prompt_tokens": 100, "completion_tokens": 20, "total_tokens": 170,
-                "prompt_tokens_details": {"cached_tokens": 40},
-                "completion_tokens_details": {"reasoning_tokens": 10}})
+                    "prompt_tokens_details": {"cached_tokens": 40},
+                    "completion_tokens_details": {"reasoning_tokens": 10}}),
+                (140, 40, 30, 10),
             ),
-            (140, 40, 30, 10)
-        );
-        // only reasoning beside
-        assert_eq!(
-            n(
+            // only reasoning beside
+            (
                 json!({"prompt_tokens": 100, "completion_tokens": 20, "total_tokens": 130,
-                "prompt_tokens_details": {"cached_tokens": 40},
-                "completion_tokens_details": {"reasoning_tokens": 10}})
+                    "prompt_tokens_details": {"cached_tokens": 40},
+                    "completion_tokens_details": {"reasoning_tokens": 10}}),
+                (100, 40, 30, 10),
             ),
-            (100, 40, 30, 10)
-        );
-        // ambiguous (cache and reasoning of one size, one of them on top): reasoning
-        assert_eq!(
-            n(
+            // ambiguous (cache and reasoning of one size, one of them on top): reasoning
+            (
                 json!({"prompt_tokens": 100, "completion_tokens": 20, "total_tokens": 130,
-                "prompt_tokens_details": {"cached_tokens": 10},
-                "completion_tokens_details": {"reasoning_tokens": 10}})
+                    "prompt_tokens_details": {"cached_tokens": 10},
+                    "completion_tokens_details": {"reasoning_tokens": 10}}),
+                (100, 10, 30, 10),
             ),
-            (100, 10, 30, 10)
-        );
-        // no total: inside, unless the cache exceeds the prompt
-        assert_eq!(
-            n(json!({"prompt_tokens": 100, "completion_tokens": 20,
-                "cache_read_input_tokens": 40})),
-            (100, 40, 20, 0)
-        );
+            // no total: inside, unless the cache exceeds the prompt
+            (
+                json!({"prompt_tokens": 100, "completion_tokens": 20,
+                    "cache_read_input_tokens": 40}),
+                (100, 40, 20, 0),
+            ),
+        ];
+        for (u, want) in cases {
+            let c = normalise(&u).unwrap();
+            assert_eq!((c.input, c.cached, c.output, c.reasoning), want, "{u}");
+        }
     }
 
     #[test]
